@@ -1,0 +1,38 @@
+# visionsweep — `make train` and `make test` set themselves up on first use (.venv/ in the repo).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE ?= offline
+
+.PHONY: help install train eval test test-all clean clean-runs
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@echo "setting up $(VENV) (once; ~2 min: torch, lightning, timm, hydra, albumentations, wandb)"
+	$(PYTHON) -m venv $(VENV)
+	set -o pipefail; $(PY) -m pip install --quiet -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with its dependencies
+
+train: $(STAMP)  ## train the default config (resnet34 on the embedded digits); ARGS="model=vgg19 ..."
+	$(PY) -m visionsweep.train $(ARGS)
+
+eval: $(STAMP)  ## evaluate a checkpoint: make eval ARGS="ckpt_path=runs/train/<run>/checkpoints/last.ckpt"
+	$(PY) -m visionsweep.eval $(ARGS)
+
+test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores)
+	$(PY) -m pytest $(ARGS)
+
+test-all: $(STAMP)  ## run every test, slow ones included
+	$(PY) -m pytest -m "" $(ARGS)
+
+clean:  ## remove caches (keeps .venv, data/ and runs/)
+	rm -rf .pytest_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

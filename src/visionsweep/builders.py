@@ -1,0 +1,105 @@
+"""Config → objects: the data module (with its augmentation), the model, loggers, callbacks, trainer.
+
+Shared by the entry points so that train, eval and later commands build things the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+from visionsweep import augment
+from visionsweep.errors import ConfigError, VisionSweepError
+from visionsweep.models.backbones import InputConfig, resolve_input_config
+
+log = logging.getLogger(__name__)
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose failures name the config node in one line."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, VisionSweepError):
+            raise cause from None
+        target = node.get("_target_", "?") if isinstance(node, (dict, DictConfig)) else "?"
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ConfigError(f"cannot build {target}: {first}") from e
+
+
+def resolve_inputs(cfg: DictConfig) -> InputConfig:
+    """Fill ``data.image_size/crop_pct/interpolation`` and the mean/std from the backbone's timm config.
+
+    Values already set in the config win; the filled config is what the run records.
+    """
+    inp = resolve_input_config(
+        cfg.model.backbone, cfg.data.get("image_size"), cfg.model.get("mean"), cfg.model.get("std"),
+        cfg.data.get("crop_pct"), cfg.data.get("interpolation"),
+    )
+    if not isinstance(inp.image_size, int) or inp.image_size < 8:
+        raise ConfigError(f"data.image_size={inp.image_size}: give an integer ≥ 8")
+    cfg.data.image_size, cfg.data.crop_pct, cfg.data.interpolation = (
+        inp.image_size, inp.crop_pct, inp.interpolation)
+    return inp
+
+
+def build_datamodule(cfg: DictConfig, inp: InputConfig, output_dir: str | Path | None,
+                     **overrides: Any) -> pl.LightningDataModule:
+    """Instantiate ``cfg.data`` with the pipelines of ``cfg.augmentation``, then prepare and scan it."""
+    train_tf, eval_tf = augment.build_pipelines(
+        cfg.augmentation, inp.image_size, inp.crop_pct, inp.interpolation)
+    dm = instantiate(cfg.data, output_dir=str(output_dir) if output_dir else None,
+                     train_transform=train_tf, eval_transform=eval_tf, **overrides)
+    dm.prepare_data()
+    dm.setup("fit")
+    if output_dir is not None:  # only once the data is known good: a failed setup leaves nothing
+        augment.save_pipelines(train_tf, eval_tf, Path(output_dir) / "augmentation.json")
+    return dm
+
+
+def build_model(cfg: DictConfig, dm: Any, inp: InputConfig) -> pl.LightningModule:
+    """Instantiate ``cfg.model`` for the data set's classes and the backbone's input config."""
+    container = lambda node: OmegaConf.to_container(node, resolve=True) if node else None  # noqa: E731
+    extra = {k: v for k, v in asdict(inp).items()}
+    return instantiate(cfg.model, num_classes=dm.num_classes, class_names=list(dm.classes),
+                       optimizer=container(cfg.get("optimizer")),
+                       scheduler=container(cfg.get("scheduler")), _recursive_=False, _convert_="all",
+                       **extra)
+
+
+def build_loggers(cfg: DictConfig, output_dir: str | Path) -> list[Logger]:
+    """Loggers of ``cfg.logger``; a CSV logger is always there (reports read metrics.csv back)."""
+    os.environ.setdefault("WANDB_MODE", "offline")  # never hang or ask for an API key
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
+    if not any(isinstance(lg, CSVLogger) for lg in loggers):
+        loggers.insert(0, CSVLogger(save_dir=str(output_dir), name="", version=""))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """Callbacks of ``cfg.callbacks`` (a mapping name → config)."""
+    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+
+
+def build_trainer(cfg: DictConfig, output_dir: str | Path,
+                  extra_callbacks: list[pl.Callback] | None = None, **kwargs: Any) -> pl.Trainer:
+    """The Lightning Trainer of ``cfg.trainer`` with loggers and callbacks."""
+    return instantiate(cfg.trainer, callbacks=build_callbacks(cfg) + list(extra_callbacks or []),
+                       logger=build_loggers(cfg, output_dir), **kwargs)
+
+
+def count_params(model: Any) -> dict[str, int]:
+    """Total and trainable parameter counts."""
+    params = list(model.parameters())
+    return {"total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad)}

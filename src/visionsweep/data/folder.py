@@ -1,0 +1,327 @@
+"""Folder image data sets as a Lightning data module (scan, check, split, load).
+
+Batches are uint8 ``B x 3 x H x W`` tensors (see :mod:`visionsweep.data.dataset`); the model
+normalises on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from visionsweep.data import scan
+from visionsweep.data.builtin import BUILTIN, ensure_builtin
+from visionsweep.data.dataset import ImageFolderDataset
+from visionsweep.data.splits import (
+    SPLITS,
+    Sample,
+    atomic_write_text,
+    read_split_dir,
+    relative_posix,
+    split_csv_text,
+    stratified_split,
+    validate_fractions,
+)
+from visionsweep.errors import ConfigError, DataError
+
+
+class FolderDataModule(pl.LightningDataModule):
+    """Image classification data from a folder (``root/<class>/<image>``) or a built-in set.
+
+    Args:
+        root: Data folder (``data.root``).
+        builtin: Built-in set written to ``root`` first (``"digits"`` or ``"shapes"``), or None.
+        image_size: Stored only; the transforms passed in already use it.
+        crop_pct: Stored only (see ``image_size``).
+        interpolation: Stored only (see ``image_size``).
+        val_fraction: Validation share per class for the seeded split.
+        test_fraction: Test share per class for the seeded split.
+        split_seed: Seed of the split (independent of the training seed).
+        split_dir: Folder with ``train.csv``/``val.csv``/``test.csv`` to re-use instead of splitting.
+        batch_size: Batch size of every loader.
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory; None means "if CUDA is available".
+        persistent_workers: Keep workers alive between epochs (only when ``num_workers > 0``).
+        skip_bad_images: Skip unreadable files (recorded in ``bad_images``) instead of failing.
+        verify_images: Check every file with :func:`check_image` during setup.
+        output_dir: Where to write ``splits/*.csv`` and ``bad_images.txt``; None writes nothing.
+        train_transform: Training augmentation, ``t(image=hwc_uint8)["image"]``.
+        eval_transform: Evaluation transform (val/test/predict).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        builtin: str | None = None,
+        image_size: int | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        split_seed: int = 0,
+        split_dir: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        skip_bad_images: bool = False,
+        verify_images: bool = True,
+        output_dir: str | None = None,
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        validate_fractions(val_fraction, test_fraction)
+        if builtin and builtin not in BUILTIN:
+            raise ConfigError(f"unknown data.builtin '{builtin}': choose from {', '.join(sorted(BUILTIN))}")
+        if int(batch_size) < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
+        if int(num_workers) < 0:
+            raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+        self.root = Path(os.fspath(root)).expanduser()
+        self.builtin = builtin
+        self.image_size, self.crop_pct, self.interpolation = image_size, crop_pct, interpolation
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.split_seed = int(split_seed)
+        self.split_dir = Path(split_dir).expanduser() if split_dir else None
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.skip_bad_images, self.verify_images = bool(skip_bad_images), bool(verify_images)
+        self.output_dir = Path(output_dir).expanduser() if output_dir else None
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.bad_images: list[tuple[Path, str]] = []
+        self.ignored_files = 0
+        self._splits: dict[str, list[Sample]] | None = None
+        self._classes: list[str] = []
+        self._split_source = ""
+
+    # ------------------------------------------------------------------ setup
+    def prepare_data(self) -> None:
+        """Write the built-in data set to ``root`` if one is configured (once, atomically)."""
+        if self.builtin:
+            ensure_builtin(self.builtin, self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Scan, check and split the data (only the first call does work).
+
+        Args:
+            stage: Lightning stage; ignored, every split is prepared at once.
+
+        Raises:
+            DataError: Bad layout or unreadable image (see the module docs of ``scan``).
+        """
+        if self._splits is not None:
+            return
+        self.bad_images, self.ignored_files = [], 0  # a failed earlier attempt may have left entries
+        self.prepare_data()  # idempotent; lets setup() alone work outside a Trainer
+        root = self.root
+        if self.split_dir is not None:
+            scan.check_root(root)
+            classes, splits = read_split_dir(self.split_dir, root)
+            splits = self._drop_bad(splits)
+            source = "split_dir"
+        else:
+            scan.check_root(root)
+            folders = scan.find_split_folders(root)
+            if folders is not None:
+                classes, splits = self._scan_split_folders(folders)
+                source = "folders"
+            else:
+                per_class, self.ignored_files = scan.scan_classes(root)
+                scan.require_two_classes(list(per_class), root)
+                per_class = self._drop_bad_per_class(per_class)
+                classes = sorted(per_class)
+                splits = stratified_split(
+                    per_class, self.val_fraction, self.test_fraction, self.split_seed
+                )
+                source = "seeded"
+        scan.require_two_classes(classes, root)
+        if not splits["train"]:
+            raise DataError(f"no training images found under '{root}': check data.root / data.split_dir")
+        self._classes, self._splits, self._split_source = list(classes), splits, source
+        self._write_outputs()
+
+    def _scan_split_folders(self, folders: dict[str, Path]) -> tuple[list[str], dict[str, list[Sample]]]:
+        train, ignored = scan.scan_classes(folders["train"])
+        classes = sorted(train)
+        scan.require_two_classes(classes, folders["train"])
+        index = {c: i for i, c in enumerate(classes)}
+        per_split: dict[str, dict[str, list[Path]]] = {"train": train}
+        for split in ("val", "test"):
+            if split not in folders:
+                continue
+            found, n_ignored = scan.scan_classes(folders[split], allow_empty=True)
+            ignored += n_ignored
+            for cls in found:
+                if cls not in index:
+                    raise DataError(
+                        f"class folder '{folders[split] / cls}' has no counterpart in "
+                        f"'{folders['train']}': every {split} class needs training images"
+                    )
+            per_split[split] = found
+        self.ignored_files = ignored
+        splits = {
+            s: [(p, index[c]) for c in sorted(per_split.get(s, {})) for p in per_split[s][c]]
+            for s in SPLITS
+        }
+        return classes, self._drop_bad(splits)
+
+    def _check(self, paths: list[Path]) -> dict[Path, str]:
+        """Find bad files; raise unless skipping, else record them in ``bad_images``."""
+        if not self.verify_images:
+            return {}
+        bad = scan.find_bad_images(paths)
+        if not self.skip_bad_images:
+            scan.raise_for_bad(bad)
+        self.bad_images.extend(sorted(bad.items()))
+        return bad
+
+    def _drop_bad(self, splits: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+        bad = self._check([p for s in SPLITS for p, _ in splits[s]])
+        return {s: [(p, y) for p, y in splits[s] if p not in bad] for s in SPLITS}
+
+    def _drop_bad_per_class(self, per_class: dict[str, list[Path]]) -> dict[str, list[Path]]:
+        bad = self._check([p for files in per_class.values() for p in files])
+        kept = {c: [p for p in files if p not in bad] for c, files in per_class.items()}
+        for cls, files in kept.items():
+            if not files:
+                raise DataError(
+                    f"class folder '{self.root / cls}' has no readable images (all skipped as bad): "
+                    "replace them or remove the folder"
+                )
+        return kept
+
+    def _write_outputs(self) -> None:
+        if self.output_dir is None:
+            return
+        assert self._splits is not None
+        for split in SPLITS:
+            samples = self._splits[split]
+            if split == "test" and not samples:
+                continue
+            text = split_csv_text(samples, self.root, self._classes)
+            atomic_write_text(self.output_dir / "splits" / f"{split}.csv", text)
+        if self.bad_images:
+            lines = "".join(f"{path}\t{reason}\n" for path, reason in self.bad_images)
+            atomic_write_text(self.output_dir / "bad_images.txt", lines)
+
+    # ------------------------------------------------------------------ results
+    def _state(self) -> dict[str, list[Sample]]:
+        if self._splits is None:
+            self.setup()
+        assert self._splits is not None
+        return self._splits
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted class names (label ``i`` is ``classes[i]``); runs ``setup()`` if needed."""
+        self._state()
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    @property
+    def train_samples(self) -> list[Sample]:
+        """``(path, label)`` pairs of the training split."""
+        return self._state()["train"]
+
+    @property
+    def val_samples(self) -> list[Sample]:
+        """``(path, label)`` pairs of the validation split."""
+        return self._state()["val"]
+
+    @property
+    def test_samples(self) -> list[Sample]:
+        """``(path, label)`` pairs of the test split (may be empty)."""
+        return self._state()["test"]
+
+    @property
+    def has_test(self) -> bool:
+        """Whether a non-empty test split exists (else ``test_dataloader`` serves val)."""
+        return bool(self.test_samples)
+
+    @property
+    def split_source(self) -> str:
+        """Where the split came from: ``"folders"``, ``"seeded"`` or ``"split_dir"``."""
+        self._state()
+        return self._split_source
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Identify the exact files used (cheap: one ``stat`` per file, contents not read).
+
+        Returns:
+            ``{"n_files": int, "sha256": hex digest of the sorted (relative path, size) list}``.
+        """
+        splits = self._state()
+        entries = []
+        for path in (p for s in SPLITS for p, _ in splits[s]):
+            try:
+                entries.append((relative_posix(path, self.root), path.stat().st_size))
+            except FileNotFoundError:
+                raise DataError(
+                    f"image '{path}' disappeared after the data set was scanned: restore it or re-run"
+                ) from None
+        entries.sort()
+        digest = hashlib.sha256()
+        for rel, size in entries:
+            digest.update(f"{rel}\t{size}\n".encode())
+        return {"n_files": len(entries), "sha256": digest.hexdigest()}
+
+    def describe(self) -> str:
+        """One-line summary of the data.
+
+        Returns:
+            E.g. ``"digits: 10 classes, 1437 train / 180 val / 180 test (seeded split, seed 0)"``.
+        """
+        splits = self._state()
+        name = self.builtin or self.root.name or str(self.root)
+        counts = f"{len(splits['train'])} train / {len(splits['val'])} val"
+        if splits["test"]:
+            counts += f" / {len(splits['test'])} test"
+        how = {
+            "seeded": f"seeded split, seed {self.split_seed}",
+            "folders": "split folders",
+            "split_dir": f"split from {self.split_dir}",
+        }[self._split_source]
+        extra = f", {len(self.bad_images)} bad images skipped" if self.bad_images else ""
+        return f"{name}: {self.num_classes} classes, {counts} ({how}){extra}"
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, transform: Callable | None, shuffle: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            ImageFolderDataset(self._state()[split], transform),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training loader (``train_transform``)."""
+        return self._loader("train", self.train_transform, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation loader (``eval_transform``)."""
+        return self._loader("val", self.eval_transform, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test loader, or the validation loader when there is no test split (see ``has_test``)."""
+        split = "test" if self.has_test else "val"
+        return self._loader(split, self.eval_transform, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same as :meth:`test_dataloader`: test split if any, else validation."""
+        return self.test_dataloader()

@@ -1,0 +1,185 @@
+"""Reading image files into uint8 RGB arrays, and a cheap per-file health check.
+
+Every image mode Pillow can open (palette, alpha, CMYK, 1-bit, 16-bit, float) ends up as an
+``H x W x 3`` ``uint8`` array, so the augmentation pipeline and the model only ever see one format.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from visionsweep.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+"""File extensions treated as images (compared lower-cased, so ``.JPG`` counts)."""
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Tell whether a file name has an image extension (case-insensitive).
+
+    Args:
+        path: File path or name.
+
+    Returns:
+        True when the suffix is one of :data:`IMAGE_EXTENSIONS`.
+    """
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _one_line(text: str) -> str:
+    # Entry points print errors as one line; Pillow messages occasionally contain newlines.
+    return " ".join(str(text).split())
+
+
+def bad_image_message(path: str | Path, reason: str) -> str:
+    """Build the one-line message used for an unreadable image.
+
+    Args:
+        path: The offending file.
+        reason: Short reason, e.g. ``"zero-byte file"``.
+
+    Returns:
+        A message naming the path, the reason and the fix.
+    """
+    return (
+        f"cannot read image '{path}' ({_one_line(reason)}): "
+        "remove it or set data.skip_bad_images=true"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """Map a Pillow / OS exception to a short human reason."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image: Pillow cannot identify the format"
+    text = _one_line(str(exc)) or type(exc).__name__
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return f"truncated file: {text}"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _rescale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Map an integer/float array with an arbitrary range linearly onto 0..255."""
+    arr = arr.astype(np.float64)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        arr = np.where(finite, arr, 0.0)
+    lo = min(float(arr.min()), 0.0)  # keep 0 black unless the data goes negative
+    hi = float(arr.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _gray_to_uint8(img: Image.Image) -> np.ndarray | None:
+    """Convert the single-channel high-depth modes to a uint8 H x W array (None for other modes)."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(img).astype(np.uint32)
+        # 65535 / 257 == 255 exactly; +128 rounds to nearest instead of truncating.
+        return ((arr + 128) // 257).astype(np.uint8)
+    if mode == "I":
+        arr = np.asarray(img)
+        if arr.size and arr.min() >= 0 and arr.max() <= 255:
+            return arr.astype(np.uint8)  # already 8-bit data stored in a 32-bit container
+        return _rescale_to_uint8(arr)
+    if mode == "F":
+        arr = np.asarray(img)
+        finite = arr[np.isfinite(arr)]
+        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            return np.round(np.nan_to_num(arr, nan=0.0) * 255.0).astype(np.uint8)
+        return _rescale_to_uint8(arr)
+    return None
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Convert a (loaded) Pillow image of any mode to a uint8 ``H x W x 3`` RGB array.
+
+    Transparent pixels are composited over white; 16-bit data is scaled (not clipped) to 8 bits.
+
+    Args:
+        img: A Pillow image.
+
+    Returns:
+        A C-contiguous ``uint8`` array of shape ``(H, W, 3)``.
+    """
+    gray = _gray_to_uint8(img)
+    if gray is not None:
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    elif img.mode == "1":
+        img = img.convert("L")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image file fully into a uint8 RGB array, honouring EXIF orientation.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        ``uint8`` array of shape ``(H, W, 3)``.
+
+    Raises:
+        DataError: The file is empty, missing, not an image or truncated (one-line message naming it).
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise DataError(bad_image_message(path, "zero-byte file"))
+        with Image.open(path) as img:
+            img.load()
+            oriented = ImageOps.exif_transpose(img)  # returns a copy (or the image itself if no tag)
+            return to_rgb_array(oriented if oriented is not None else img)
+    except DataError:
+        raise
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
+        raise DataError(bad_image_message(path, _reason(exc))) from exc
+
+
+def check_image(path: str | Path) -> str | None:
+    """Cheaply check that a file is a readable image.
+
+    Runs Pillow's ``verify()`` (PNG: every chunk CRC up to IEND) and then a cheap decode:
+    JPEGs are decoded at 1/8 scale (``draft``), which still reads the whole entropy-coded data
+    and so catches truncation; other formats are decoded fully.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        None when the file is fine, else a short reason such as ``"zero-byte file"``.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return "zero-byte file"
+        with Image.open(path) as img:
+            img.verify()
+        # verify() leaves the image unusable, so open it again for the decode check.
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (1, 1))
+            img.load()
+    except Exception as exc:
+        return _reason(exc)
+    return None

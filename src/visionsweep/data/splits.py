@@ -1,0 +1,200 @@
+"""Splitting samples (seeded, stratified) and reading/writing split CSV files.
+
+``<run>/splits/{train,val,test}.csv`` (header ``path,label,class``, paths relative to the data root)
+lets a later run re-use exactly the same split via ``data.split_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from visionsweep.errors import ConfigError, DataError
+
+Sample = tuple[Path, int]
+SPLITS = ("train", "val", "test")
+CSV_HEADER = ("path", "label", "class")
+
+
+def validate_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Reject split fractions outside ``[0, 1)`` or summing to 1 or more.
+
+    Args:
+        val_fraction: Share of each class put into validation.
+        test_fraction: Share of each class put into test.
+
+    Raises:
+        ConfigError: Naming ``data.val_fraction`` / ``data.test_fraction``.
+    """
+    for key, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
+        if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+            raise ConfigError(f"{key}={value} is outside [0, 1): use e.g. {key}=0.2")
+    if val_fraction + test_fraction >= 1.0:
+        raise ConfigError(
+            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction:g} >= 1 leaves no "
+            "training images: lower one of them"
+        )
+
+
+def _n_take(n: int, fraction: float) -> int:
+    # Round half up (Python's round() is banker's rounding, surprising for 2.5 -> 2).
+    return int(math.floor(n * fraction + 0.5))
+
+
+def split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """How many of ``n`` images of one class go to val and test.
+
+    Rounds per class, keeps at least one training image, and gives a small class (``n >= 2``)
+    one validation image when ``val_fraction > 0`` (likewise one test image when ``n >= 3``).
+
+    Args:
+        n: Images in the class.
+        val_fraction: Validation share.
+        test_fraction: Test share.
+
+    Returns:
+        ``(n_val, n_test)``.
+    """
+    n_val, n_test = _n_take(n, val_fraction), _n_take(n, test_fraction)
+    if val_fraction > 0 and n_val == 0 and n >= 2:
+        n_val = 1
+    if test_fraction > 0 and n_test == 0 and n >= 3:
+        n_test = 1
+    while n_val + n_test > n - 1:  # keep >= 1 training image; shrink the larger holdout first
+        if n_test >= n_val and n_test > 0:
+            n_test -= 1
+        else:
+            n_val -= 1
+    return n_val, n_test
+
+
+def stratified_split(
+    per_class: dict[str, list[Path]], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[Sample]]:
+    """Seeded per-class split; depends only on the file lists and ``seed``.
+
+    Args:
+        per_class: ``{class: [paths]}``; labels are the index in sorted class order.
+        val_fraction: Validation share per class.
+        test_fraction: Test share per class.
+        seed: Split seed (a private generator: the global numpy/torch state is untouched).
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}`` of ``(path, label)``, each sorted by path.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+    for label, name in enumerate(sorted(per_class)):
+        files = sorted(per_class[name])  # sort again: never trust filesystem order
+        n_val, n_test = split_counts(len(files), val_fraction, test_fraction)
+        order = rng.permutation(len(files))
+        picks = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+        for split, idx in picks.items():
+            out[split].extend((files[i], label) for i in sorted(idx))
+    return out
+
+
+def relative_posix(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` with ``/`` separators (absolute if outside root)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file via a temp file + rename, so readers never see half a file.
+
+    Args:
+        path: Destination (parent folders are created).
+        text: Content.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def split_csv_text(samples: Iterable[Sample], root: Path, classes: Sequence[str]) -> str:
+    """Render samples as ``path,label,class`` CSV text (paths relative to root)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    for path, label in samples:
+        writer.writerow((relative_posix(path, root), label, classes[label]))
+    return buf.getvalue()
+
+
+def read_split_dir(split_dir: Path, root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
+    """Read ``split_dir/{train,val,test}.csv`` written by a previous run.
+
+    Classes are the sorted class names of ``train.csv``; the label column must agree with them.
+
+    Args:
+        split_dir: Folder with the CSV files (``test.csv`` optional).
+        root: Data root the CSV paths are relative to.
+
+    Returns:
+        The classes and ``{"train", "val", "test"}`` sample lists.
+
+    Raises:
+        DataError: Missing CSV, malformed row, unknown class or a listed file that does not exist.
+    """
+    if not split_dir.is_dir():
+        raise DataError(
+            f"split_dir '{split_dir}' is not a folder: point data.split_dir at a run's splits/ folder"
+        )
+    rows: dict[str, list[tuple[str, int, str, Path]]] = {s: [] for s in SPLITS}
+    for split in SPLITS:
+        csv_path = split_dir / f"{split}.csv"
+        if not csv_path.is_file():
+            if split == "test":
+                continue
+            raise DataError(f"split file '{csv_path}' is missing: data.split_dir needs train.csv and val.csv")
+        with csv_path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not set(CSV_HEADER) <= set(reader.fieldnames):
+                raise DataError(f"split file '{csv_path}' must have the header {','.join(CSV_HEADER)}")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    label = int(row["label"])
+                except (TypeError, ValueError):
+                    raise DataError(
+                        f"'{csv_path}' line {line}: label '{row['label']}' is not an integer"
+                    ) from None
+                rows[split].append((row["path"], label, row["class"], csv_path))
+    classes = sorted({cls for _, _, cls, _ in rows["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+    out: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+    for split in SPLITS:
+        for rel, label, cls, csv_path in rows[split]:
+            if cls not in index:
+                raise DataError(
+                    f"class '{cls}' in '{csv_path}' does not occur in train.csv: "
+                    "fix or regenerate the split"
+                )
+            if index[cls] != label:
+                raise DataError(
+                    f"'{csv_path}': label {label} for class '{cls}' disagrees with train.csv "
+                    f"(expected {index[cls]}): regenerate the split"
+                )
+            path = root / rel
+            if not path.is_file():
+                raise DataError(
+                    f"file '{path}' listed in '{csv_path}' does not exist: "
+                    "fix data.root or data.split_dir"
+                )
+            out[split].append((path, label))
+    return classes, out

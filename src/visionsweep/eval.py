@@ -1,0 +1,88 @@
+"""Evaluate a checkpoint: ``python -m visionsweep.eval ckpt_path=<run>/checkpoints/<x>.ckpt [split=val]``.
+
+The data set, split files and eval pipeline come from the checkpoint's run dir, so the test/acc of
+the training run is reproduced with nothing but the checkpoint path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from visionsweep import builders, runinfo
+from visionsweep.errors import ConfigError
+from visionsweep.models.backbones import InputConfig
+from visionsweep.models.classifier import ClassifierModule
+from visionsweep.utils.cli import guarded, precheck
+from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint, run_dir_of
+
+log = logging.getLogger("visionsweep.eval")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.split``; returns the metrics (keys ``<split>/acc``...)."""
+    out = Path(cfg.paths.output_dir)
+    ckpt = (find_latest_checkpoint(cfg.paths.log_dir, "train") if cfg.ckpt_path == "latest"
+            else check_checkpoint(cfg.ckpt_path))
+    run_dir = run_dir_of(ckpt)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"ckpt_path '{ckpt}': no config.yaml in its run dir {run_dir} "
+                          "(was it written by visionsweep.train?)")
+    train_cfg = OmegaConf.load(run_dir / "config.yaml")
+    model = ClassifierModule.load_from_checkpoint(ckpt, map_location="cpu", pretrained=False,
+                                                  pretrained_file=None)
+    hp = model.hparams
+    inp = InputConfig(hp.image_size, tuple(hp.mean), tuple(hp.std), hp.crop_pct, hp.interpolation)
+    overrides: dict[str, Any] = {}
+    if cfg.get("data_root"):
+        overrides["root"] = str(Path(cfg.data_root).expanduser().resolve())
+    elif (run_dir / "splits").is_dir():
+        overrides["split_dir"] = str(run_dir / "splits")
+    if cfg.get("batch_size"):
+        overrides["batch_size"] = int(cfg.batch_size)
+    dm = builders.build_datamodule(train_cfg, inp, out, **overrides)
+    if list(dm.classes) != list(model.class_names):
+        raise ConfigError(f"data classes {dm.classes} differ from the checkpoint's {model.class_names}")
+    split = cfg.split
+    if split not in ("test", "val"):
+        raise ConfigError(f"split={split}: use test or val")
+    if split == "test" and not dm.has_test:
+        log.warning("no test split in this data set: evaluating on the val split")
+        split = "val"
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    record = runinfo.RunRecord(out, task="eval", checkpoint=str(ckpt), train_run=str(run_dir),
+                               split=split, data={"description": dm.describe(),
+                                                  "fingerprint": dm.fingerprint()})
+    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                         deterministic=True, enable_model_summary=False)
+    trainer.test(model, dataloaders=loader, verbose=False)
+    metrics = {k.replace("test/", f"{split}/"): round(float(v), 6)
+               for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    record.update(status="ok", metrics=metrics, test_report=model.test_report)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("/acc", "/loss")))
+    print(f"\n{ckpt.name} on {split} ({len(loader.dataset)} images): {shown}  → {out}", flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+@guarded
+def _hydra_main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+def main() -> None:
+    """Console entry point."""
+    precheck("eval")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""LightningModules around timm backbones."""
+
+from visionsweep.models.classifier import ClassifierModule
+
+__all__ = ["ClassifierModule"]

@@ -1,0 +1,102 @@
+"""run.json: what a run was (git commit, versions, device, data fingerprint, overrides) and what it gave."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGES = ("torch", "torchvision", "pytorch-lightning", "timm", "torchmetrics", "albumentations",
+            "hydra-core", "omegaconf", "numpy", "opencv-python-headless", "wandb")
+
+
+def git_state(cwd: str | Path | None = None) -> dict[str, Any]:
+    """Commit sha and dirty flag of the git work tree at ``cwd`` (None values outside git)."""
+    def run(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = run("rev-parse", "HEAD")
+    status = run("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {"commit": sha, "dirty": bool(status) if status is not None else None}
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the stack (and Python)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_info() -> dict[str, Any]:
+    """CPU/GPU the run used."""
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def to_jsonable(value: Any) -> Any:
+    """Tensors and numpy scalars → plain Python numbers, recursively."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class RunRecord:
+    """The run.json of one run dir, rewritten atomically whenever it changes.
+
+    Args:
+        run_dir: the run's output dir.
+        **fields: initial content.
+    """
+
+    def __init__(self, run_dir: str | Path, **fields: Any) -> None:
+        self.path = Path(run_dir) / "run.json"
+        self.data: dict[str, Any] = {
+            "status": "running", "argv": sys.argv, "git": git_state(Path.cwd()),
+            "versions": versions(), "device": device_info(), **fields,
+        }
+        self.save()
+
+    def update(self, **fields: Any) -> None:
+        """Merge ``fields`` in and save."""
+        self.data.update(fields)
+        self.save()
+
+    def save(self) -> None:
+        """Write run.json (temp file + rename: never half-written)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(to_jsonable(self.data), indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+def load(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run dir's run.json ({} if there is none)."""
+    path = Path(run_dir) / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,142 @@
+"""Train a classifier: ``python -m visionsweep.train [model=vgg19] [augmentation=strong] [key=value ...]``.
+
+compose (Hydra) → data + model + trainer (builders) → fit → test the best checkpoint → run.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from visionsweep import builders, runinfo
+from visionsweep.utils.cli import guarded, precheck, user_error
+from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint, print_config_tree, run_dir_of
+
+log = logging.getLogger("visionsweep.train")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job as configured; returns its final metrics."""
+    out = Path(cfg.paths.output_dir)
+    print_config_tree(cfg)
+    record = None
+    try:
+        pl.seed_everything(cfg.seed, workers=True)
+        resume = _resume_checkpoint(cfg)
+        inp = builders.resolve_inputs(cfg)
+        dm = builders.build_datamodule(cfg, inp, out)
+        log.info("data: %s", dm.describe())
+        model = builders.build_model(cfg, dm, inp)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        record = runinfo.RunRecord(
+            out, task=cfg.task_name, overrides=_overrides(), seed=cfg.seed, backbone=cfg.model.backbone,
+            augmentation=cfg.augmentation.get("name"), resumed_from=resume, input=inp.__dict__,
+            data={"description": dm.describe(), "fingerprint": dm.fingerprint(), "classes": dm.classes,
+                  "split": dm.split_source, "bad_images": [str(p) for p, _ in dm.bad_images]},
+            params=builders.count_params(model))
+        start_epoch = pl.callbacks.LambdaCallback(  # epochs done before a resume, for images/s
+            on_train_start=lambda tr, _: record.update(start_epoch=tr.current_epoch))
+        trainer = builders.build_trainer(cfg, out, extra_callbacks=[start_epoch])
+        _record_logger_ids(trainer, record)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume else None)
+        fit_s = time.perf_counter() - start
+        metrics = _scalars(trainer.callback_metrics)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if cfg.get("test") and dm.has_test:
+            trainer.test(model, datamodule=dm, ckpt_path="best" if best else None, verbose=False)
+            metrics.update(_scalars(trainer.callback_metrics))
+        epochs = trainer.current_epoch - (record.data.get("start_epoch") or 0)
+        record.update(
+            status="ok", metrics=metrics, best_checkpoint=best or None, epochs=trainer.current_epoch,
+            fit_seconds=round(fit_s, 2),
+            train_images_per_s=round(len(dm.train_samples) * max(epochs, 1) / fit_s, 1),
+            test_report=getattr(model, "test_report", None) or None)
+        _print_summary(metrics, fit_s, out)
+        return metrics
+    except BaseException as e:
+        if record is not None:
+            err = user_error(e) if isinstance(e, Exception) else None
+            record.update(status="failed", error=str(err or f"{type(e).__name__}: {e}"))
+        elif user_error(e) is not None and not _is_sweep():
+            _remove_if_only_hydra_files(out)  # a bad path or value leaves no half-made run dir
+        raise
+    finally:
+        _finish_wandb()
+
+
+def _resume_checkpoint(cfg: DictConfig) -> Path | None:
+    if not cfg.get("ckpt_path"):
+        return None
+    ckpt = (find_latest_checkpoint(cfg.paths.log_dir, cfg.task_name) if cfg.ckpt_path == "latest"
+            else check_checkpoint(cfg.ckpt_path))
+    old_run = run_dir_of(ckpt)
+    if not cfg.data.get("split_dir") and (old_run / "splits").is_dir():
+        cfg.data.split_dir = str(old_run / "splits")  # same split as the run being resumed
+    wandb_id = runinfo.load(old_run).get("wandb_id")
+    if wandb_id and cfg.get("logger") and cfg.logger.get("wandb"):
+        cfg.logger.wandb.id, cfg.logger.wandb.resume = wandb_id, "allow"
+    log.info("resuming from %s", ckpt)
+    return ckpt
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _is_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: round(float(v), 6) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
+def _record_logger_ids(trainer: pl.Trainer, record: runinfo.RunRecord) -> None:
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            record.update(wandb_id=lg.version, wandb_dir=str(lg.save_dir))
+
+
+def _finish_wandb() -> None:
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()  # else the next job of a sweep logs into this run
+
+
+def _remove_if_only_hydra_files(out: Path) -> None:
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _print_summary(metrics: dict[str, float], seconds: float, out: Path) -> None:
+    keys = ("val/acc_best", "val/acc", "test/acc")
+    shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+    print(f"\n{shown}  ({seconds:.0f} s)  → {out}", flush=True)
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@guarded
+def _hydra_main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    key = cfg.get("optimized_metric")
+    return metrics.get(key) if key else None
+
+
+def main() -> None:
+    """Console entry point: check the overrides, then hand over to Hydra."""
+    precheck("train")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

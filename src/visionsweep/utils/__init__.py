@@ -1,0 +1,1 @@
+"""Helpers shared by the entry points: CLI error handling, config printing, run records."""

@@ -1,0 +1,129 @@
+"""Entry-point plumbing: one clear line and exit code 2 for every error a user can cause.
+
+Hydra prints composition errors over several lines (with a hint about HYDRA_FULL_ERROR) and exits
+with 1; we compose the user's overrides once ourselves first, so a typo gets one line instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from visionsweep.errors import ConfigError, VisionSweepError
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+log = logging.getLogger("visionsweep")
+
+
+def fail(message: str) -> None:
+    """Print ``error: <message>`` as one line on stderr and exit with code 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def user_error(exc: BaseException) -> VisionSweepError | None:
+    """The user-fixable error hidden in ``exc`` (also inside DataLoader workers and Hydra wrappers)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, VisionSweepError):
+            msg = str(seen)
+            if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the last line
+                msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+            return type(seen)(msg)
+        if isinstance(seen, MissingMandatoryValue):
+            key = getattr(seen, "full_key", "") or "a value"
+            return ConfigError(f"{key} is required: set it on the command line ({key}=...)")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Wrap a Hydra task so that user errors end in one line and exit code 2.
+
+    In a multirun a failing job must not stop the sweep: its error is logged and recorded by the
+    task itself (run.json), and the job returns None.
+    """
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except Exception as e:
+            err = user_error(e)
+            if _is_multirun():
+                log.error("job failed: %s", err or f"{type(e).__name__}: {e}")
+                return None
+            if err is None:
+                raise
+            fail(str(err))
+
+    return wrapper
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def precheck(config_name: str, argv: list[str] | None = None) -> None:
+    """Compose ``config_name`` with the command line's overrides and fail in one line if that fails.
+
+    Skipped for Hydra's own flags (``--help``, ``--cfg``, ``--config-dir``...) and for sweeps it
+    cannot expand (Optuna ranges): Hydra reports those itself.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if any([args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.config_dir,
+            args.config_name, args.experimental_rerun]):
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception as e:
+        fail(f"bad override: {_first_line(e)}")
+    jobs = [args.overrides]
+    if args.multirun:
+        try:
+            jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        except Exception:
+            return
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for overrides in jobs:
+            try:
+                compose(config_name, overrides=list(overrides))
+            except Exception as e:
+                fail(_describe_compose_error(e, overrides))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _describe_compose_error(e: Exception, overrides: list[str]) -> str:
+    text = str(e)
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing:
+        group, choice = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        close = difflib.get_close_matches(choice, options, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return f"bad override '{group}={choice}': no such {group}{hint}; available: {', '.join(options)}"
+    key = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)'", text)
+    if key and isinstance(e.__cause__, OmegaConfBaseException) or "not in struct" in text:
+        name = key.group(1) if key else "?"
+        return f"bad override '{name}': no such key in the config (add it with +{name}=... if intended)"
+    return f"bad override ({' '.join(overrides)}): {_first_line(e)}"

@@ -1,0 +1,59 @@
+"""Shared fixtures: offline settings, a generated shapes set, and Hydra configs for in-process runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# before anything imports albumentations / wandb: no update checks, never the network
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """A small generated circle/square/triangle folder data set (shared, read-only)."""
+    from visionsweep.data.builtin import write_shapes
+
+    return write_shapes(tmp_path_factory.mktemp("data") / "shapes", n_per_class=60, size=32, seed=0)
+
+
+def compose_cfg(output_dir: Path, overrides: list[str], config_name: str = "train"):
+    """Compose a config as the CLI would and point its run dir at ``output_dir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.root_dir = str(REPO)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def run_cli(module: str, *args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m visionsweep.<module> args`` as a user would."""
+    return subprocess.run([sys.executable, "-m", f"visionsweep.{module}", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+# tiny and fast: resnet18 at 32 px, a few epochs, no wandb unless a test asks for it
+FAST = ["model=resnet18", "data=shapes", "data.image_size=32", "augmentation=none",
+        "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
