@@ -27,6 +27,14 @@ def shapes_root(tmp_path_factory) -> Path:
     return write_shapes(tmp_path_factory.mktemp("data") / "shapes", n_per_class=60, size=32, seed=0)
 
 
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """scikit-learn's 1,797 real 8x8 digits exported as a folder set (what `make train` uses)."""
+    from visionsweep.data.builtin import export_digits
+
+    return export_digits(tmp_path_factory.mktemp("data") / "digits")
+
+
 def compose_cfg(output_dir: Path, overrides: list[str], config_name: str = "train"):
     """Compose a config as the CLI would and point its run dir at ``output_dir``."""
     from hydra import compose, initialize_config_dir

@@ -103,7 +103,7 @@ def _scalars(metrics: dict) -> dict[str, float]:
 def _record_logger_ids(trainer: pl.Trainer, record: runinfo.RunRecord) -> None:
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
-            record.update(wandb_id=lg.version, wandb_dir=str(lg.save_dir))
+            record.update(wandb_id=lg.experiment.id, wandb_dir=str(lg.save_dir))  # starts the run now
 
 
 def _finish_wandb() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import hydra.utils
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -157,6 +159,17 @@ class ClassifierModule(pl.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).softmax(dim=1)
 
+    def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
+        total = getattr(scheduler, "total_steps", None)
+        if total is not None and scheduler.last_epoch + 1 >= total:
+            # a resumed run given more epochs than its one-cycle was planned for: hold the final lr
+            if not getattr(self, "_warned_cycle_end", False):
+                self._warned_cycle_end = True
+                rank_zero_warn("the one-cycle schedule has ended (resumed with more epochs than planned?): "
+                               "the extra steps use its final learning rate")
+            return
+        scheduler.step() if metric is None else scheduler.step(metric)
+
     def configure_optimizers(self) -> Any:
         opt_cfg = dict(self.hparams.optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-3})
         opt_cfg["_partial_"] = True
@@ -168,6 +181,9 @@ class ClassifierModule(pl.LightningModule):
         factory = hydra.utils.instantiate(sched_cfg)
         params = inspect.signature(factory.func).parameters
         steps = int(self.trainer.estimated_stepping_batches)
+        if "pct_start" in params:  # OneCycleLR divides by its warm-up length: keep it ≥ 1 step
+            pct = float(sched_cfg.get("pct_start", params["pct_start"].default))
+            steps = max(steps, math.ceil(2 / pct) + 1)
         # one-cycle / cosine need the run's length, known only once the trainer has the data
         extra = {k: steps for k in ("total_steps", "T_max") if k in params and k not in sched_cfg}
         scheduler = factory(optimizer, **extra)
