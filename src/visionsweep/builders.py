@@ -37,17 +37,30 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot build {target}: {first}") from e
 
 
+def as_int(value: Any, key: str, minimum: int | None = None) -> int:
+    """``value`` as an int, or a ConfigError naming ``key``."""
+    try:
+        out = int(value)
+        if isinstance(value, float) and value != out:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value}: give an integer") from None
+    if minimum is not None and out < minimum:
+        raise ConfigError(f"{key}={value}: give an integer ≥ {minimum}")
+    return out
+
+
 def resolve_inputs(cfg: DictConfig) -> InputConfig:
     """Fill ``data.image_size/crop_pct/interpolation`` and the mean/std from the backbone's timm config.
 
     Values already set in the config win; the filled config is what the run records.
     """
+    size = cfg.data.get("image_size")
     inp = resolve_input_config(
-        cfg.model.backbone, cfg.data.get("image_size"), cfg.model.get("mean"), cfg.model.get("std"),
-        cfg.data.get("crop_pct"), cfg.data.get("interpolation"),
+        cfg.model.backbone, as_int(size, "data.image_size", 8) if size is not None else None,
+        cfg.model.get("mean"), cfg.model.get("std"), cfg.data.get("crop_pct"),
+        cfg.data.get("interpolation"),
     )
-    if not isinstance(inp.image_size, int) or inp.image_size < 8:
-        raise ConfigError(f"data.image_size={inp.image_size}: give an integer ≥ 8")
     cfg.data.image_size, cfg.data.crop_pct, cfg.data.interpolation = (
         inp.image_size, inp.crop_pct, inp.interpolation)
     return inp

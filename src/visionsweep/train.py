@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from visionsweep import builders, runinfo
-from visionsweep.utils.cli import guarded, precheck, user_error
+from visionsweep.utils.cli import guarded, is_multirun, precheck, user_error
 from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint, print_config_tree, run_dir_of
 
 log = logging.getLogger("visionsweep.train")
@@ -29,6 +29,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print_config_tree(cfg)
     record = None
     try:
+        cfg.seed = builders.as_int(cfg.seed, "seed", 0)
         pl.seed_everything(cfg.seed, workers=True)
         resume = _resume_checkpoint(cfg)
         inp = builders.resolve_inputs(cfg)
@@ -66,7 +67,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if record is not None:
             err = user_error(e) if isinstance(e, Exception) else None
             record.update(status="failed", error=str(err or f"{type(e).__name__}: {e}"))
-        elif user_error(e) is not None and not _is_sweep():
+        elif user_error(e) is not None and not is_multirun():
             _remove_if_only_hydra_files(out)  # a bad path or value leaves no half-made run dir
         raise
     finally:
@@ -90,10 +91,6 @@ def _resume_checkpoint(cfg: DictConfig) -> Path | None:
 
 def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def _is_sweep() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

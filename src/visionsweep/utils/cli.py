@@ -58,7 +58,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             return task(cfg)
         except Exception as e:
             err = user_error(e)
-            if _is_multirun():
+            if is_multirun():
                 log.error("job failed: %s", err or f"{type(e).__name__}: {e}")
                 return None
             if err is None:
@@ -68,7 +68,8 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     return wrapper
 
 
-def _is_multirun() -> bool:
+def is_multirun() -> bool:
+    """True inside a job of a Hydra multirun (``-m``)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -1,0 +1,99 @@
+"""What a user sees on the command line: one clear line and exit code 2 for every mistake."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, compose_cfg, run_cli
+from visionsweep.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def bad_sets(tmp_path_factory, shapes_root) -> Path:
+    """Folder sets with one thing wrong each, built from good shapes images."""
+    root = tmp_path_factory.mktemp("bad")
+    good = sorted((shapes_root / "circle").glob("*.png"))[:4]
+    other = sorted((shapes_root / "square").glob("*.png"))[:4]
+
+    def make(name: str, classes: dict[str, list[Path]]) -> Path:
+        for cls, files in classes.items():
+            (root / name / cls).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copy(f, root / name / cls / f.name)
+        return root / name
+
+    (root / "empty").mkdir()
+    make("one_class", {"circle": good})
+    make("no_images", {"circle": good, "square": []})
+    (root / "no_images" / "square" / "notes.txt").write_text("not an image")
+    make("zero_byte", {"circle": good, "square": other})
+    (root / "zero_byte" / "square" / "empty.png").write_bytes(b"")
+    make("corrupt", {"circle": good, "square": other})
+    (root / "corrupt" / "circle" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return root
+
+
+def _train(tmp_path: Path, *overrides: str):
+    from visionsweep.train import train
+
+    return train(compose_cfg(tmp_path / "run", [*FAST, "data=folder", *overrides]))
+
+
+@pytest.mark.parametrize(("case", "error", "words"), [
+    ("missing", DataError, ["missing", "does not exist"]),
+    ("empty", DataError, ["empty", "no class sub-folders"]),
+    ("one_class", DataError, ["one_class", "only one class"]),
+    ("no_images", DataError, ["square", "no images"]),
+    ("zero_byte", DataError, ["empty.png", "zero-byte", "data.skip_bad_images"]),
+    ("corrupt", DataError, ["broken.jpg", "data.skip_bad_images"]),
+])
+def test_bad_data_gives_a_message_naming_it(bad_sets, tmp_path, case, error, words):
+    with pytest.raises(error) as info:
+        _train(tmp_path, f"data.root={bad_sets / case}", "trainer.fast_dev_run=true")
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_skip_bad_images_skips_and_lists_them(bad_sets, tmp_path):
+    _train(tmp_path, f"data.root={bad_sets / 'corrupt'}", "data.skip_bad_images=true",
+           "trainer.fast_dev_run=true", "data.val_fraction=0.25")
+    listed = (tmp_path / "run" / "bad_images.txt").read_text()
+    assert "broken.jpg" in listed
+
+
+@pytest.mark.parametrize(("overrides", "error", "words"), [
+    (["model.backbone=resnt18"], ConfigError, ["resnt18", "not a timm model", "resnet18"]),
+    (["+augmentation.train.0={_target_: albumentations.RandomCropp}", "augmentation=basic"],
+     ConfigError, ["RandomCropp", "RandomCrop"]),
+    (["augmentation=basic", "augmentation.train.0.scale=[0.5,3]"], ConfigError, ["RandomResizedCrop"]),
+    (["data.val_fraction=1.5"], ConfigError, ["data.val_fraction"]),
+    (["data.image_size=big"], ConfigError, ["data.image_size"]),
+])
+def test_bad_config_values_give_a_message_naming_them(shapes_root, tmp_path, overrides, error, words):
+    with pytest.raises(error) as info:
+        _train(tmp_path, f"data.root={shapes_root}", "trainer.fast_dev_run=true", *overrides)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+# the command line itself: a few cases end to end (each starts a Python process)
+@pytest.mark.parametrize(("args", "words"), [
+    (["data=folder", "data.root=/no/such/folder"], ["/no/such/folder", "does not exist"]),
+    (["data=folder"], ["data.root", "required"]),
+    (["model=resnt34"], ["model=resnt34", "resnet34"]),
+    (["trainer.max_epoch=3"], ["trainer.max_epoch", "no such key"]),
+    (["model.backbone=resnt34"], ["resnt34", "resnet34"]),
+])
+def test_cli_prints_one_line_and_exits_2(args, words, tmp_path):
+    proc = run_cli("train", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    assert not (tmp_path / "run" / "run.json").exists()  # nothing half-written

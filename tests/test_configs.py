@@ -1,0 +1,64 @@
+"""Every config file of every group composes, resolves and points at something that exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra.utils
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF, REPO, compose_cfg
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
+CHOICES = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+EXPERIMENTS = sorted(f.stem for f in (REPO / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("group", "name"), CHOICES, ids=[f"{g}={n}" for g, n in CHOICES])
+def test_every_group_choice_composes_and_resolves(group, name, tmp_path):
+    extra = ["data.root=/some/photos"] if (group, name) == ("data", "folder") else []
+    cfg = compose_cfg(tmp_path, [f"{group}={name}", *extra])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    node = cfg.get(group)
+    targets = [node.get("_target_")] if node is not None and "_target_" in node else [
+        v.get("_target_") for v in (node or {}).values() if isinstance(v, dict) or OmegaConf.is_dict(v)]
+    for target in filter(None, targets):
+        assert hydra.utils.get_object(target), target
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name, tmp_path):
+    cfg = compose_cfg(tmp_path, [f"experiment={name}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    assert cfg.model.backbone
+
+
+def test_experiments_are_shipped():
+    assert EXPERIMENTS, "experiments/ must hold at least one experiment config"
+    assert (CONF / "experiment").resolve() == (REPO / "experiments").resolve()
+
+
+def test_eval_config_composes(tmp_path):
+    cfg = compose_cfg(tmp_path, ["ckpt_path=/x/checkpoints/last.ckpt"], config_name="eval")
+    assert cfg.split == "test" and cfg.task_name == "eval"
+
+
+def test_loggers_and_callbacks_instantiate(tmp_path):
+    from visionsweep import builders
+
+    cfg = compose_cfg(tmp_path, ["logger=many", "callbacks=early_stopping"])
+    names = {type(lg).__name__ for lg in builders.build_loggers(cfg, tmp_path)}
+    assert names == {"CSVLogger", "WandbLogger", "TensorBoardLogger"}
+    callbacks = {type(cb).__name__ for cb in builders.build_callbacks(cfg)}
+    assert {"ModelCheckpoint", "EarlyStopping", "LearningRateMonitor"} <= callbacks
+
+
+def test_default_run_dir_is_timestamped_under_runs(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert "${now:" in OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
+    assert cfg.hydra.job.chdir is False
+    assert Path(str(OmegaConf.to_container(cfg.paths)["log_dir"])).name == "runs"
