@@ -8,7 +8,7 @@ ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train eval test test-all clean clean-runs
+.PHONY: help install train eval predict export sweep report see bench test test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,24 @@ train: $(STAMP)  ## train the default config (resnet34 on the embedded digits); 
 
 eval: $(STAMP)  ## evaluate a checkpoint: make eval ARGS="ckpt_path=runs/train/<run>/checkpoints/last.ckpt"
 	$(PY) -m visionsweep.eval $(ARGS)
+
+predict: $(STAMP)  ## class + probabilities per image: make predict ARGS="ckpt_path=... input=<image|folder>"
+	$(PY) -m visionsweep.predict $(ARGS)
+
+export: $(STAMP)  ## ONNX / TorchScript export: make export ARGS="ckpt_path=... format=onnx"
+	$(PY) -m visionsweep.export $(ARGS)
+
+sweep: $(STAMP)  ## the smoke sweep (arch x augmentation x seed, ~2 min); ARGS="experiment=arch_vs_aug" for the full one
+	$(PY) -m visionsweep.train -m experiment=smoke_sweep $(ARGS)
+
+report: $(STAMP)  ## comparison report of the newest sweep (or ARGS="runs/train/multirun/<stamp>")
+	$(PY) -m visionsweep.report $(ARGS)
+
+see: $(STAMP)  ## pictures of what a CNN sees: make see ARGS="see=kernels" (kernels, augment, batch, features, occlusion, gradcam, errors)
+	$(PY) -m visionsweep.see $(ARGS)
+
+bench: $(STAMP)  ## speed ratios measured side by side (framework vs hand-written loop, loaders, cache)
+	$(PY) benchmarks/bench.py $(ARGS)
 
 test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores)
 	$(PY) -m pytest $(ARGS)

@@ -1,0 +1,1 @@
+"""Lightning callbacks of visionsweep, one file per callback (configured in ``conf/callbacks/``)."""
