@@ -1,0 +1,179 @@
+"""Inputs shared by the ``see`` modes: image paths, checkpoints with their run, model-ready tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from visionsweep.errors import ConfigError
+
+NO_AUGMENTATION = {"name": "none", "resize_first": True, "train": []}
+
+
+def image_paths(image: str | None, limit: int | None = None) -> list[Path]:
+    """The image files ``image=`` names: one file, or every image in a folder (sorted, recursive).
+
+    Args:
+        image: a file or folder path.
+        limit: keep at most this many (None: all).
+
+    Raises:
+        ConfigError: the path does not exist, or the folder holds no images.
+    """
+    from visionsweep.data.images import is_image_file
+
+    path = Path(str(image)).expanduser()
+    if not path.exists():
+        raise ConfigError(f"image='{image}' does not exist: give an image file or a folder of images")
+    if path.is_file():
+        if not is_image_file(path):
+            raise ConfigError(f"image='{image}' is not an image file (.png, .jpg, ...)")
+        return [path.resolve()]
+    found = sorted(p.resolve() for p in path.rglob("*") if p.is_file() and is_image_file(p)
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not found:
+        raise ConfigError(f"image='{image}': the folder holds no images (.png, .jpg, ...)")
+    return found[:limit] if limit else found
+
+
+def load_images(paths: list[Path]) -> list[np.ndarray]:
+    """Decode files as uint8 HWC RGB arrays (DataError naming a bad file)."""
+    from visionsweep.data.images import load_rgb
+
+    return [load_rgb(p) for p in paths]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded classifier with the training run it came from."""
+
+    model: Any
+    path: Path
+    run_dir: Path
+    train_cfg: DictConfig | None
+
+    @property
+    def hp(self) -> Any:
+        """The checkpoint's hyper-parameters (image_size, mean, std, class_names, backbone...)."""
+        return self.model.hparams
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order."""
+        return list(self.model.class_names)
+
+    def eval_transform(self) -> Any:
+        """The eval view the model was tested on (resize short side + centre crop)."""
+        from visionsweep import augment
+
+        hp = self.hp
+        return augment.build_pipelines(NO_AUGMENTATION, int(hp.image_size), float(hp.crop_pct),
+                                       str(hp.interpolation), seed=0)[1]
+
+    def prepare(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Model-ready uint8 NCHW batch of the eval view of ``images``."""
+        tf = self.eval_transform()
+        views = [tf(image=img)["image"] for img in images]
+        return torch.from_numpy(np.stack(views).transpose(0, 3, 1, 2).copy())
+
+    def class_index(self, name: Any) -> int:
+        """Label of a class given by name or index (ConfigError listing the names)."""
+        if str(name) in self.classes:
+            return self.classes.index(str(name))
+        try:
+            idx = int(name)
+        except (TypeError, ValueError):
+            idx = -1
+        if 0 <= idx < len(self.classes):
+            return idx
+        raise ConfigError(f"class '{name}' is not one of the checkpoint's classes: {', '.join(self.classes)}")
+
+
+def load_checkpoint(cfg: DictConfig) -> Checkpoint:
+    """Load ``cfg.ckpt_path`` (a path, or ``latest``) on the CPU, without hub weights.
+
+    Raises:
+        ConfigError: no ckpt_path, a missing file, or a file that is not a visionsweep checkpoint.
+    """
+    from visionsweep.models.classifier import ClassifierModule
+    from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint, run_dir_of
+
+    if not cfg.get("ckpt_path"):
+        raise ConfigError(f"see={cfg.see.name} needs a trained model: "
+                          "ckpt_path=<run>/checkpoints/<name>.ckpt (or ckpt_path=latest)")
+    ckpt = (find_latest_checkpoint(cfg.paths.log_dir, "train") if cfg.ckpt_path == "latest"
+            else check_checkpoint(cfg.ckpt_path))
+    try:
+        model = ClassifierModule.load_from_checkpoint(ckpt, map_location="cpu", pretrained=False,
+                                                      pretrained_file=None)
+    except (KeyError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"ckpt_path '{ckpt}' is not a visionsweep classifier checkpoint: {first}") from e
+    model.eval()
+    run_dir = run_dir_of(ckpt)
+    cfg_file = run_dir / "config.yaml"
+    train_cfg = OmegaConf.load(cfg_file) if cfg_file.is_file() else None
+    return Checkpoint(model, ckpt, run_dir, train_cfg)
+
+
+def run_images(ck: Checkpoint, cfg: DictConfig, limit: int) -> tuple[list[Path], list[int | None]]:
+    """Images for a model mode: ``image=`` if given, else the first of each class in the run's val split.
+
+    Returns:
+        The paths and their true labels (None where unknown; a parent folder named after a class counts).
+    """
+    if cfg.get("image"):
+        paths = image_paths(cfg.image, limit)
+        labels = [ck.classes.index(p.parent.name) if p.parent.name in ck.classes else None for p in paths]
+        return paths, labels
+    dm = run_datamodule(ck, cfg)
+    samples, seen = [], set()
+    for path, label in dm.val_samples:  # one per class first, then fill up in split order
+        if label not in seen:
+            samples.append((path, label))
+            seen.add(label)
+    samples += [s for s in dm.val_samples if s not in samples]
+    samples = samples[:limit]
+    return [Path(p) for p, _ in samples], [int(y) for _, y in samples]
+
+
+def run_datamodule(ck: Checkpoint, cfg: DictConfig) -> Any:
+    """The checkpoint run's data module with the run's own split (as ``visionsweep.eval`` builds it)."""
+    from visionsweep import builders
+    from visionsweep.models.backbones import InputConfig
+
+    if ck.train_cfg is None:
+        raise ConfigError(f"ckpt_path '{ck.path}': no config.yaml in its run dir {ck.run_dir} "
+                          "(was it written by visionsweep.train?); give image=<file or folder> instead")
+    hp = ck.hp
+    inp = InputConfig(hp.image_size, tuple(hp.mean), tuple(hp.std), hp.crop_pct, hp.interpolation)
+    overrides: dict[str, Any] = {}
+    if cfg.get("data_root"):
+        overrides["root"] = str(Path(cfg.data_root).expanduser().resolve())
+    elif (ck.run_dir / "splits").is_dir():
+        overrides["split_dir"] = str(ck.run_dir / "splits")
+    dm = builders.build_datamodule(ck.train_cfg, inp, None, **overrides)
+    if list(dm.classes) != ck.classes:
+        raise ConfigError(f"data classes {dm.classes} differ from the checkpoint's {ck.classes}")
+    return dm
+
+
+def uint8_hwc(batch: torch.Tensor) -> np.ndarray:
+    """uint8 NCHW tensor → uint8 NHWC array for plotting."""
+    return batch.detach().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+def short_title(path: Path, width: int = 22) -> str:
+    """A file name cut to fit above a grid cell."""
+    name = path.name
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def image_title(ck: Checkpoint, path: Path, label: int | None) -> str:
+    """``<true class>: <file>`` (or just the file when the class is unknown)."""
+    return f"{ck.classes[label]}: {short_title(path, 14)}" if label is not None else short_title(path)

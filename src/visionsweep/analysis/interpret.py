@@ -1,0 +1,156 @@
+"""Error analysis of a checkpoint on its run's val or test split.
+
+Confusion matrix (counts and row-normalised), per-class precision / recall / F1, the most confused
+pairs and a gallery of the highest-loss images. The split is the training run's own (its
+``splits/*.csv``), built exactly as ``visionsweep.eval`` builds it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from visionsweep.analysis import plots
+from visionsweep.analysis.common import load_checkpoint, run_datamodule
+from visionsweep.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+    """``cm[i, j]`` = number of images of class ``i`` predicted as ``j``."""
+    return np.bincount(np.asarray(y_true) * n + np.asarray(y_pred), minlength=n * n).reshape(n, n)
+
+
+def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
+    tp = np.diag(cm).astype(float)
+    predicted, actual = cm.sum(0).astype(float), cm.sum(1).astype(float)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": actual.astype(int)}
+
+
+def most_confused(cm: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
+    """The ``k`` largest off-diagonal cells as ``{"actual", "predicted", "count"}``, largest first."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:k]
+    pairs = [np.unravel_index(i, cm.shape) for i in order]
+    return [{"actual": classes[i], "predicted": classes[j], "count": int(off[i, j])}
+            for i, j in pairs if off[i, j] > 0]
+
+
+@torch.no_grad()
+def predict(model: Any, loader: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities (N, C), labels (N,) and per-image cross-entropy (N,) over a loader, in order."""
+    probs, labels, losses = [], [], []
+    for x, y in loader:
+        logits = model(x)
+        probs.append(logits.softmax(1))
+        labels.append(y)
+        losses.append(F.cross_entropy(logits, y, reduction="none"))
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(losses).numpy()
+
+
+def _confusion_figure(cm: np.ndarray, classes: list[str], index: plots.Index) -> None:
+    n = len(classes)
+    panel = max(3.0, 0.45 * n)
+    fig, axes = plots.grid(1, 2, panel=panel)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    for ax, data, title, fmt in ((axes[0, 0], cm, "counts (rows: actual)", "d"),
+                                 (axes[0, 1], norm, "normalised per actual class", ".2f")):
+        ax.imshow(data, cmap="Blues", vmin=0, vmax=data.max() or 1)
+        ax.set_title(title, fontsize=8)
+        if n <= 20:
+            ticks = range(n)
+            ax.set_xticks(ticks, [c[:8] for c in classes], fontsize=6, rotation=90)
+            ax.set_yticks(ticks, [c[:8] for c in classes], fontsize=6)
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=6,
+                            color="white" if data[i, j] > 0.6 * (data.max() or 1) else "black")
+    index.save(fig, "confusion", "confusion matrix: counts | normalised")
+
+
+def _table_figure(stats: dict[str, np.ndarray], classes: list[str], index: plots.Index) -> None:
+    rows = [[c, f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(s)] for c, p, r, f, s in
+            zip(classes, stats["precision"], stats["recall"], stats["f1"], stats["support"])]
+    rows.append(["macro avg", *(f"{stats[k].mean():.3f}" for k in ("precision", "recall", "f1")),
+                 str(int(stats["support"].sum()))])
+    fig, axes = plots.grid(1, 1, panel=max(3.0, 0.25 * (len(rows) + 2)))
+    ax = axes[0, 0]
+    ax.axis("off")
+    ax.table(cellText=rows, colLabels=["class", "precision", "recall", "F1", "support"], loc="center")
+    ax.set_title("per-class precision / recall / F1", fontsize=8)
+    index.save(fig, "per_class", "per-class precision / recall / F1 table")
+
+
+def _top_losses_figure(dataset: Any, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray,
+                       classes: list[str], k: int, index: plots.Index) -> list[dict[str, Any]]:
+    order = np.argsort(-losses, kind="stable")[:k]
+    cols = min(4, len(order))
+    rows = math.ceil(len(order) / cols)
+    fig, axes = plots.grid(rows, cols, panel=2.2)
+    gallery = []
+    for n, ax in enumerate(axes.flat):
+        if n >= len(order):
+            ax.axis("off")
+            continue
+        i = int(order[n])
+        image, _ = dataset[i]
+        pred = int(probs[i].argmax())
+        plots.show(ax, image.numpy().transpose(1, 2, 0),
+                   f"{classes[pred][:10]} / {classes[labels[i]][:10]}\nloss {losses[i]:.2f} p {probs[i, pred]:.2f}")
+        gallery.append({"file": str(dataset.samples[i][0]), "predicted": classes[pred],
+                        "actual": classes[int(labels[i])], "loss": round(float(losses[i]), 4),
+                        "prob": round(float(probs[i, pred]), 4)})
+    index.save(fig, "top_losses", f"top {len(order)} losses (title: predicted / actual, loss, p(predicted))")
+    return gallery
+
+
+def run(cfg: DictConfig, index: plots.Index) -> None:
+    """``see=errors``: confusion, per-class table, most-confused pairs and top losses on a split."""
+    ck = load_checkpoint(cfg)
+    dm = run_datamodule(ck, cfg)
+    split = str(cfg.get("split") or "val")
+    if split not in ("val", "test"):
+        raise ConfigError(f"split={split}: use val or test")
+    if split == "test" and not dm.has_test:
+        index.note("no test split in this data set: analysed the val split")
+        split = "val"
+    if cfg.see.get("batch_size"):
+        dm.batch_size = int(cfg.see.batch_size)
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    probs, labels, losses = predict(ck.model, loader)
+    classes = ck.classes
+    cm = confusion_matrix(labels, probs.argmax(1), len(classes))
+    stats = per_class(cm)
+    _confusion_figure(cm, classes, index)
+    _table_figure(stats, classes, index)
+    gallery = _top_losses_figure(loader.dataset, probs, labels, losses, classes,
+                                 int(cfg.see.get("top_k") or 16), index)
+    pairs = most_confused(cm, classes, int(cfg.see.get("pairs") or 10))
+    with (index.out_dir / "per_class.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        for c, p, r, f, s in zip(classes, *(stats[k] for k in ("precision", "recall", "f1", "support"))):
+            writer.writerow([c, f"{p:.6f}", f"{r:.6f}", f"{f:.6f}", int(s)])
+    for pair in pairs:
+        index.note(f"confused: {pair['count']} x {pair['actual']} predicted as {pair['predicted']}")
+    acc = float(np.trace(cm) / max(cm.sum(), 1))
+    index.data.update(checkpoint=str(ck.path), split=split, n_images=int(cm.sum()), accuracy=round(acc, 6),
+                      classes=classes, confusion_matrix=cm.tolist(),
+                      per_class={c: {k: (int(stats[k][i]) if k == "support" else round(float(stats[k][i]), 6))
+                                     for k in stats} for i, c in enumerate(classes)},
+                      most_confused=pairs, top_losses=gallery)
+    print(f"{split}: {int(cm.sum())} images, acc={acc:.4f}", flush=True)
