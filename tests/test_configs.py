@@ -10,17 +10,38 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, REPO, compose_cfg
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
-CHOICES = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+ROOTS = sorted(p.stem for p in CONF.glob("*.yaml"))
+
+
+def _groups_of(root: str) -> list[str]:
+    """Config groups a root config selects in its defaults list (hydra's own excluded)."""
+    defaults = OmegaConf.load(CONF / f"{root}.yaml").get("defaults", [])
+    names = [next(iter(d)) for d in defaults if OmegaConf.is_dict(d)]
+    return [n for n in names if (CONF / n).is_dir() and n not in ("hydra", "experiment")]
+
+
+# every choice of every group, composed under the first root config that uses the group
+CHOICES = sorted({(g, f.stem): root for root in reversed(ROOTS) for g in _groups_of(root)
+                  for f in (CONF / g).glob("*.yaml")}.items())
 EXPERIMENTS = sorted(f.stem for f in (REPO / "experiments").glob("*.yaml"))
+REQUIRED = {"data": {"folder": ["data.root=/some/photos"], "seg_folder": ["data.root=/some/photos"]}}
 
 
-@pytest.mark.parametrize(("group", "name"), CHOICES, ids=[f"{g}={n}" for g, n in CHOICES])
-def test_every_group_choice_composes_and_resolves(group, name, tmp_path):
-    extra = ["data.root=/some/photos"] if (group, name) == ("data", "folder") else []
-    cfg = compose_cfg(tmp_path, [f"{group}={name}", *extra])
+def test_every_group_is_used_by_a_root_config():
+    used = {g for root in ROOTS for g in _groups_of(root)}
+    groups = {p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment", "training")}
+    assert groups <= used, groups - used
+
+
+@pytest.mark.parametrize(("choice", "root"), CHOICES, ids=[f"{r}:{g}={n}" for (g, n), r in CHOICES])
+def test_every_group_choice_composes_and_resolves(choice, root, tmp_path):
+    group, name = choice
+    extra = REQUIRED.get(group, {}).get(name, [])
+    cfg = compose_cfg(tmp_path, [f"{group}={name}", *extra], config_name=root)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     node = cfg.get(group)
+    if node is not None and not OmegaConf.is_config(node):  # a `# @package _global_` group (task)
+        node = None
     targets = [node.get("_target_")] if node is not None and "_target_" in node else [
         v.get("_target_") for v in (node or {}).values() if isinstance(v, dict) or OmegaConf.is_dict(v)]
     for target in filter(None, targets):

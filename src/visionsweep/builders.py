@@ -93,10 +93,33 @@ def build_model(cfg: DictConfig, dm: Any, inp: InputConfig) -> pl.LightningModul
 def build_loggers(cfg: DictConfig, output_dir: str | Path) -> list[Logger]:
     """Loggers of ``cfg.logger``; a CSV logger is always there (reports read metrics.csv back)."""
     os.environ.setdefault("WANDB_MODE", "offline")  # never hang or ask for an API key
+    if cfg.get("logger") and cfg.logger.get("wandb"):
+        _label_wandb_run(cfg)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, CSVLogger(save_dir=str(output_dir), name="", version=""))
     return loggers
+
+
+def _label_wandb_run(cfg: DictConfig) -> None:
+    """Group a sweep's jobs in wandb and tag them by arch, augmentation and seed.
+
+    wandb's grouping and parallel-coordinates views then compare the configurations directly.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    from visionsweep.utils.cli import is_multirun
+
+    node = cfg.logger.wandb
+    arch, aug = cfg.model.get("backbone", "?"), cfg.augmentation.get("name", "?")
+    tags = [str(t) for t in (node.get("tags") or [])]
+    node.tags = list(dict.fromkeys(tags + [f"arch={arch}", f"aug={aug}", f"seed={cfg.seed}"]))
+    if is_multirun():
+        sweep = Path(HydraConfig.get().sweep.dir).name
+        if not node.get("group"):
+            node.group = f"{cfg.get('task_name', 'train')}-{sweep}"
+        if not node.get("name"):
+            node.name = f"{arch}-{aug}-seed{cfg.seed}-job{HydraConfig.get().job.num}"
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:

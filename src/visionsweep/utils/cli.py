@@ -59,13 +59,30 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         except Exception as e:
             err = user_error(e)
             if is_multirun():
-                log.error("job failed: %s", err or f"{type(e).__name__}: {e}")
+                # the sweep goes on; a bug (not a user error) keeps its traceback in the job's log
+                log.error("job failed: %s", err or f"{type(e).__name__}: {e}", exc_info=err is None)
+                _record_failure(cfg, str(err or f"{type(e).__name__}: {e}"))
                 return None
             if err is None:
                 raise
             fail(str(err))
 
     return wrapper
+
+
+def _record_failure(cfg: DictConfig, error: str) -> None:
+    """Leave a run.json saying ``failed`` in a job dir that has none (the job failed early)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from visionsweep import runinfo
+
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        if not (out / "run.json").is_file():
+            runinfo.RunRecord(out, status="failed", error=error, task=cfg.get("task_name"),
+                              overrides=list(HydraConfig.get().overrides.task))
+    except Exception as e:  # never mask the job's own error
+        log.warning("could not record the failure in run.json: %s", e)
 
 
 def is_multirun() -> bool:

@@ -1,0 +1,1 @@
+"""visionsweep's Hydra sweeper on current Optuna (see optuna_sweeper.py)."""

@@ -1,0 +1,159 @@
+"""A Hydra sweeper driven by current Optuna (≥ 4): ``hydra/sweeper=visionsweep_optuna``.
+
+Why not hydra-optuna-sweeper: its last release (1.3.0) pins ``optuna<3`` and that Optuna's sqlite
+storage fails under SQLAlchemy 2 (ENVIRONMENT.md), and optuna-dashboard needs Optuna ≥ 3. This plugin
+keeps that sweeper's config shape (``direction``, ``n_trials``, ``sampler``, ``storage``, ``params`` in
+Hydra's sweep grammar: ``choice(a,b)``, ``interval(0,1)``, ``tag(log, interval(1e-4,1e-1))``,
+``range(1,5)``) on Optuna's ask/tell API.
+
+The study lives in ``<sweep dir>/optuna.db`` unless ``storage`` says otherwise; ``n_trials`` is the
+study's total, so re-running with ``hydra.sweep.dir=<that dir>`` resumes it (new jobs get new numbers).
+A job that fails or returns no value is told to Optuna as FAIL and the search goes on.
+"""
+# no `from __future__ import annotations`: Hydra execs plugin modules outside sys.modules, where
+# dataclasses cannot resolve string annotations.
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional  # real types: OmegaConf reads these dataclasses
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplerConf:
+    name: str = "tpe"  # tpe | random | grid-free samplers of optuna.samplers by short name
+    seed: Optional[int] = 0
+
+
+@dataclass
+class VisionSweepOptunaConf:
+    _target_: str = "hydra_plugins.visionsweep_optuna.optuna_sweeper.OptunaSweeper"
+    direction: str = "maximize"
+    n_trials: int = 10
+    study_name: Optional[str] = None
+    storage: Optional[str] = None  # None: sqlite:///<sweep dir>/optuna.db
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+    params: Dict[str, str] = field(default_factory=dict)
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="visionsweep_optuna",
+                             node=VisionSweepOptunaConf, provider="visionsweep")
+
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "qmc": "QMCSampler"}
+
+
+def distribution(override: Override) -> Any:
+    """The Optuna distribution of one parsed sweep override (or its fixed value as a 1-choice)."""
+    import optuna.distributions as D
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return D.CategoricalDistribution([v for v in override.sweep_iterator(transformer=lambda x: x)])
+    if isinstance(value, RangeSweep):
+        if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
+            return D.IntDistribution(int(value.start), int(value.stop) - 1, step=int(value.step))
+        return D.CategoricalDistribution(list(override.sweep_iterator(transformer=lambda x: x)))
+    if isinstance(value, IntervalSweep):
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return D.IntDistribution(value.start, value.end, log=log_scale)
+        return D.FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ValueError(f"{override.input_line}: not a sweep; use choice(), range(), interval() or tag(log, ...)")
+
+
+def make_sampler(name: str, seed: int | None) -> Any:
+    """An Optuna sampler by short name, seeded so a search is reproducible."""
+    import optuna.samplers
+
+    if name not in SAMPLERS:
+        raise ValueError(f"hydra.sweeper.sampler.name={name}: choose from {', '.join(SAMPLERS)}")
+    return getattr(optuna.samplers, SAMPLERS[name])(seed=seed)
+
+
+class OptunaSweeper(Sweeper):
+    """Ask Optuna for parameters, launch one Hydra job per trial, tell it the job's return value.
+
+    Args:
+        direction: ``maximize`` or ``minimize`` the task's return value.
+        n_trials: total trials of the study (a resumed study runs only the missing ones).
+        study_name: Optuna study name; None uses the sweep dir's name.
+        storage: Optuna storage URL; None puts a sqlite file in the sweep dir.
+        sampler: ``name`` and ``seed`` of the sampler.
+        params: parameter name → Hydra sweep expression.
+    """
+
+    def __init__(self, direction: str, n_trials: int, study_name: str | None, storage: str | None,
+                 sampler: Any, params: dict[str, str] | None) -> None:
+        self.direction, self.n_trials = direction, int(n_trials)
+        self.study_name, self.storage = study_name, storage
+        self.sampler_cfg = sampler
+        self.params = dict(params or {})
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        import optuna
+
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        searched = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()])
+        fixed: list[str] = []
+        for override in parser.parse_overrides(arguments):
+            if override.is_sweep_override():  # a sweep on the command line joins the search space
+                searched.append(override)
+            else:
+                fixed.append(override.input_line)
+        space = {o.get_key_element(): distribution(o) for o in searched}
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        storage = self.storage or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
+        study = optuna.create_study(
+            study_name=self.study_name or sweep_dir.name, storage=storage, direction=self.direction,
+            sampler=make_sampler(self.sampler_cfg.name, self.sampler_cfg.seed), load_if_exists=True)
+        study.set_user_attr("sweep_dir", str(sweep_dir))
+        done = len(study.trials)
+        log.info("Optuna study %s (%s): %d of %d trials done; space: %s", study.study_name, storage,
+                 done, self.n_trials, ", ".join(space))
+        returns = []
+        for job_idx in range(done, self.n_trials):
+            trial = study.ask(space)
+            overrides = fixed + [f"{k}={v}" for k, v in trial.params.items()]
+            self.validate_batch_is_legal([overrides])
+            [result] = self.launcher.launch([overrides], initial_job_idx=job_idx)
+            try:
+                value = result.return_value
+            except Exception as e:  # the job raised: record it and go on with the search
+                log.error("trial %d failed: %s", trial.number, e)
+                value = None
+            if value is None or not math.isfinite(float(value)):
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                study.tell(trial, float(value))
+            returns.append([result])
+        self._save_results(study, sweep_dir)
+        return returns
+
+    @staticmethod
+    def _save_results(study: Any, sweep_dir: Path) -> None:
+        completed = [t for t in study.trials if t.value is not None]
+        result: dict[str, Any] = {"study_name": study.study_name, "n_trials": len(study.trials),
+                                  "n_complete": len(completed)}
+        if completed:
+            result.update(best_value=study.best_value, best_params=study.best_params,
+                          best_trial=study.best_trial.number)
+            log.info("best trial %d: %s = %s", study.best_trial.number, study.best_params, study.best_value)
+        OmegaConf.save(OmegaConf.create(result), sweep_dir / "optimization_results.yaml")

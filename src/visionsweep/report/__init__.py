@@ -1,0 +1,99 @@
+"""The comparison report of sweeps: ``python -m visionsweep.report <sweep dir> [...]``.
+
+collect.py reads run dirs, stats.py computes mean ± CI and paired differences over seeds,
+render.py writes tables and PNGs, study.py adds the Optuna study; :func:`build_report` ties them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from visionsweep.errors import ConfigError
+from visionsweep.report import collect, render, study
+
+
+def build_report(paths: list[str | Path], out_dir: str | Path | None = None, metric: str | None = None,
+                 title: str | None = None) -> dict[str, Any]:
+    """Collect every job under ``paths`` and write the report into ``out_dir``.
+
+    Args:
+        paths: sweep dirs and/or run dirs.
+        out_dir: where to write; default the single path given (a sweep dir).
+        metric: metric to rank by; default the first of ``collect.METRIC_PREFERENCE`` found.
+        title: page title.
+
+    Returns:
+        ``{"rows", "metric", "failed", "files", "paired"}`` describing what was written.
+    """
+    roots = [Path(p).expanduser() for p in paths]
+    if not roots:
+        raise ConfigError("report: give at least one sweep dir")
+    out = Path(out_dir).expanduser() if out_dir else roots[0]
+    jobs = [collect.load_job(d) for d in collect.find_job_dirs(roots)]
+    if not jobs:
+        raise ConfigError(f"report: no run dirs (run.json or .hydra/) under {', '.join(map(str, roots))}")
+    out.mkdir(parents=True, exist_ok=True)
+    metric = collect.choose_metric([j for j in jobs if j.status == "ok"] or jobs, metric)
+    configs = collect.group_configurations(jobs)
+    rows = render.summary_rows(configs, metric)
+    files = [render.write_csv(rows, out / "summary.csv")]
+    header, cells = render.table(rows)
+    pairs = render.comparisons(configs, metric)
+    best = rows[0]["configuration"] if rows else ""
+    p_header, p_cells = render.paired_table(pairs, best)
+    failed = render.failed_jobs(jobs)
+
+    images = [p for p in (render.plot_curves(configs, metric, out / "curves.png"),
+                          render.plot_bars(configs, metric, out / "bars.png"),
+                          render.plot_heatmap(configs, metric, out / "heatmap.png")) if p]
+    studies = [study.study_report(db, out) for db in study.find_studies(roots)]
+    images += [img for s in studies for img in s["images"]]
+
+    n_ok = len(jobs) - len(failed)
+    intro = (f"{len(jobs)} jobs ({n_ok} ok, {len(failed)} failed) in {len(configs)} configurations; "
+             f"ranked by **{metric}** ({'higher' if collect.higher_is_better(metric) else 'lower'} is "
+             f"better), mean ± 95% CI (Student t) over seeds.")
+    md = [f"# {title or 'visionsweep report'}", "", intro, "", "## Summary", "",
+          render.markdown_table(header, cells)]
+    if pairs:
+        md += ["", f"## Paired comparison: {best} against each other configuration (same seeds)", "",
+               render.markdown_table(p_header, p_cells)]
+    f_header = ["job", "configuration", "seed", "error"]
+    f_cells = [[str(j.path), j.label, str(j.seed), (j.error or j.status)[:300]] for j in failed]
+    if failed:
+        md += ["", "## Failed jobs", "", render.markdown_table(f_header, f_cells)]
+    for s in studies:
+        md += ["", "## Optuna", ""] + [study.describe(e) for e in s["studies"]]
+    md += ["", "## Pictures", ""] + [f"![{p.stem}]({p.name})" for p in images]
+    files.append(_write(out / "summary.md", "\n".join(md) + "\n"))
+
+    sections = [("Summary", f"<p>{intro.replace('**', '')}</p>" + render.html_table(header, cells, "summary"))]
+    if pairs:
+        sections.append((f"Paired comparison: {best} vs each other configuration",
+                         render.html_table(p_header, p_cells, "paired")))
+    if failed:
+        sections.append(("Failed jobs", render.html_table(f_header, f_cells, "failed")))
+    for s in studies:
+        sections += [("Optuna", "".join(f"<p>{study.describe(e).replace('**', '')}</p>" for e in s["studies"]))]
+    files.append(_write(out / "report.html", render.html_page(title or "visionsweep report", sections, images)))
+    result = {"metric": metric, "rows": rows, "failed": [str(j.path) for j in failed],
+              "paired": [p.__dict__ for p in pairs], "studies": [e for s in studies for e in s["studies"]],
+              "files": [str(f) for f in files + images]}
+    _write(out / "report.json", json.dumps(result, indent=2, default=_json_default))
+    return result
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)

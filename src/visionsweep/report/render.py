@@ -1,0 +1,227 @@
+"""Configurations → summary.csv / summary.md / PNG plots / paired comparison / report.html."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from visionsweep.report.collect import (  # noqa: E402
+    Configuration,
+    Job,
+    best_epoch,
+    curve_metric,
+    higher_is_better,
+)
+from visionsweep.report.stats import Paired, paired  # noqa: E402
+
+EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "val/miou", "test/miou")
+
+
+def summary_rows(configs: list[Configuration], metric: str) -> list[dict[str, Any]]:
+    """One row per configuration, sorted best first by ``metric`` (mean over seeds)."""
+    metrics = [metric] + [m for m in EXTRA_METRICS if m != metric and any(
+        m in j.metrics for c in configs for j in c.ok)]
+    rows = []
+    for c in configs:
+        row: dict[str, Any] = {"configuration": c.label, "arch": c.arch, "augmentation": c.augmentation,
+                               "seeds": len(c.values(metric)), "failed": len(c.jobs) - len(c.ok)}
+        for m in metrics:
+            row[f"{m} mean"], row[f"{m} ci95"] = c.stat(m)
+        epochs = [e for e in (best_epoch(j, metric) for j in c.ok) if e is not None]
+        row["best epoch"] = float(np.mean(epochs)) if epochs else math.nan
+        row["train s"] = _mean(j.info.get("fit_seconds") for j in c.ok)
+        row["images/s"] = _mean(j.info.get("train_images_per_s") for j in c.ok)
+        params = [(j.info.get("params") or {}).get("total") for j in c.ok]
+        row["params (M)"] = _mean(p / 1e6 for p in params if p)
+        rows.append(row)
+    sign = 1 if higher_is_better(metric) else -1
+    return sorted(rows, key=lambda r: -sign * r[f"{metric} mean"] if not math.isnan(r[f"{metric} mean"])
+                  else math.inf)
+
+
+def _mean(values: Any) -> float:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write rows as CSV (full precision)."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["configuration"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def fmt(mean: float, ci: float, digits: int = 4) -> str:
+    """``0.9812 ± 0.0031`` (or just the mean when the CI is undefined)."""
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" if math.isnan(ci) else f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells: ``<m> mean``/``<m> ci95`` pairs merged into ``mean ± CI``."""
+    header, cells = [], [[] for _ in rows]
+    for key in rows[0] if rows else []:
+        if key.endswith(" ci95"):
+            continue
+        if key.endswith(" mean"):
+            header.append(key[:-5] + " (mean ± 95% CI)")
+            for cell, r in zip(cells, rows):
+                cell.append(fmt(r[key], r[key[:-5] + " ci95"]))
+        else:
+            header.append(key)
+            for cell, r in zip(cells, rows):
+                v = r[key]
+                cell.append(f"{v:.1f}" if isinstance(v, float) and not math.isnan(v) else
+                            "—" if isinstance(v, float) else str(v))
+    return header, cells
+
+
+def markdown_table(header: list[str], cells: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def comparisons(configs: list[Configuration], metric: str) -> list[Paired]:
+    """The best configuration against each other one, over the seeds they share."""
+    ranked = [c for c in configs if c.values(metric)]
+    if len(ranked) < 2:
+        return []
+    sign = 1 if higher_is_better(metric) else -1
+    best = max(ranked, key=lambda c: sign * c.stat(metric)[0])
+    return [paired(best.values(metric), c.values(metric), c.label, higher_is_better=higher_is_better(metric))
+            for c in ranked if c is not best]
+
+
+def plot_curves(configs: list[Configuration], metric: str, path: Path) -> Path | None:
+    """Per-epoch curve of each configuration: mean over seeds, min–max over seeds shaded."""
+    key = curve_metric(metric)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = 0
+    for c in configs:
+        series = [dict(j.curves[key]) for j in c.ok if j.curves.get(key)]
+        if not series:
+            continue
+        epochs = sorted(set().union(*series))
+        grid = np.array([[s.get(e, np.nan) for e in epochs] for s in series])
+        mean = np.nanmean(grid, axis=0)
+        (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{c.label} (n={len(series)})")
+        if len(series) > 1:
+            ax.fill_between(epochs, np.nanmin(grid, axis=0), np.nanmax(grid, axis=0), alpha=0.2,
+                            color=line.get_color())
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="epoch", ylabel=key, title=f"{key} per epoch (mean over seeds, shaded: seed range)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def plot_bars(configs: list[Configuration], metric: str, path: Path) -> Path | None:
+    """Final metric per configuration with 95 % CI error bars and the per-seed points."""
+    sign = 1 if higher_is_better(metric) else -1
+    ranked = sorted((c for c in configs if c.values(metric)), key=lambda c: -sign * c.stat(metric)[0])
+    if not ranked:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ranked) + 2), 5))
+    x = np.arange(len(ranked))
+    stats = [c.stat(metric) for c in ranked]
+    ax.bar(x, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], capsize=4,
+           color="#4C72B0", alpha=0.8)
+    for i, c in enumerate(ranked):
+        vals = list(c.values(metric).values())
+        ax.scatter(np.full(len(vals), i), vals, color="black", s=10, zorder=3)
+    lo = min(min(c.values(metric).values()) for c in ranked)
+    hi = max(max(c.values(metric).values()) for c in ranked)
+    pad = max((hi - lo) * 0.5, 0.01)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xticks(x, [c.label for c in ranked], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel=metric, title=f"{metric}: mean ± 95% CI over seeds (dots: seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_heatmap(configs: list[Configuration], metric: str, path: Path) -> Path | None:
+    """Mean metric on an architecture × augmentation grid (only when both vary)."""
+    archs = sorted({c.arch for c in configs})
+    augs = sorted({c.augmentation for c in configs})
+    if len(archs) < 2 and len(augs) < 2:
+        return None
+    grid = np.full((len(archs), len(augs)), np.nan)
+    for c in configs:
+        vals = list(c.values(metric).values())
+        if vals:
+            grid[archs.index(c.arch), augs.index(c.augmentation)] = np.mean(vals)
+    fig, ax = plt.subplots(figsize=(1.6 * len(augs) + 3, 0.8 * len(archs) + 2))
+    im = ax.imshow(grid, cmap="viridis" if higher_is_better(metric) else "viridis_r", aspect="auto")
+    for i in range(len(archs)):
+        for j in range(len(augs)):
+            if not np.isnan(grid[i, j]):
+                bright = im.norm(grid[i, j]) > 0.6 if higher_is_better(metric) else im.norm(grid[i, j]) < 0.4
+                ax.text(j, i, f"{grid[i, j]:.4f}", ha="center", va="center", fontsize=9,
+                        color="black" if bright else "white")
+    ax.set_xticks(range(len(augs)), augs)
+    ax.set_yticks(range(len(archs)), archs)
+    ax.set(xlabel="augmentation", ylabel="architecture", title=f"{metric} (mean over seeds)")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def failed_jobs(jobs: list[Job]) -> list[Job]:
+    """Jobs that did not finish, in job order."""
+    return [j for j in jobs if j.status != "ok"]
+
+
+def html_page(title: str, sections: list[tuple[str, str]], images: list[Path]) -> str:
+    """A self-contained HTML page: Markdown-ish sections as <pre>/<table>, PNGs embedded as data URIs."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for heading, content in sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>{content}")
+    for img in images:
+        data = base64.b64encode(img.read_bytes()).decode()
+        body.append(f'<figure><img alt="{img.stem}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{html.escape(img.name)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
+             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}.bad{color:#b00}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+
+
+def html_table(header: list[str], cells: list[list[str]], table_id: str = "") -> str:
+    """An HTML table (cells escaped)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+    return f"<table id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def paired_table(results: list[Paired], best_label: str) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the paired comparison."""
+    header = [f"{best_label} vs", "shared seeds", "mean difference ± 95% CI", "wins", "p (paired t)",
+              "verdict"]
+    cells = [[r.other, str(len(r.seeds)), fmt(r.mean, r.ci), f"{r.wins}/{len(r.seeds)}",
+              "—" if math.isnan(r.p_value) else f"{r.p_value:.3g}", r.verdict] for r in results]
+    return header, cells

@@ -1,0 +1,82 @@
+"""Statistics over seeds: mean with a t-based confidence interval, and paired comparisons."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its Student-t confidence interval.
+
+    Args:
+        values: one value per seed (NaNs are dropped).
+        confidence: two-sided confidence level.
+
+    Returns:
+        ``(mean, half_width)``; the half-width is NaN with fewer than two values.
+    """
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan
+    if len(x) == 1:
+        return float(x[0]), math.nan
+    sem = x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * sem)
+
+
+@dataclass
+class Paired:
+    """The best configuration minus another one, seed by seed."""
+
+    other: str
+    seeds: list[int]
+    diffs: list[float]
+    mean: float
+    ci: float
+    wins: int
+    p_value: float
+
+    @property
+    def holds(self) -> bool:
+        """Ahead on every shared seed (two or more) and the CI of the mean difference excludes zero."""
+        return len(self.seeds) >= 2 and self.wins == len(self.seeds) and self.mean - self.ci > 0
+
+    @property
+    def verdict(self) -> str:
+        """A short human reading of the comparison."""
+        if not self.seeds:
+            return "no shared seeds"
+        if len(self.seeds) == 1:
+            return "one shared seed: not conclusive"
+        if self.holds:
+            return f"better on all {len(self.seeds)} seeds"
+        return f"better on {self.wins} of {len(self.seeds)} seeds (not conclusive)"
+
+
+def paired(best: Mapping[int, float], other: Mapping[int, float], other_label: str,
+           confidence: float = 0.95, higher_is_better: bool = True) -> Paired:
+    """Compare two configurations on the seeds they share (a paired design: same splits, same seeds).
+
+    Args:
+        best: seed → metric of the reference (best) configuration.
+        other: seed → metric of the other configuration.
+        other_label: name of the other configuration.
+        confidence: level of the CI of the mean difference.
+        higher_is_better: direction of the metric.
+
+    Returns:
+        The :class:`Paired` comparison (differences are oriented so that positive favours ``best``).
+    """
+    seeds = sorted(set(best) & set(other))
+    sign = 1.0 if higher_is_better else -1.0
+    diffs = [sign * (best[s] - other[s]) for s in seeds]
+    mean, ci = mean_ci(diffs, confidence)
+    p = math.nan
+    if len(diffs) >= 2 and np.std(diffs) > 0:
+        p = float(stats.ttest_1samp(diffs, 0.0).pvalue)
+    return Paired(other_label, seeds, diffs, mean, ci, sum(d > 0 for d in diffs), p)

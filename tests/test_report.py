@@ -1,0 +1,147 @@
+"""The sweep report on synthetic run folders: statistics by hand, files, HTML rendered in Chromium."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from visionsweep.report import build_report
+from visionsweep.report.stats import mean_ci, paired
+
+# arch → augmentation → seed → final val/acc_best
+RESULTS = {
+    "resnet18": {"none": {1: 0.90, 2: 0.92, 3: 0.94}, "basic": {1: 0.80, 2: 0.83, 3: 0.81}},
+    "vgg19": {"none": {1: 0.95, 2: 0.96, 3: 0.97}, "basic": {1: 0.70, 2: 0.72, 3: 0.71}},
+}
+
+
+def _write_job(job: Path, arch: str, aug: str, seed: int, acc: float | None, error: str | None = None) -> None:
+    (job / ".hydra").mkdir(parents=True)
+    overrides = [f"model={arch}", f"augmentation={aug}", f"seed={seed}"]
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"seed": seed, "model": {"backbone": arch}, "augmentation": {"name": aug}}))
+    run = {"status": "failed" if error else "ok", "error": error, "seed": seed, "backbone": arch,
+           "augmentation": aug, "overrides": overrides, "fit_seconds": 10.0 + seed,
+           "train_images_per_s": 100.0, "params": {"total": 11_000_000}}
+    if acc is not None:
+        run["metrics"] = {"val/acc_best": acc, "val/acc": acc - 0.01, "test/acc": acc - 0.02}
+        with (job / "metrics.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch", "step", "val/acc", "val/loss"])
+            for epoch, frac in enumerate((0.5, 0.9, 1.0, 0.99)):  # best at epoch 2
+                w.writerow([epoch, 10 * epoch, acc * frac, 1 - acc * frac])
+    (job / "run.json").write_text(json.dumps(run))
+
+
+@pytest.fixture()
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "multirun" / "2026-01-01_00-00-00"
+    n = 0
+    for arch, augs in RESULTS.items():
+        for aug, seeds in augs.items():
+            for seed, acc in seeds.items():
+                _write_job(root / str(n), arch, aug, seed, acc)
+                n += 1
+    # a failed job of an existing configuration, and one that died before writing run.json
+    _write_job(root / str(n), "vgg19", "none", 4, None, error="CUDA out of memory")
+    early = root / str(n + 1)
+    (early / ".hydra").mkdir(parents=True)
+    (early / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=vgg19", "augmentation=basic", "seed=5"]))
+    (early / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": 5}))
+    (early / "train.log").write_text("[x][visionsweep][ERROR] - job failed: data.root '/x' does not exist\n")
+    return root
+
+
+def test_mean_ci_matches_hand_computation():
+    mean, half = mean_ci([0.90, 0.92, 0.94])
+    # sd = 0.02, sem = 0.02 / sqrt(3), t(0.975, df=2) = 4.302653
+    assert mean == pytest.approx(0.92)
+    assert half == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(mean_ci([0.5])[1])
+
+
+def test_paired_comparison_over_shared_seeds():
+    result = paired({1: 0.95, 2: 0.96, 3: 0.97}, {1: 0.90, 2: 0.92, 3: 0.94, 9: 0.1}, "other")
+    assert result.seeds == [1, 2, 3] and result.wins == 3
+    assert result.diffs == pytest.approx([0.05, 0.04, 0.03])
+    assert result.mean == pytest.approx(0.04) and result.holds
+    close = paired({1: 0.91, 2: 0.90}, {1: 0.90, 2: 0.92}, "close")
+    assert close.wins == 1 and not close.holds and "1 of 2" in close.verdict
+
+
+def test_report_table_statistics_and_failures(sweep):
+    result = build_report([sweep])
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["configuration"] for r in rows] == [
+        "model=vgg19 augmentation=none", "model=resnet18 augmentation=none",
+        "model=resnet18 augmentation=basic", "model=vgg19 augmentation=basic"]
+    for row in rows:
+        arch, aug = row["arch"], row["augmentation"]
+        mean, half = mean_ci(list(RESULTS[arch][aug].values()))
+        assert float(row["val/acc_best mean"]) == pytest.approx(mean)
+        assert float(row["val/acc_best ci95"]) == pytest.approx(half)
+        assert int(row["seeds"]) == 3
+        assert float(row["best epoch"]) == 2.0
+        assert float(row["test/acc mean"]) == pytest.approx(mean - 0.02)
+    failed = {r["configuration"]: int(r["failed"]) for r in rows}
+    assert failed == {"model=vgg19 augmentation=none": 1, "model=resnet18 augmentation=none": 0,
+                      "model=resnet18 augmentation=basic": 0, "model=vgg19 augmentation=basic": 1}
+    md = (sweep / "summary.md").read_text()
+    assert "CUDA out of memory" in md and "does not exist" in md  # both failures listed with their error
+    assert len(result["failed"]) == 2
+    # the best configuration (vgg19 + none) beats every other one on all three seeds
+    assert len(result["paired"]) == 3 and all(p["wins"] == 3 for p in result["paired"])
+    for name in ("curves.png", "bars.png", "heatmap.png"):
+        with Image.open(sweep / name) as img:
+            img.verify()
+            assert img.size[0] > 300 and img.size[1] > 200
+
+
+def test_report_cli_and_bad_path(sweep, tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("report", str(sweep), "--metric", "test/acc")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model=vgg19 augmentation=none" in proc.stdout and (sweep / "report.html").is_file()
+    bad = run_cli("report", str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "nowhere" in bad.stderr
+    bad_metric = run_cli("report", str(sweep), "--metric", "val/nope")
+    assert bad_metric.returncode == 2 and "val/nope" in bad_metric.stderr and "val/acc_best" in bad_metric.stderr
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
+def test_report_html_renders_in_headless_chromium_with_the_csv_numbers(sweep, tmp_path):
+    build_report([sweep])
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    url = (sweep / "report.html").resolve().as_uri()
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    summary = re.search(r"<table id=\"summary\">(.*?)</table>", dom.stdout, flags=re.S).group(1)
+    shown = re.findall(r"<tr><td>(model=[^<]+)</td>(?:<td>[^<]*</td>){4}<td>([0-9.]+) ± ([0-9.]+)</td>", summary)
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [s[0] for s in shown] == [r["configuration"] for r in rows]
+    for (_, mean, half), row in zip(shown, rows):
+        assert float(mean) == pytest.approx(float(row["val/acc_best mean"]), abs=5e-5)
+        assert float(half) == pytest.approx(float(row["val/acc_best ci95"]), abs=5e-5)
+    assert dom.stdout.count("data:image/png;base64,") >= 3  # pictures embedded: no server, no network
+    shot = tmp_path / "page.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,2400", url],
+                   capture_output=True, timeout=120, check=True)
+    with Image.open(shot) as img:
+        colours = img.convert("L").getextrema()
+    assert colours[1] - colours[0] > 100  # something was drawn, not a blank page
