@@ -1,0 +1,103 @@
+"""Hydra multiruns end to end: a grid with failing jobs, re-running a job from its saved config, Optuna."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+# tiny jobs: resnet10t at 16 px, one epoch of two batches
+TINY = ["model=resnet10t", "data.image_size=16", "logger=csv", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "trainer.limit_test_batches=1",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "data.verify_images=false"]
+
+
+def _jobs(sweep: Path) -> list[Path]:
+    return sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, digits_root) -> Path:
+    """seed × val_fraction, where val_fraction=1.5 makes half the jobs fail."""
+    sweep = tmp_path_factory.mktemp("sweep") / "multirun"
+    proc = run_cli("train", "-m", "experiment=smoke_sweep", *TINY, f"data.root={digits_root}",
+                   "augmentation=light", "seed=1,2", "data.val_fraction=0.1,1.5",
+                   f"hydra.sweep.dir={sweep}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep
+
+
+def test_failed_jobs_are_recorded_and_the_sweep_goes_on(grid):
+    jobs = _jobs(grid)
+    assert len(jobs) == 4
+    runs = {j.name: json.loads((j / "run.json").read_text()) for j in jobs}
+    failed = [r for r in runs.values() if r["status"] == "failed"]
+    ok = [r for r in runs.values() if r["status"] == "ok"]
+    assert len(failed) == 2 and len(ok) == 2
+    assert all("data.val_fraction=1.5" in r["error"] for r in failed)
+    for r in ok:
+        assert r["metrics"]["val/acc_best"] > 0 and r["git"]["commit"] and r["versions"]["torch"]
+        assert len(r["data"]["fingerprint"]["sha256"]) == 64
+        assert "augmentation=" in " ".join(r["overrides"]) and "seed=" in " ".join(r["overrides"])
+
+
+def test_report_of_the_sweep_lists_failures(grid):
+    proc = run_cli("report", str(grid))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = (grid / "summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2  # 2 val fractions, seeds pooled
+    md = (grid / "summary.md").read_text()
+    assert md.count("data.val_fraction=1.5 is outside") == 2
+
+
+def test_a_job_rerun_from_its_saved_config_gives_identical_metrics(grid, tmp_path):
+    job = next(j for j in _jobs(grid) if json.loads((j / "run.json").read_text())["status"] == "ok")
+    before = json.loads((job / "run.json").read_text())["metrics"]
+    proc = run_cli("train", "--config-dir", str(job / ".hydra"), "--config-name", "config",
+                   f"hydra.run.dir={tmp_path / 'again'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((tmp_path / "again" / "run.json").read_text())["metrics"]
+    for key in ("val/loss", "val/acc", "val/acc_best", "test/acc", "train/loss"):
+        assert after[key] == before[key], key
+
+
+def test_optuna_study_is_stored_in_the_sweep_dir_and_resumes(tmp_path, digits_root):
+    import optuna
+
+    sweep = tmp_path / "optuna"
+    args = ["-m", "experiment=optuna_lr", *TINY, f"data.root={digits_root}", f"hydra.sweep.dir={sweep}"]
+    first = run_cli("train", *args, "hydra.sweeper.n_trials=2", timeout=600)  # random start: 2 distinct
+    assert first.returncode == 0, first.stderr[-3000:]
+    study = optuna.load_study(study_name="optuna_lr", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert len(study.trials) == 2 and study.best_value > 0
+    params = study.trials[0].params
+    assert 1e-4 <= params["optimizer.lr"] <= 3e-2 and params["augmentation"] in ("none", "light", "basic")
+    # resume: the same sweep dir with a larger total runs only the new trial, as job 2
+    again = run_cli("train", *args, "hydra.sweeper.n_trials=3", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = optuna.load_study(study_name="optuna_lr", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert len(study.trials) == 3 and (sweep / "2" / "run.json").is_file()
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["n_trials"] == 3 and set(results["best_params"]) == set(params)
+    report = run_cli("report", str(sweep))
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (sweep / "optuna_history_optuna_lr.png").is_file()
+    assert "best trial" in (sweep / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end(tmp_path, digits_root):
+    """The shipped smoke sweep as `make sweep` runs it (18 jobs), then its report."""
+    sweep = tmp_path / "smoke"
+    proc = run_cli("train", "-m", "experiment=smoke_sweep", f"data.root={digits_root}",
+                   f"hydra.sweep.dir={sweep}", "trainer.enable_progress_bar=false", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_jobs(sweep)) == 18
+    report = run_cli("report", str(sweep))
+    assert report.returncode == 0, report.stderr[-2000:]
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6
