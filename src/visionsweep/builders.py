@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,8 @@ def build_loggers(cfg: DictConfig, output_dir: str | Path) -> list[Logger]:
     os.environ.setdefault("WANDB_MODE", "offline")  # never hang or ask for an API key
     if cfg.get("logger") and cfg.logger.get("wandb"):
         _label_wandb_run(cfg)
+    # the run dir already holds .hydra/: Lightning's "not empty, logs will be deleted" is noise here
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, CSVLogger(save_dir=str(output_dir), name="", version=""))
