@@ -169,12 +169,18 @@ def render_shape(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     cy = rng.uniform(margin, max(margin, size - margin))
     angle = rng.uniform(-10.0, 10.0)  # small tilt: keeps square and diamond distinct
     canvas = np.ascontiguousarray(img.astype(np.uint8))
+    _draw_shape(canvas, kind, cx, cy, r, angle, colour, cv2.LINE_AA)
+    return canvas
+
+
+def _draw_shape(canvas: np.ndarray, kind: str, cx: float, cy: float, r: float, angle: float,
+                colour: tuple[int, ...] | int, line_type: int) -> None:
+    """Fill one shape into ``canvas`` in place (image or mask: same pixels for the same arguments)."""
     if kind == "circle":
-        cv2.circle(canvas, (int(round(cx)), int(round(cy))), int(round(r)), colour, -1, cv2.LINE_AA)
+        cv2.circle(canvas, (int(round(cx)), int(round(cy))), int(round(r)), colour, -1, line_type)
     else:
         pts = _shape_points(kind, cx, cy, r, angle)
-        cv2.fillPoly(canvas, [pts], colour, cv2.LINE_AA)
-    return canvas
+        cv2.fillPoly(canvas, [pts], colour, line_type)
 
 
 def write_shapes(
@@ -230,6 +236,77 @@ def write_shapes(
 
 
 BUILTIN: dict[str, Callable[..., Path]] = {"digits": export_digits, "shapes": write_shapes}
+
+
+def write_shapes_seg(
+    root: str | Path,
+    n_images: int = 200,
+    size: int = 64,
+    classes: Sequence[str] = ("circle", "square", "triangle"),
+    max_shapes: int = 3,
+    seed: int = 0,
+) -> Path:
+    """Generate a shapes *segmentation* set: ``root/images/<i:04d>.png`` + ``root/masks/<i:04d>.png``.
+
+    Each image holds 1..``max_shapes`` filled shapes on a textured background; its mask holds the class
+    index of every pixel (0 = background, ``k`` = ``classes[k-1]``). Shapes are drawn without
+    anti-aliasing, into image and mask with the same call, so the masks are exact; later shapes cover
+    earlier ones in both. ``root/classes.yaml`` lists the class names. Written atomically, like
+    :func:`write_shapes`.
+
+    Args:
+        root: Destination folder (created).
+        n_images: Number of image/mask pairs.
+        size: Image side in pixels.
+        classes: Shape names (foreground classes), a subset of :data:`SHAPE_CLASSES`.
+        max_shapes: Most shapes per image.
+        seed: Random seed.
+
+    Returns:
+        ``root`` as a Path.
+
+    Raises:
+        ConfigError: Unknown shape name or non-positive sizes.
+    """
+    classes = tuple(classes)
+    unknown = [c for c in classes if c not in SHAPE_CLASSES]
+    if unknown or not classes or len(set(classes)) != len(classes):
+        raise ConfigError(f"shapes_seg classes {list(classes)} invalid: give distinct names from "
+                          f"{', '.join(SHAPE_CLASSES)}")
+    if n_images < 1 or size < 16 or max_shapes < 1:
+        raise ConfigError(f"shapes_seg needs n_images >= 1, size >= 16, max_shapes >= 1 "
+                          f"(got {n_images}, {size}, {max_shapes})")
+
+    def fill(tmp: Path) -> None:
+        rng = np.random.default_rng(seed)
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        names = ["background", *classes]
+        (tmp / "classes.yaml").write_text("".join(f"- {n}\n" for n in names))
+        for i in range(n_images):
+            img, base = _background(rng, size)
+            image = np.ascontiguousarray(img.astype(np.uint8))
+            mask = np.zeros((size, size), dtype=np.uint8)
+            for _ in range(int(rng.integers(1, max_shapes + 1))):
+                label = int(rng.integers(len(classes)))
+                r = rng.uniform(0.12, 0.22) * size
+                margin = r * 1.25 + 1
+                cx, cy = rng.uniform(margin, size - margin, size=2)
+                angle = rng.uniform(-10.0, 10.0)
+                colour = _shape_colour(rng, base)
+                args = (classes[label], cx, cy, r, angle)
+                _draw_shape(image, *args, colour, cv2.LINE_8)
+                _draw_shape(mask, *args, label + 1, cv2.LINE_8)
+            Image.fromarray(image).save(tmp / "images" / f"{i:04d}.png")
+            Image.fromarray(mask).save(tmp / "masks" / f"{i:04d}.png")
+
+    params = {"n_images": n_images, "size": size, "classes": list(classes), "max_shapes": max_shapes,
+              "seed": seed}
+    return _write_atomically(Path(root), "shapes_seg", params, fill)
+
+
+SEG_BUILTIN: dict[str, Callable[..., Path]] = {"shapes_seg": write_shapes_seg}
+"""Built-in segmentation sets (images/ + masks/), used by the segmentation data module."""
 
 
 def ensure_builtin(name: str, root: str | Path) -> Path:

@@ -1,0 +1,432 @@
+"""Segmentation data: ``images/`` + ``masks/`` folders (same stems), checked, split and loaded jointly.
+
+Layouts: ``root/images/*`` + ``root/masks/<stem>.png`` (seeded split), or the same pair of folders
+under ``root/train``, ``root/val`` (``valid``, ``validation``) and optionally ``root/test``. Masks hold
+class indices (one channel: mode L or P; ``ignore_index`` marks pixels to skip) or, for two classes,
+0/255. Class names come from ``data.classes``, else ``root/classes.yaml`` (a list, or index: name).
+Batches are ``(uint8 B x 3 x H x W, int64 B x H x W)``; images of different sizes in one batch are
+padded (masks with ``ignore_index``), and the model pads to its stride and crops back.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from visionsweep.data import scan
+from visionsweep.data.builtin import SEG_BUILTIN, is_complete
+from visionsweep.data.dataset import _to_chw_uint8
+from visionsweep.data.images import IMAGE_EXTENSIONS, load_rgb
+from visionsweep.data.splits import SPLITS, atomic_write_text, relative_posix, split_counts, validate_fractions
+from visionsweep.errors import ConfigError, DataError
+
+Pair = tuple[Path, Path]
+MASK_MODES = ("auto", "index", "binary")
+EVAL_RESIZE = ("short_side", "none", "crop")
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Decode a mask file into an ``H x W`` uint8 array of raw values (palette PNGs give their indices).
+
+    Raises:
+        DataError: Unreadable file, colour (RGB) mask, float mask or values above 255.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode, arr = img.mode, np.asarray(img)
+    except Exception as exc:  # Pillow raises many types
+        raise DataError(f"cannot read mask '{path}' ({type(exc).__name__}): replace the file") from exc
+    if arr.ndim == 3:
+        rgb = arr[..., :3] if mode != "LA" else arr[..., :1]
+        if rgb.shape[-1] > 1 and not (np.array_equal(rgb[..., 0], rgb[..., 1])
+                                       and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise DataError(f"mask '{path}' is an RGB colour image ({mode}) but class indices are expected: "
+                            "save one channel (mode L or a palette PNG) with values 0..C-1")
+        arr = rgb[..., 0]
+    if arr.dtype.kind == "f":
+        raise DataError(f"mask '{path}' holds floats ({mode}): save integer class indices 0..C-1")
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise DataError(f"mask '{path}' has values up to {arr.max()}: at most 256 values are supported")
+        arr = arr.astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as :func:`load_rgb` returns it (EXIF rotations swap the sides); header only."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            return (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+    except Exception as exc:
+        raise DataError(f"cannot read image '{path}' ({type(exc).__name__}): remove or replace it") from exc
+
+
+def find_pairs(folder: Path) -> list[Pair]:
+    """``(image, mask)`` pairs of ``folder/images`` and ``folder/masks`` (same stem; ``.png`` first)."""
+    images_dir, masks_dir = folder / "images", folder / "masks"
+    for d in (images_dir, masks_dir):
+        if not d.is_dir():
+            raise DataError(f"'{d}' is not a folder: a segmentation set needs {folder}/images and "
+                            f"{folder}/masks (same file stems), optionally under train/ val/ test/")
+    images, _ = scan.list_images(images_dir)
+    if not images:
+        raise DataError(f"no images in '{images_dir}': put the images there ({', '.join(IMAGE_EXTENSIONS)})")
+    masks = {}
+    for p in sorted(scan.list_images(masks_dir)[0], key=lambda p: p.suffix.lower() != ".png", reverse=True):
+        masks[p.stem] = p  # .png last, so it wins over a same-stem jpg
+    missing = [p for p in images if p.stem not in masks]
+    if missing:
+        more = f" [{len(missing) - 1} more without a mask]" if len(missing) > 1 else ""
+        raise DataError(f"image '{missing[0]}' has no mask: expected '{masks_dir / missing[0].stem}.png'{more}")
+    return [(p, masks[p.stem]) for p in images]
+
+
+def _check_pair(pair: Pair) -> set[int]:
+    """Size check of one pair; returns the mask's distinct values."""
+    image, mask_path = pair
+    mask = read_mask(mask_path)
+    w, h = _image_size(image)
+    if mask.shape != (h, w):
+        raise DataError(f"mask '{mask_path}' is {mask.shape[1]}x{mask.shape[0]} but image '{image}' is "
+                        f"{w}x{h}: masks must match their image pixel for pixel")
+    return set(np.unique(mask).tolist())
+
+
+def load_class_names(root: Path) -> list[str] | None:
+    """Names of ``root/classes.yaml`` (a list, or a mapping index: name), or None without the file."""
+    path = root / "classes.yaml"
+    if not path.is_file():
+        return None
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    if isinstance(data, dict):
+        try:
+            index = {int(k): str(v) for k, v in data.items()}
+        except ValueError:
+            raise DataError(f"'{path}': keys must be class indices (0: background, 1: ...)") from None
+        if sorted(index) != list(range(len(index))):
+            raise DataError(f"'{path}': indices must be 0..{len(index) - 1} without gaps")
+        return [index[i] for i in range(len(index))]
+    if not isinstance(data, list) or not data:
+        raise DataError(f"'{path}' must list the class names in index order (- background, - ...)")
+    return [str(v) for v in data]
+
+
+class SegmentationDataset(Dataset):
+    """``(image, mask)`` pairs decoded, transformed jointly and returned as tensors.
+
+    Args:
+        pairs: ``(image path, mask path)`` pairs.
+        transform: Albumentations Compose called as ``t(image=hwc_uint8, mask=hw_uint8)``; None: as is.
+        binary: Map every non-zero mask value to 1 (foreground).
+    """
+
+    def __init__(self, pairs: Sequence[Pair], transform: Callable | None = None, binary: bool = False) -> None:
+        self.pairs, self.transform, self.binary = list(pairs), transform, binary
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path, mask_path = self.pairs[index]
+        image, mask = load_rgb(image_path), read_mask(mask_path)
+        if image.shape[:2] != mask.shape:
+            raise DataError(f"mask '{mask_path}' is {mask.shape[1]}x{mask.shape[0]} but image '{image_path}' "
+                            f"is {image.shape[1]}x{image.shape[0]}: masks must match their image pixel for pixel")
+        if self.binary:
+            mask = (mask > 0).astype(np.uint8)
+        if self.transform is not None:
+            from visionsweep.augment import reseed_in_worker
+
+            reseed_in_worker(self.transform)  # no-op in the main process
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return _to_chw_uint8(image, image_path), torch.from_numpy(np.ascontiguousarray(mask)).long()
+
+
+def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: int) -> tuple[torch.Tensor, ...]:
+    """Stack a batch, padding images (0) and masks (``ignore_index``) bottom/right to the largest size."""
+    h = max(x.shape[-2] for x, _ in batch)
+    w = max(x.shape[-1] for x, _ in batch)
+    images = [F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2])) for x, _ in batch]
+    masks = [F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2]), value=ignore_index) for _, m in batch]
+    return torch.stack(images), torch.stack(masks)
+
+
+class _Collate:
+    """Picklable collate function (workers) bound to an ``ignore_index``."""
+
+    def __init__(self, ignore_index: int) -> None:
+        self.ignore_index = ignore_index
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, ...]:
+        return pad_collate(batch, self.ignore_index)
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """Semantic segmentation data from an ``images/`` + ``masks/`` folder or the built-in ``shapes_seg``.
+
+    Args:
+        root: Data folder (``data.root``).
+        builtin: Built-in set written to ``root`` first (``"shapes_seg"``), or None.
+        builtin_options: Keyword arguments of the built-in writer (``n_images``, ``size``...).
+        image_size: Training crop side (the train pipeline already uses it) and eval short side.
+        crop_pct: Stored only.
+        interpolation: Image interpolation of the eval resize (masks always use nearest).
+        classes: Class names in index order; None reads ``root/classes.yaml``, else 0..max value.
+        mask_mode: ``index`` (values are class indices), ``binary`` (non-zero = foreground) or
+            ``auto`` (binary when every mask holds only 0 and 255).
+        ignore_index: Mask value that is not a class (skipped by loss and metrics; also the padding).
+        eval_resize: ``short_side`` (resize to ``image_size``, no crop), ``none`` (full size) or
+            ``crop`` (the classifier's resize + centre crop).
+        val_fraction: Validation share of the seeded split.
+        test_fraction: Test share of the seeded split.
+        split_seed: Seed of the split.
+        split_dir: Folder with ``train.csv``/``val.csv``[/``test.csv``] (``image,mask``) to re-use.
+        batch_size: Batch size of every loader.
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory; None means "if CUDA is available".
+        persistent_workers: Keep workers alive between epochs (only when ``num_workers > 0``).
+        verify_masks: Read every mask once in ``setup`` (sizes, values, mode) to fail early and clearly.
+        output_dir: Where ``splits/*.csv`` go; None writes nothing.
+        train_transform: Training pipeline (albumentations Compose, applied to image and mask).
+        eval_transform: The classifier-style eval pipeline, used with ``eval_resize=crop``.
+    """
+
+    def __init__(
+        self, root: str | None, builtin: str | None = None, builtin_options: dict | None = None,
+        image_size: int | None = None, crop_pct: float | None = None, interpolation: str | None = None,
+        classes: Sequence[str] | None = None, mask_mode: str = "auto", ignore_index: int = 255,
+        eval_resize: str = "short_side", val_fraction: float = 0.2, test_fraction: float = 0.0,
+        split_seed: int = 0, split_dir: str | None = None, batch_size: int = 8, num_workers: int = 2,
+        pin_memory: bool | None = None, persistent_workers: bool = True, verify_masks: bool = True,
+        output_dir: str | None = None, train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        if not root:
+            raise ConfigError("data.root is required: data.root=/path/to/folder with images/ and masks/")
+        validate_fractions(val_fraction, test_fraction)
+        for key, value, allowed in (("builtin", builtin, (None, *SEG_BUILTIN)), ("mask_mode", mask_mode, MASK_MODES),
+                                    ("eval_resize", eval_resize, EVAL_RESIZE)):
+            if value not in allowed:
+                raise ConfigError(f"data.{key}={value}: choose from {', '.join(str(a) for a in allowed if a)}")
+        if int(batch_size) < 1 or int(num_workers) < 0:
+            raise ConfigError(f"data.batch_size={batch_size} must be >= 1 and data.num_workers={num_workers} >= 0")
+        self.root = Path(os.fspath(root)).expanduser()
+        self.builtin, self.builtin_options = builtin, dict(builtin_options or {})
+        self.image_size, self.crop_pct, self.interpolation = image_size, crop_pct, interpolation
+        self.class_names_cfg = list(classes) if classes else None
+        self.mask_mode, self.ignore_index, self.eval_resize = mask_mode, int(ignore_index), eval_resize
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.split_seed = int(split_seed)
+        self.split_dir = Path(split_dir).expanduser() if split_dir else None
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.persistent_workers, self.verify_masks = bool(persistent_workers), bool(verify_masks)
+        self.output_dir = Path(output_dir).expanduser() if output_dir else None
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.bad_images: list[tuple[Path, str]] = []  # masks are never skipped: a bad one is an error
+        self.binary = mask_mode == "binary"
+        self._splits: dict[str, list[Pair]] | None = None
+        self._classes: list[str] = []
+        self._split_source = ""
+
+    def prepare_data(self) -> None:
+        """Write the built-in set to ``root`` if one is configured (once, atomically)."""
+        if self.builtin and not is_complete(self.root):
+            SEG_BUILTIN[self.builtin](self.root, **self.builtin_options)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Find, check and split the pairs (only the first call does work).
+
+        Raises:
+            DataError: Missing folder or mask, size mismatch, RGB mask, values outside the classes.
+        """
+        if self._splits is not None:
+            return
+        self.prepare_data()
+        scan.check_root(self.root)
+        if self.split_dir is not None:
+            splits, source = self._read_split_dir(), "split_dir"
+        elif (folders := scan.find_split_folders(self.root)) is not None:
+            splits = {s: find_pairs(folders[s]) if s in folders else [] for s in SPLITS}
+            source = "folders"
+        else:
+            pairs = find_pairs(self.root)
+            n_val, n_test = split_counts(len(pairs), self.val_fraction, self.test_fraction)
+            order = np.random.default_rng(self.split_seed).permutation(len(pairs))
+            take = lambda idx: [pairs[i] for i in sorted(idx)]  # noqa: E731
+            splits = {"val": take(order[:n_val]), "test": take(order[n_val:n_val + n_test]),
+                      "train": take(order[n_val + n_test:])}
+            source = "seeded"
+        if not splits["train"] or not splits["val"]:
+            raise DataError(f"'{self.root}' gives {len(splits['train'])} train / {len(splits['val'])} val pairs: "
+                            "both need at least one (add images or lower data.val_fraction)")
+        self._classes = self._resolve_classes(splits)
+        self._splits, self._split_source = splits, source
+        self._write_splits()
+
+    def _resolve_classes(self, splits: dict[str, list[Pair]]) -> list[str]:
+        names = self.class_names_cfg or load_class_names(self.root)
+        if not self.verify_masks:
+            if names is None and self.mask_mode != "binary":
+                raise ConfigError("data.verify_masks=false needs the class names: data.classes or classes.yaml")
+            return names or ["background", "foreground"]
+        pairs = [p for s in SPLITS for p in splits[s]]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            values = list(pool.map(_check_pair, pairs, chunksize=16))
+        seen = set().union(*values)
+        if self.mask_mode == "auto":
+            self.binary = seen <= {0, 255} and 255 in seen and (names is None or len(names) == 2)
+        if self.binary:
+            return names or ["background", "foreground"]
+        n = len(names) if names else max([v for v in seen if v != self.ignore_index] + [1]) + 1
+        for (_, mask), vals in zip(pairs, values):
+            bad = sorted(v for v in vals if v >= n and v != self.ignore_index)
+            if bad:
+                raise DataError(f"mask '{mask}' has values {bad[:5]} outside 0..{n - 1} ({n} classes) that are not "
+                                f"data.ignore_index={self.ignore_index}: fix the mask, list every class in "
+                                "classes.yaml / data.classes, or set data.ignore_index")
+        return names or [str(i) for i in range(n)]
+
+    def _read_split_dir(self) -> dict[str, list[Pair]]:
+        out: dict[str, list[Pair]] = {s: [] for s in SPLITS}
+        for split in SPLITS:
+            path = self.split_dir / f"{split}.csv"
+            if not path.is_file():
+                if split == "test":
+                    continue
+                raise DataError(f"split file '{path}' is missing: data.split_dir needs train.csv and val.csv")
+            with path.open(newline="", encoding="utf-8") as fh:
+                for row in csv.DictReader(fh):
+                    if "image" not in row or "mask" not in row:
+                        raise DataError(f"split file '{path}' must have the header image,mask")
+                    pair = (self.root / row["image"], self.root / row["mask"])
+                    if not (pair[0].is_file() and pair[1].is_file()):
+                        raise DataError(f"'{path}' lists '{row['image']}' / '{row['mask']}' which do not exist "
+                                        "under data.root: fix data.root or data.split_dir")
+                    out[split].append(pair)
+        return out
+
+    def _write_splits(self) -> None:
+        if self.output_dir is None:
+            return
+        for split, pairs in self._state().items():
+            if split == "test" and not pairs:
+                continue
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(("image", "mask"))
+            writer.writerows((relative_posix(i, self.root), relative_posix(m, self.root)) for i, m in pairs)
+            atomic_write_text(self.output_dir / "splits" / f"{split}.csv", buf.getvalue())
+
+    def _state(self) -> dict[str, list[Pair]]:
+        if self._splits is None:
+            self.setup()
+        assert self._splits is not None
+        return self._splits
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in index order (``classes[0]`` is usually the background)."""
+        self._state()
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (mask values 0..num_classes-1)."""
+        return len(self.classes)
+
+    @property
+    def train_samples(self) -> list[Pair]:
+        """``(image, mask)`` pairs of the training split."""
+        return self._state()["train"]
+
+    @property
+    def val_samples(self) -> list[Pair]:
+        """``(image, mask)`` pairs of the validation split."""
+        return self._state()["val"]
+
+    @property
+    def test_samples(self) -> list[Pair]:
+        """``(image, mask)`` pairs of the test split (may be empty)."""
+        return self._state()["test"]
+
+    @property
+    def has_test(self) -> bool:
+        """Whether a non-empty test split exists (else ``test_dataloader`` serves val)."""
+        return bool(self.test_samples)
+
+    @property
+    def split_source(self) -> str:
+        """``"seeded"``, ``"folders"`` or ``"split_dir"``."""
+        self._state()
+        return self._split_source
+
+    def fingerprint(self) -> dict[str, Any]:
+        """``{"n_files", "sha256"}`` over the sorted (relative path, size) of every image and mask."""
+        entries = sorted((relative_posix(p, self.root), p.stat().st_size)
+                         for s in SPLITS for pair in self._state()[s] for p in pair)
+        digest = hashlib.sha256("".join(f"{r}\t{n}\n" for r, n in entries).encode())
+        return {"n_files": len(entries), "sha256": digest.hexdigest()}
+
+    def describe(self) -> str:
+        """One line, e.g. ``"shapes_seg: 4 classes, 160 train / 40 val (seeded split, seed 0), index masks"``."""
+        s = self._state()
+        counts = f"{len(s['train'])} train / {len(s['val'])} val" + (f" / {len(s['test'])} test" if s["test"] else "")
+        how = {"seeded": f"seeded split, seed {self.split_seed}", "folders": "split folders",
+               "split_dir": f"split from {self.split_dir}"}[self._split_source]
+        kind = "binary masks" if self.binary else f"index masks, ignore {self.ignore_index}"
+        return f"{self.builtin or self.root.name}: {self.num_classes} classes, {counts} ({how}), {kind}"
+
+    def eval_pipeline(self) -> Callable | None:
+        """The val/test/predict transform of ``eval_resize`` (masks always resized with nearest)."""
+        if self.eval_resize == "crop":
+            return self.eval_transform
+        if self.eval_resize == "none" or not self.image_size:
+            return None
+        import albumentations as A
+
+        from visionsweep.augment import INTERPOLATIONS
+
+        interp = INTERPOLATIONS.get(str(self.interpolation or "bilinear").lower(), 1)
+        return A.Compose([A.SmallestMaxSize(max_size=int(self.image_size), interpolation=interp)], seed=0)
+
+    def _loader(self, split: str, transform: Callable | None, shuffle: bool) -> DataLoader:
+        self._state()
+        return DataLoader(SegmentationDataset(self._state()[split], transform, self.binary),
+                          batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, collate_fn=_Collate(self.ignore_index),
+                          persistent_workers=self.persistent_workers and self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training loader (``train_transform`` on image and mask)."""
+        return self._loader("train", self.train_transform, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation loader (:meth:`eval_pipeline`)."""
+        return self._loader("val", self.eval_pipeline(), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test loader, or validation when there is no test split."""
+        return self._loader("test" if self.has_test else "val", self.eval_pipeline(), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same as :meth:`test_dataloader`."""
+        return self.test_dataloader()
