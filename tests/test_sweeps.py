@@ -101,3 +101,25 @@ def test_smoke_sweep_end_to_end(tmp_path, digits_root):
     assert report.returncode == 0, report.stderr[-2000:]
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert len(rows) == 1 + 6
+
+
+def test_wandb_runs_of_a_sweep_share_a_group_and_carry_tags(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from conftest import compose_cfg
+    from visionsweep import builders
+
+    cfg = compose_cfg(tmp_path, ["logger=wandb", "model=resnet18", "augmentation=basic", "seed=7"])
+    hydra_cfg = OmegaConf.structured(HydraConfig.get())  # a writable copy, as a sweep job would have
+    OmegaConf.set_readonly(hydra_cfg, False)
+    with open_dict(hydra_cfg):
+        hydra_cfg.mode = RunMode.MULTIRUN
+        hydra_cfg.sweep.dir = str(tmp_path / "multirun" / "2026-01-01_00-00-00")
+    HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_cfg}))
+    [wandb_logger] = [lg for lg in builders.build_loggers(cfg, tmp_path) if type(lg).__name__ == "WandbLogger"]
+    init = wandb_logger._wandb_init
+    assert init["group"] == "train-2026-01-01_00-00-00"
+    assert {"arch=resnet18", "aug=basic", "seed=7"} <= set(init["tags"])
+    assert init["name"].startswith("resnet18-basic-seed7")
