@@ -44,18 +44,25 @@ class ImageFolderDataset(Dataset):
         samples: ``(path, label)`` pairs.
         transform: Albumentations-style callable, ``transform(image=hwc_uint8)["image"]``;
             None returns the decoded image unchanged (no resize).
+        cache: Decoded-sample cache (:mod:`visionsweep.data.cache`), anything with ``get(path)``
+            returning a uint8 HWC array; None decodes every time.
+        decode_short_side: Without a cache: let large JPEGs decode at reduced scale as long as the
+            short side stays >= this (see :func:`load_rgb`); None decodes at full size.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None, cache: Any = None,
+                 decode_short_side: int | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.cache = cache
+        self.decode_short_side = decode_short_side
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        image = load_rgb(path)
+        image = self.cache.get(path) if self.cache is not None else load_rgb(path, self.decode_short_side)
         if self.transform is not None:
             if hasattr(self.transform, "set_random_seed") and get_worker_info() is not None:
                 # Workers hold identical pickled copies of the pipeline's RNG: reseed per worker/epoch.

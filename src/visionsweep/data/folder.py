@@ -7,6 +7,7 @@ normalises on the device.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,16 @@ from torch.utils.data import DataLoader
 
 from visionsweep.data import scan
 from visionsweep.data.builtin import BUILTIN, ensure_builtin
+from visionsweep.data.cache import (
+    CACHE_DIRNAME,
+    DiskCache,
+    MemoryCache,
+    ResizeRule,
+    available_cores,
+    check_mode,
+    eval_short_side,
+    train_short_side,
+)
 from visionsweep.data.dataset import ImageFolderDataset
 from visionsweep.data.splits import (
     SPLITS,
@@ -31,6 +42,7 @@ from visionsweep.data.splits import (
 )
 from visionsweep.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
 
 class FolderDataModule(pl.LightningDataModule):
     """Image classification data from a folder (``root/<class>/<image>``) or a built-in set.
@@ -38,15 +50,17 @@ class FolderDataModule(pl.LightningDataModule):
     Args:
         root: Data folder (``data.root``).
         builtin: Built-in set written to ``root`` first (``"digits"`` or ``"shapes"``), or None.
-        image_size: Stored only; the transforms passed in already use it.
-        crop_pct: Stored only (see ``image_size``).
-        interpolation: Stored only (see ``image_size``).
+        image_size: The model's input side (the transforms passed in already use it); also sets the
+            cache's and the reduced decoder's target sizes.
+        crop_pct: Eval centre-crop fraction (eval short side = ``image_size / crop_pct``).
+        interpolation: Resize interpolation (also used when caching).
         val_fraction: Validation share per class for the seeded split.
         test_fraction: Test share per class for the seeded split.
         split_seed: Seed of the split (independent of the training seed).
         split_dir: Folder with ``train.csv``/``val.csv``/``test.csv`` to re-use instead of splitting.
         batch_size: Batch size of every loader.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes, or ``"auto"``: the cores this process may use
+            (fastest, but the augmentation random streams then depend on the machine).
         pin_memory: Pin host memory; None means "if CUDA is available".
         persistent_workers: Keep workers alive between epochs (only when ``num_workers > 0``).
         skip_bad_images: Skip unreadable files (recorded in ``bad_images``) instead of failing.
@@ -54,6 +68,14 @@ class FolderDataModule(pl.LightningDataModule):
         output_dir: Where to write ``splits/*.csv`` and ``bad_images.txt``; None writes nothing.
         train_transform: Training augmentation, ``t(image=hwc_uint8)["image"]``.
         eval_transform: Evaluation transform (val/test/predict).
+        cache: Decoded-sample cache: ``none``, ``memory`` (decode everything once when the first
+            loader is built, shared with the workers) or ``disk`` (``.npy`` files filled during the first
+            epoch, re-used by later runs and sweep jobs); see :mod:`visionsweep.data.cache`.
+        cache_dir: Disk cache root; None: ``<root>/.visionsweep_cache``.
+        cache_scale: Training samples are cached with short side ``image_size * cache_scale`` (room for
+            random crops); val/test at the eval short side (so evaluation is unchanged by the cache).
+        decode_reduce: Decode JPEGs much larger than needed at 1/2, 1/4 or 1/8 scale inside the decoder.
+        prefetch_factor: Batches each worker loads ahead (None: PyTorch's default, 2).
     """
 
     def __init__(
@@ -76,6 +98,11 @@ class FolderDataModule(pl.LightningDataModule):
         output_dir: str | None = None,
         train_transform: Callable | None = None,
         eval_transform: Callable | None = None,
+        cache: str | None = "none",
+        cache_dir: str | None = None,
+        cache_scale: float = 1.15,
+        decode_reduce: bool = False,
+        prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
         validate_fractions(val_fraction, test_fraction)
@@ -83,8 +110,21 @@ class FolderDataModule(pl.LightningDataModule):
             raise ConfigError(f"unknown data.builtin '{builtin}': choose from {', '.join(sorted(BUILTIN))}")
         if int(batch_size) < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
-        if int(num_workers) < 0:
+        if isinstance(num_workers, str) and num_workers.lower() == "auto":
+            num_workers = available_cores()
+        try:
+            num_workers = int(num_workers)
+        except (TypeError, ValueError):
+            raise ConfigError(f"data.num_workers={num_workers}: give an integer >= 0 or auto") from None
+        if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+        self.cache_mode = check_mode(cache)
+        if self.cache_mode != "none" and not image_size:
+            raise ConfigError("data.cache needs data.image_size (the training script fills it from the backbone)")
+        if not float(cache_scale) >= 1.0:
+            raise ConfigError(f"data.cache_scale={cache_scale}: give a factor >= 1.0, e.g. 1.15")
+        if prefetch_factor is not None and int(prefetch_factor) < 1:
+            raise ConfigError(f"data.prefetch_factor={prefetch_factor}: give an integer >= 1 or null")
         self.root = Path(os.fspath(root)).expanduser()
         self.builtin = builtin
         self.image_size, self.crop_pct, self.interpolation = image_size, crop_pct, interpolation
@@ -97,6 +137,10 @@ class FolderDataModule(pl.LightningDataModule):
         self.skip_bad_images, self.verify_images = bool(skip_bad_images), bool(verify_images)
         self.output_dir = Path(output_dir).expanduser() if output_dir else None
         self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root / CACHE_DIRNAME
+        self.cache_scale, self.decode_reduce = float(cache_scale), bool(decode_reduce)
+        self.prefetch_factor = int(prefetch_factor) if prefetch_factor is not None else None
+        self._caches: dict[str, Any] = {}
         self.bad_images: list[tuple[Path, str]] = []
         self.ignored_files = 0
         self._splits: dict[str, list[Sample]] | None = None
@@ -298,15 +342,76 @@ class FolderDataModule(pl.LightningDataModule):
         return f"{name}: {self.num_classes} classes, {counts} ({how}){extra}"
 
     # ------------------------------------------------------------------ loaders
+    def resize_rule(self, split: str) -> ResizeRule | None:
+        """How ``split``'s samples are cached / decoded; None without an ``image_size``.
+
+        Training: short side ``image_size * cache_scale`` (at least the eval short side); val/test:
+        exactly the eval short side ``image_size / crop_pct``, so the eval resize becomes a no-op.
+        """
+        if not self.image_size:
+            return None
+        size, crop = int(self.image_size), float(self.crop_pct or 1.0)
+        short = (train_short_side(size, crop, self.cache_scale) if split == "train"
+                 else eval_short_side(size, crop))
+        return ResizeRule(short, str(self.interpolation or "bilinear").lower(), self.decode_reduce)
+
+    def _cache_for(self, split: str) -> Any:
+        """The cache serving ``split`` (built, and for ``memory`` filled, on first use)."""
+        if self.cache_mode == "none":
+            return None
+        rule = self.resize_rule(split)
+        assert rule is not None
+        if rule.key() not in self._caches:
+            if self.cache_mode == "disk":
+                self._caches[rule.key()] = DiskCache(self.cache_dir, rule)
+            else:  # every split with this rule at once: val and test share the eval rule
+                paths = [p for s in SPLITS if self.resize_rule(s) == rule for p, _ in self._state()[s]]
+                cache = MemoryCache(rule, paths)
+                log.info("memory cache: %d images, %.1f MB (short side %d)", len(paths), cache.nbytes / 1e6,
+                         rule.short_side)
+                self._caches[rule.key()] = cache
+        return self._caches[rule.key()]
+
+    def prefill_cache(self, progress: bool = True, threads: int | None = None) -> str:
+        """Fill the cache of every split now (``make cache``); a no-op for ``data.cache=none``.
+
+        Args:
+            progress: Show a progress bar per rule.
+            threads: Decoding threads (None: the cores this process may use).
+
+        Returns:
+            A one-line summary, e.g. ``"disk cache .../s258-ab12: 1200 images, 1200 decoded"``.
+        """
+        if self.cache_mode == "none":
+            return "data.cache=none: nothing to fill"
+        lines = []
+        for rule in {self.resize_rule(s) for s in SPLITS if self._state()[s]}:
+            paths = [p for s in SPLITS if self.resize_rule(s) == rule for p, _ in self._state()[s]]
+            if self.cache_mode == "memory":
+                cache = self._caches.get(rule.key()) or MemoryCache(rule, paths, threads, progress)
+                self._caches[rule.key()] = cache
+                lines.append(f"memory, short side {rule.short_side}: {len(paths)} images, {cache.nbytes / 1e6:.1f} MB")
+            else:
+                disk = DiskCache(self.cache_dir, rule)
+                n = disk.fill(paths, threads, progress, fingerprint=self.fingerprint())
+                lines.append(f"{disk.dir}: {len(paths)} images, {n} decoded")
+        return "; ".join(sorted(lines))
+
     def _loader(self, split: str, transform: Callable | None, shuffle: bool) -> DataLoader:
         workers = self.num_workers
+        rule = self.resize_rule(split)
+        dataset = ImageFolderDataset(
+            self._state()[split], transform, cache=self._cache_for(split),
+            decode_short_side=rule.short_side if rule is not None and self.decode_reduce else None)
+        extra = {"prefetch_factor": self.prefetch_factor} if workers > 0 and self.prefetch_factor else {}
         return DataLoader(
-            ImageFolderDataset(self._state()[split], transform),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:

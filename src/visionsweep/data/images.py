@@ -132,11 +132,62 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file fully into a uint8 RGB array, honouring EXIF orientation.
+def _jpeg_reduction(short_side: int, min_short_side: int | None) -> int:
+    """Largest libjpeg DCT scale (1, 2, 4, 8) that keeps the short side >= ``min_short_side``."""
+    if not min_short_side:
+        return 1
+    for factor in (8, 4, 2):
+        if short_side // factor >= min_short_side:
+            return factor
+    return 1
+
+
+_CV2_FLAGS = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4",
+              8: "IMREAD_REDUCED_COLOR_8"}
+
+
+def _load_jpeg_cv2(path: str | Path, min_short_side: int | None) -> np.ndarray | None:
+    """Decode a plain (RGB or gray, complete) JPEG with OpenCV, else None (then Pillow decodes it).
+
+    OpenCV's decoder is ~1.5-2x faster than Pillow + ``exif_transpose`` here and gives bit-identical
+    pixels for RGB/gray JPEGs (both use libjpeg-turbo's defaults; checked in tests), and it honours the
+    EXIF orientation itself. CMYK JPEGs differ by rounding, so they stay on the Pillow path, as do
+    files that do not end with the JPEG end-of-image marker (truncated: Pillow raises, OpenCV would
+    return a partly grey image with only a warning).
+    """
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - albumentations depends on opencv
+        return None
+    try:
+        with Image.open(path) as img:  # header only: format, mode and size
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            short = min(img.size)
+        with open(path, "rb") as f:
+            f.seek(-2, os.SEEK_END)
+            if f.read(2) != b"\xff\xd9":
+                return None
+    except Exception:  # noqa: BLE001 - any trouble: the Pillow path reports it properly
+        return None
+    flag = getattr(cv2, _CV2_FLAGS[_jpeg_reduction(short, min_short_side)])
+    bgr = cv2.imread(os.fspath(path), flag)
+    if bgr is None or bgr.ndim != 3:
+        return None
+    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
+def load_rgb(path: str | Path, min_short_side: int | None = None) -> np.ndarray:
+    """Decode an image file into a uint8 RGB array, honouring EXIF orientation.
+
+    Plain RGB/gray JPEGs are decoded with OpenCV (same pixels as Pillow, faster); every other file
+    with Pillow (palette, alpha, 16-bit, CMYK ... see :func:`to_rgb_array`).
 
     Args:
         path: Image file.
+        min_short_side: When given, a JPEG at least twice this size (short side) is decoded at a
+            reduced scale (1/2, 1/4 or 1/8, done inside the JPEG decoder, several times faster) such that
+            its short side stays >= ``min_short_side``. None decodes at full size.
 
     Returns:
         ``uint8`` array of shape ``(H, W, 3)``.
@@ -147,7 +198,14 @@ def load_rgb(path: str | Path) -> np.ndarray:
     try:
         if os.path.getsize(path) == 0:
             raise DataError(bad_image_message(path, "zero-byte file"))
+        fast = _load_jpeg_cv2(path, min_short_side)
+        if fast is not None:
+            return fast
         with Image.open(path) as img:
+            if min_short_side and img.format == "JPEG":
+                factor = _jpeg_reduction(min(img.size), min_short_side)
+                if factor > 1:
+                    img.draft(img.mode, (img.size[0] // factor, img.size[1] // factor))
             img.load()
             oriented = ImageOps.exif_transpose(img)  # returns a copy (or the image itself if no tag)
             return to_rgb_array(oriented if oriented is not None else img)

@@ -1,0 +1,312 @@
+"""Decoded-sample cache (``data.cache=memory|disk|none``): decode each image once, keep it small.
+
+Every image is decoded once and resized so that its short side is ``short_side`` (aspect kept, never
+enlarged), then stored as a uint8 ``H x W x 3`` array; albumentations later runs on these small arrays
+instead of full-size decodes. The resize is albumentations' own ``SmallestMaxSize`` with the data's
+interpolation, so a cached sample is bit-identical to "decode fresh + the same resize".
+
+Two rules are used by :class:`~visionsweep.data.folder.FolderDataModule` (see :func:`train_short_side`):
+the training split is stored a little larger than the crop (``image_size x 1.15``, room for random
+crops), val/test exactly at the eval pipeline's own short side (``image_size / crop_pct``), which
+makes evaluation on cached samples bit-identical to evaluation without a cache.
+
+* ``memory``: all samples are decoded up front (a thread pool; the decoders release the GIL) into one
+  packed uint8 buffer, shared copy-on-write with forked DataLoader workers.
+* ``disk``: one ``.npy`` file per sample under ``<cache_dir>/<rule key>/``, read memory-mapped. The
+  entry name hashes the file's path, size and mtime: a changed file simply misses (and is re-decoded),
+  never serves stale pixels. Entries are written to a unique temp file and renamed into place (atomic on
+  POSIX), so concurrent sweep jobs filling the same cache cannot corrupt it; no lock is needed because
+  every writer of one entry writes the same bytes.
+
+``python -m visionsweep.data.cache [train overrides]`` pre-fills the disk cache with a progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from visionsweep.data.images import load_rgb
+from visionsweep.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CACHE_MODES = ("none", "memory", "disk")
+CACHE_DIRNAME = ".visionsweep_cache"  # hidden: the folder scanner skips it
+_FORMAT = 1  # bump when the stored layout changes: old entries then simply miss
+
+
+def train_short_side(image_size: int, crop_pct: float = 1.0, scale: float = 1.15) -> int:
+    """Short side the training split is cached at: ``image_size x scale``, at least the eval short side."""
+    return max(round(image_size * scale), eval_short_side(image_size, crop_pct))
+
+
+def eval_short_side(image_size: int, crop_pct: float = 1.0) -> int:
+    """Short side the eval pipeline resizes to (same formula as ``augment._eval_transforms``)."""
+    return max(int(image_size), round(image_size / float(crop_pct)))
+
+
+@dataclass(frozen=True)
+class ResizeRule:
+    """How a sample is stored: short side, interpolation and whether JPEGs decode at reduced scale.
+
+    Args:
+        short_side: Target short side in pixels (smaller images are kept as they are).
+        interpolation: albumentations/cv2 interpolation name (``bilinear``, ``bicubic`` ...).
+        reduce_decode: Decode large JPEGs at 1/2, 1/4, 1/8 scale first (see :func:`load_rgb`).
+    """
+
+    short_side: int
+    interpolation: str = "bilinear"
+    reduce_decode: bool = False
+
+    def key(self) -> str:
+        """Short stable hash of the rule (the name of its disk folder)."""
+        text = json.dumps({"format": _FORMAT, **asdict(self)}, sort_keys=True)
+        return f"s{self.short_side}-" + hashlib.sha1(text.encode()).hexdigest()[:10]
+
+    def decode(self, path: str | Path) -> np.ndarray:
+        """Decode ``path`` and resize it by this rule (what a cache stores).
+
+        Args:
+            path: Image file.
+
+        Returns:
+            uint8 ``H x W x 3`` array whose short side is ``min(short_side, original short side)``.
+        """
+        image = load_rgb(path, self.short_side if self.reduce_decode else None)
+        return resize_short_side(image, self.short_side, self.interpolation)
+
+
+def resize_short_side(image: np.ndarray, short_side: int, interpolation: str | int = "bilinear") -> np.ndarray:
+    """Shrink ``image`` so its short side is ``short_side`` (aspect kept); smaller images are returned as is.
+
+    Uses albumentations' ``SmallestMaxSize`` so the result matches what the eval pipeline computes.
+    """
+    if min(image.shape[:2]) <= short_side:
+        return image
+    import albumentations as A
+
+    from visionsweep.augment import INTERPOLATIONS
+
+    interp = INTERPOLATIONS[interpolation.lower()] if isinstance(interpolation, str) else int(interpolation)
+    out = A.SmallestMaxSize(max_size=short_side, interpolation=interp, p=1.0)(image=image)["image"]
+    return np.ascontiguousarray(out)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks / container limits)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar (Lightning ships tqdm) or a no-op stand-in."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+        except ImportError:  # pragma: no cover
+            pass
+
+    class _Null:
+        def update(self, n: int = 1) -> None: ...
+        def close(self) -> None: ...
+
+    return _Null()
+
+
+def _parallel(fn: Callable[[Path], object], paths: Sequence[Path], threads: int | None, desc: str,
+              progress: bool) -> list:
+    threads = max(1, threads or available_cores())
+    bar = _progress(len(paths), desc, progress)
+    out = []
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for item in pool.map(fn, paths):
+                out.append(item)
+                bar.update(1)
+    finally:
+        bar.close()
+    return out
+
+
+class MemoryCache:
+    """All samples of a list of files decoded once into one packed uint8 buffer (see module docs).
+
+    Args:
+        rule: Resize rule.
+        paths: The files to hold.
+        threads: Decoding threads (None: the cores this process may use).
+        progress: Show a progress bar while filling.
+    """
+
+    def __init__(self, rule: ResizeRule, paths: Iterable[str | Path], threads: int | None = None,
+                 progress: bool = False) -> None:
+        self.rule = rule
+        paths = [Path(p) for p in paths]
+        arrays = _parallel(rule.decode, paths, threads, f"caching {len(paths)} images (memory)", progress)
+        self.shapes = [a.shape for a in arrays]
+        sizes = np.array([a.size for a in arrays], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        # one buffer (not a list of arrays): forked workers touch one refcount, not N, so pages stay shared
+        self.buffer = np.empty(int(self.offsets[-1]), dtype=np.uint8)
+        for i, a in enumerate(arrays):
+            self.buffer[self.offsets[i]:self.offsets[i + 1]] = a.reshape(-1)
+        self.index = {os.fspath(p): i for i, p in enumerate(paths)}
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the packed buffer in bytes."""
+        return int(self.buffer.nbytes)
+
+    def get(self, path: str | Path) -> np.ndarray:
+        """The stored sample of ``path`` (a writable copy), decoding it if it was not filled in."""
+        i = self.index.get(os.fspath(path))
+        if i is None:
+            return self.rule.decode(path)
+        return self.buffer[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i]).copy()
+
+
+class DiskCache:
+    """Per-sample ``.npy`` files under ``<cache_dir>/<rule key>/`` (see module docs).
+
+    Args:
+        cache_dir: Cache root (``<data root>/.visionsweep_cache`` unless ``data.cache_dir`` is set).
+        rule: Resize rule; one sub-folder per rule.
+    """
+
+    def __init__(self, cache_dir: str | Path, rule: ResizeRule) -> None:
+        self.rule = rule
+        self.dir = Path(cache_dir).expanduser() / rule.key()
+        self.hits = self.misses = 0
+        self._write_failed = False
+
+    def entry(self, path: str | Path) -> Path:
+        """Cache file of ``path`` in its current version (path, size and mtime are in the name)."""
+        st = os.stat(path)
+        ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}"
+        digest = hashlib.sha1(ident.encode()).hexdigest()
+        return self.dir / digest[:2] / f"{digest}.npy"
+
+    def get(self, path: str | Path) -> np.ndarray:
+        """The cached sample of ``path``; decoded and stored first when missing or stale."""
+        entry = self.entry(path)
+        try:
+            arr = np.array(np.load(entry, mmap_mode="r"))  # copy: transforms may write in place
+            if arr.dtype == np.uint8 and arr.ndim == 3:
+                self.hits += 1
+                return arr
+        except (FileNotFoundError, ValueError, OSError, EOFError):
+            pass  # missing, or unreadable for any reason: decode again and replace it
+        self.misses += 1
+        arr = self.rule.decode(path)
+        self._store(entry, arr)
+        return arr
+
+    def _store(self, entry: Path, arr: np.ndarray) -> None:
+        tmp = entry.with_name(f".{entry.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+            os.replace(tmp, entry)  # atomic: readers see the old entry, no entry, or the whole new one
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if not self._write_failed:  # a read-only or full disk must not stop training
+                self._write_failed = True
+                log.warning("cannot write the sample cache under %s (%s): decoding without it", self.dir, e)
+
+    def fill(self, paths: Sequence[str | Path], threads: int | None = None, progress: bool = False,
+             fingerprint: dict | None = None) -> int:
+        """Make sure every file in ``paths`` has a current entry.
+
+        Args:
+            paths: Files to cache.
+            threads: Decoding threads (None: the cores this process may use).
+            progress: Show a progress bar.
+            fingerprint: Data fingerprint recorded in ``info.json`` beside the entries.
+
+        Returns:
+            How many entries had to be decoded (0 when the cache was already complete).
+        """
+        before = self.misses
+        _parallel(self.get, [Path(p) for p in paths], threads, f"caching {len(paths)} images ({self.dir.name})",
+                  progress)
+        info = {"rule": asdict(self.rule), "format": _FORMAT, "n_files": len(paths), "fingerprint": fingerprint}
+        try:
+            tmp = self.dir / f".info.{os.getpid()}.tmp"
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(info, indent=2))
+            os.replace(tmp, self.dir / "info.json")
+        except OSError:
+            pass
+        return self.misses - before
+
+    def prune(self, paths: Sequence[str | Path]) -> int:
+        """Delete entries not belonging to the current version of ``paths`` (old or removed files).
+
+        Returns:
+            Number of files removed.
+        """
+        keep = {self.entry(p) for p in paths}
+        removed = 0
+        for f in self.dir.glob("*/*.npy"):
+            if f not in keep:
+                f.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def check_mode(mode: str | None) -> str:
+    """Validate ``data.cache``; None/False mean ``none``."""
+    mode = "none" if mode in (None, False) else str(mode).lower()
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"data.cache={mode}: choose none, memory or disk")
+    return mode
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m visionsweep.data.cache [overrides]``: pre-fill the disk cache of a training config."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from visionsweep import builders
+    from visionsweep.utils.cli import CONF_DIR, fail, precheck, user_error
+
+    args = sys.argv[1:] if argv is None else argv
+    precheck("train", args)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=list(args), return_hydra_config=False)
+        with open_dict(cfg):
+            if check_mode(cfg.data.get("cache")) == "none":
+                cfg.data.cache = "disk"
+            cfg.paths.output_dir = None
+        inp = builders.resolve_inputs(cfg)
+        dm = builders.build_datamodule(cfg, inp, None)
+        print(dm.describe(), flush=True)
+        done = dm.prefill_cache(progress=True)
+        print(f"cache ready: {done}", flush=True)
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise
+        fail(str(err))
+
+
+if __name__ == "__main__":
+    main()
