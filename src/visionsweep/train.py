@@ -1,6 +1,7 @@
 """Train a classifier: ``python -m visionsweep.train [model=vgg19] [augmentation=strong] [key=value ...]``.
 
-compose (Hydra) → data + model + trainer (builders) → fit → test the best checkpoint → run.json.
+compose (Hydra) → data + model [→ LR finder, tune.lr_find=true] → trainer (builders) → fit → test the
+best checkpoint → run.json.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from visionsweep import builders, runinfo
+from visionsweep import builders, runinfo, tune
 from visionsweep.utils.cli import guarded, is_multirun, precheck, user_error
 from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint, print_config_tree, run_dir_of
 
@@ -36,13 +37,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         dm = builders.build_datamodule(cfg, inp, out)
         log.info("data: %s", dm.describe())
         model = builders.build_model(cfg, dm, inp)
+        model, lr_found = tune.lr_find(cfg, model, dm, out, rebuild=lambda: builders.build_model(cfg, dm, inp))
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         record = runinfo.RunRecord(
             out, task=cfg.task_name, overrides=_overrides(), seed=cfg.seed, backbone=cfg.model.backbone,
             augmentation=cfg.augmentation.get("name"), resumed_from=resume, input=inp.__dict__,
             data={"description": dm.describe(), "fingerprint": dm.fingerprint(), "classes": dm.classes,
                   "split": dm.split_source, "bad_images": [str(p) for p, _ in dm.bad_images]},
-            params=builders.count_params(model))
+            params=builders.count_params(model), lr_find=lr_found,
+            pretrained=getattr(model, "weights_report", None))
         start_epoch = pl.callbacks.LambdaCallback(  # epochs done before a resume, for images/s
             on_train_start=lambda tr, _: record.update(start_epoch=tr.current_epoch))
         trainer = builders.build_trainer(cfg, out, extra_callbacks=[start_epoch])

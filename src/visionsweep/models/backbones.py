@@ -11,9 +11,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
+from timm.models import group_parameters
 
 from visionsweep.errors import ConfigError
 
@@ -122,8 +125,10 @@ def create_backbone(
     if pretrained_file:
         path = Path(pretrained_file).expanduser()
         if not path.is_file():
-            raise ConfigError(f"model.pretrained_file '{pretrained_file}' does not exist")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path.resolve())))
+            raise ConfigError(
+                f"model.pretrained_file '{pretrained_file}' does not exist (write one from a trained "
+                "checkpoint: python -m visionsweep.export ckpt_path=<run>/checkpoints/last.ckpt "
+                f"format=state_dict output={pretrained_file})")
     elif pretrained:
         if not hub_reachable():
             raise ConfigError(
@@ -132,8 +137,101 @@ def create_backbone(
             )
         kwargs["pretrained"] = True
     try:
-        return timm.create_model(name, num_classes=num_classes, img_size=image_size, **kwargs)
+        model = timm.create_model(name, num_classes=num_classes, img_size=image_size, **kwargs)
     except TypeError as e:  # CNNs take any input size and have no img_size argument
         if "img_size" not in str(e):
             raise ConfigError(f"model '{name}': {str(e).splitlines()[0]}") from e
-        return timm.create_model(name, num_classes=num_classes, **kwargs)
+        model = timm.create_model(name, num_classes=num_classes, **kwargs)
+    if pretrained_file:
+        model.weights_report = load_weights_file(model, path)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors``/``.pth``/``.pt``/``.bin`` file or of a visionsweep ``.ckpt``.
+
+    Wrappers are unpacked (``state_dict``/``model``/``state_dict_ema`` keys) and the prefixes of our
+    own LightningModule (``net.``) or of DDP (``module.``) are removed, so a training checkpoint works
+    as a pretrained file too.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError(f"model.pretrained_file '{path}' cannot be read as a state dict "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ConfigError(f"model.pretrained_file '{path}' holds no state dict (a mapping name → tensor)")
+    for prefix in ("net.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load a local state dict into ``model``; the classifier and tensors whose shape differs stay new.
+
+    Args:
+        model: a timm model.
+        path: ``.safetensors``/``.pth``/``.ckpt`` file (see :func:`read_state_dict`).
+
+    Returns:
+        A report: ``file``, ``loaded`` (count), ``missing``, ``unexpected`` and ``reinitialised`` key
+        names (logged too; the classifier is re-initialised for the data set's classes).
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    # the classifier is always new (fastai/timm fine-tune semantics: the file's classes are not ours)
+    head = head_parameter_names(model)
+    reset = [k for k, v in state.items() if k in head or (k in own and own[k].shape != v.shape)]
+    kept = {k: v for k, v in state.items() if k not in reset}
+    result = model.load_state_dict(kept, strict=False)
+    loaded = len([k for k in kept if k in own])
+    if loaded == 0:
+        raise ConfigError(f"model.pretrained_file '{path}' has no tensor that fits "
+                          f"{type(model).__name__} (is it for another backbone?)")
+    missing = [k for k in result.missing_keys if k not in reset and k not in head]
+    report = {"file": str(path), "loaded": loaded, "missing": missing,
+              "unexpected": list(result.unexpected_keys), "reinitialised": sorted(reset)}
+    log.info("pretrained_file %s: %d tensors loaded; re-initialised (the head, or shape differs): %s", path,
+             loaded, ", ".join(sorted(reset)) or "none")
+    for kind in ("missing", "unexpected"):
+        if report[kind]:
+            names = report[kind]
+            log.warning("pretrained_file %s: %d %s keys: %s%s", path, len(names), kind,
+                        ", ".join(names[:8]), " ..." if len(names) > 8 else "")
+    return report
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names (in ``model.named_parameters()``) of the classifier that a fine-tune trains first."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        raise ConfigError(f"{type(model).__name__} has no get_classifier(): cannot tell its head from its body")
+    ids = {id(p) for p in head.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def layer_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names by depth: timm's coarse groups (stem, stages...) then the classifier last.
+
+    Discriminative learning rates and freezing work on these groups, as fastai's splitters do.
+    """
+    head = head_parameter_names(model)
+    names = [n for n, _ in model.named_parameters()]
+    if hasattr(model, "group_matcher"):
+        grouped = group_parameters(model, model.group_matcher(coarse=True))
+        groups = [[n for n in g if n not in head] for _, g in sorted(grouped.items())]
+    else:  # not a timm model: the whole body is one group
+        groups = [[n for n in names if n not in head]]
+    groups = [g for g in groups if g]
+    return groups + [[n for n in names if n in head]]

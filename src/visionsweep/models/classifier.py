@@ -20,7 +20,32 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from visionsweep.models.backbones import create_backbone
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+
+from visionsweep.errors import ConfigError
+from visionsweep.models.backbones import create_backbone, layer_groups
+
+
+def _build_mixup(cfg: dict | None, label_smoothing: float, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix from ``model.mixup``; None when both alphas are 0 (or no config)."""
+    if not cfg or not (float(cfg.get("mixup_alpha", 0) or 0) > 0 or float(cfg.get("cutmix_alpha", 0) or 0) > 0
+                       or cfg.get("cutmix_minmax")):
+        return None
+    try:
+        return Mixup(**cfg, label_smoothing=label_smoothing, num_classes=num_classes)
+    except TypeError as e:
+        raise ConfigError(f"model.mixup: {e} (keys of timm.data.Mixup: mixup_alpha, cutmix_alpha, "
+                          "cutmix_minmax, prob, switch_prob, mode, correct_lam)") from None
+
+
+def _group_label(names: list[str]) -> str:
+    """A short name for a layer group: the common first part of its parameter names (``layer3``)."""
+    first = {n.split(".")[0] for n in names}
+    if len(first) == 1:
+        parts = {".".join(n.split(".")[:2]) for n in names}
+        return parts.pop() if len(parts) == 1 else first.pop()
+    return "+".join(sorted(first))
 
 
 class ClassifierModule(pl.LightningModule):
@@ -46,6 +71,12 @@ class ClassifierModule(pl.LightningModule):
         scheduler: ``_target_``/``_partial_`` config of a ``torch.optim.lr_scheduler`` class, stepped
             every batch; its ``total_steps``/``T_max`` is filled from the trainer, or None.
         channels_last: run the backbone in channels-last memory format (faster on GPUs with AMP).
+        mixup: keyword arguments of ``timm.data.Mixup`` (``mixup_alpha``, ``cutmix_alpha``, ``prob``,
+            ``switch_prob``, ``mode``...); active when an alpha is > 0. Training then uses soft
+            targets (label smoothing folded in) and ``SoftTargetCrossEntropy``.
+        ema_decay: keep an exponential moving average of the weights (e.g. 0.999, with timm-style
+            warm-up); validation, checkpoints and the final model use the averaged weights. None: off.
+        weight_decay_norm_bias: also decay norm weights and biases (off: as timm and fastai do).
     """
 
     def __init__(
@@ -65,6 +96,9 @@ class ClassifierModule(pl.LightningModule):
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         channels_last: bool = False,
+        mixup: dict | None = None,
+        ema_decay: float | None = None,
+        weight_decay_norm_bias: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -92,6 +126,11 @@ class ClassifierModule(pl.LightningModule):
         self.test_recall = MulticlassRecall(average=None, **metric)
         self.test_confusion = MulticlassConfusionMatrix(**metric)
         self.test_report: dict[str, Any] = {}
+        self.weights_report: dict[str, Any] | None = getattr(self.net, "weights_report", None)
+        self.layerwise_lr = False  # set by the fine-tune callback: one optimizer group per layer group
+        self.mixup = _build_mixup(mixup, label_smoothing, num_classes)
+        if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
+            raise ConfigError(f"model.ema_decay={ema_decay}: give a decay in (0, 1), e.g. 0.999, or null")
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (or float 0..255) NCHW batch → normalised float, on whatever device ``x`` is."""
@@ -108,6 +147,14 @@ class ClassifierModule(pl.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         return loss, logits.argmax(dim=1), y
 
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised, mixed-up/cut-mixed batch and its soft targets (timm's Mixup needs an even batch:
+        an odd last sample is dropped)."""
+        x = self.normalize(x)
+        if len(x) % 2:
+            x, y = x[:-1], y[:-1]
+        return self.mixup(x, y)
+
     def on_train_start(self) -> None:
         # the sanity check's val numbers must not count as a "best"
         self.val_loss.reset()
@@ -115,7 +162,14 @@ class ClassifierModule(pl.LightningModule):
         self.val_acc_best.reset()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, preds, y = self._shared_step(batch)
+        x, y = batch
+        if self.mixup is not None and len(x) > 1:
+            x, soft = self.mix(x, y)
+            logits = self.net(x)
+            loss = SoftTargetCrossEntropy()(logits, soft)
+            preds, y = logits.argmax(dim=1), soft.argmax(dim=1)  # accuracy against the dominant class
+        else:
+            loss, preds, y = self._shared_step(batch)
         self.train_loss(loss)
         self.train_acc(preds, y)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
@@ -170,10 +224,41 @@ class ClassifierModule(pl.LightningModule):
             return
         scheduler.step() if metric is None else scheduler.step(metric)
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        if not self.hparams.get("ema_decay"):
+            return []
+        from visionsweep.callbacks.ema import EMA
+
+        return [EMA(decay=float(self.hparams.ema_decay))]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups: norms/biases without weight decay (unless ``weight_decay_norm_bias``),
+        split by layer group (stem → head, tagged ``layer``/``n_layers``) when ``layerwise_lr`` is set.
+
+        Decaying groups leave ``weight_decay`` to the optimizer's config; the others get 0.
+        """
+        names = layer_groups(self.net) if self.layerwise_lr else [[n for n, _ in self.net.named_parameters()]]
+        params = dict(self.net.named_parameters())
+        skip = set(getattr(self.net, "no_weight_decay", lambda: set())())
+        groups: list[dict[str, Any]] = []
+        for i, group in enumerate(names):
+            label = ("head" if i == len(names) - 1 else _group_label(group)) if self.layerwise_lr else ""
+            no_decay = {n for n in group if not self.hparams.get("weight_decay_norm_bias") and (
+                params[n].ndim <= 1 or n.endswith(".bias") or n in skip)}
+            decay = [n for n in group if n not in no_decay]
+            for kind, members in (("decay", decay), ("no_decay", [n for n in group if n in no_decay])):
+                if members:
+                    name = f"{label}/{kind}" if label and kind == "no_decay" else (label or kind)
+                    groups.append({"params": [params[n] for n in members], "name": name, "layer": i,
+                                   "n_layers": len(names), **({"weight_decay": 0.0} if kind == "no_decay" else {})})
+        return groups
+
     def configure_optimizers(self) -> Any:
         opt_cfg = dict(self.hparams.optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-3})
         opt_cfg["_partial_"] = True
-        optimizer = hydra.utils.instantiate(opt_cfg)(params=self.parameters())
+        optimizer = hydra.utils.instantiate(opt_cfg)(params=self.param_groups())
+        for group in optimizer.param_groups:
+            group["base_lr"] = group["lr"]  # the configured lr, for schedules that callbacks set
         if not self.hparams.scheduler:
             return optimizer
         sched_cfg = dict(self.hparams.scheduler)

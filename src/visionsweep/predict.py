@@ -1,0 +1,147 @@
+"""Classify images: ``python -m visionsweep.predict ckpt_path=<run>/checkpoints/x.ckpt input=<image|folder> [tta=true]``.
+
+The checkpoint carries the class names, input size, crop fraction, interpolation and mean/std, so
+nothing else is needed. Prints a table and writes ``predictions.csv`` (path, predicted class, its
+probability, then one probability column per class; a ``label`` column when images sit in folders
+named after classes) in the run dir ``runs/predict/<time>/``.
+
+``tta=true`` averages the softmax over 12 views: the eval view, 4 corner + centre crops of the image
+resized 15 % larger, and the horizontal flip of each (fastai's ``tta`` uses augmented views too).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from visionsweep import augment, runinfo
+from visionsweep.data.dataset import ImageFolderDataset
+from visionsweep.data.images import is_image_file
+from visionsweep.errors import ConfigError, DataError
+from visionsweep.models.classifier import ClassifierModule
+from visionsweep.utils.cli import guarded, precheck
+from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint
+
+log = logging.getLogger("visionsweep.predict")
+TTA_ZOOM = 1.15  # the crops of the TTA views come from the image resized this much larger
+
+
+def load_classifier(ckpt_path: str | Path, log_dir: str | Path | None = None) -> tuple[ClassifierModule, Path]:
+    """The classifier of a checkpoint (``latest``: the newest ``last.ckpt`` of train runs), in eval mode."""
+    ckpt = (find_latest_checkpoint(log_dir or "runs", "train") if str(ckpt_path) == "latest"
+            else check_checkpoint(ckpt_path))
+    try:
+        model = ClassifierModule.load_from_checkpoint(ckpt, map_location="cpu", pretrained=False,
+                                                      pretrained_file=None)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"ckpt_path '{ckpt}' is not a visionsweep classifier checkpoint ({e})") from e
+    return model.eval(), ckpt
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """One image, or every image under a folder (recursively, sorted)."""
+    p = Path(str(path)).expanduser()
+    if p.is_file():
+        if not is_image_file(p):
+            raise DataError(f"input '{path}' is not an image file (jpg, png, bmp, webp, tif)")
+        return [p]
+    if not p.is_dir():
+        raise DataError(f"input '{path}' does not exist: give an image or a folder of images")
+    found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f) and not f.name.startswith("."))
+    if not found:
+        raise DataError(f"input '{path}' holds no images (jpg, png, bmp, webp, tif)")
+    return found
+
+
+def predict_images(model: ClassifierModule, paths: list[Path], tta: bool = False, batch_size: int = 32,
+                   device: str = "cpu") -> torch.Tensor:
+    """Class probabilities ``[len(paths), num_classes]`` with the checkpoint's eval preprocessing."""
+    hp = model.hparams
+    size = int(hp.image_size)
+    plain = {"name": "predict", "train": [], "resize_first": True}  # train pipeline = the eval view
+    eval_tf, _ = augment.build_pipelines(plain, size, hp.crop_pct, hp.interpolation)
+    loaders = [DataLoader(ImageFolderDataset([(p, -1) for p in paths], eval_tf), batch_size=batch_size)]
+    if tta:
+        zoom_tf, _ = augment.build_pipelines(plain, round(size * TTA_ZOOM), 1.0, hp.interpolation)
+        loaders.append(DataLoader(ImageFolderDataset([(p, -1) for p in paths], zoom_tf), batch_size=batch_size))
+    model = model.to(device)
+    out = []
+    with torch.inference_mode():
+        for batches in zip(*loaders):
+            views = [batches[0][0]]
+            if tta:
+                from torchvision.transforms.v2.functional import five_crop
+
+                views += list(five_crop(batches[1][0], [size, size]))
+            views += [v.flip(-1) for v in views]
+            probs = torch.stack([model(v.to(device)).softmax(dim=1) for v in views]).mean(dim=0)
+            out.append(probs.cpu())
+    return torch.cat(out)
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Predict ``cfg.input`` with ``cfg.ckpt_path``; writes predictions.csv and returns its rows."""
+    out = Path(cfg.paths.output_dir)
+    if cfg.get("input") in (None, ""):
+        raise ConfigError("input is required: input=<image or folder>")
+    model, ckpt = load_classifier(cfg.ckpt_path, cfg.paths.log_dir)
+    paths = list_images(cfg.input)
+    device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    probs = predict_images(model, paths, tta=bool(cfg.tta), batch_size=int(cfg.batch_size), device=device)
+    names = list(model.class_names)
+    rows = []
+    for path, p in zip(paths, probs.tolist()):
+        best = max(range(len(names)), key=p.__getitem__)
+        row = {"path": str(path), "predicted": names[best], "probability": round(p[best], 6)}
+        if path.parent.name in names:
+            row["label"] = path.parent.name
+        rows.append({**row, **{f"prob_{n}": round(v, 6) for n, v in zip(names, p)}})
+    columns = ["path", "predicted", "probability"] + (["label"] if any("label" in r for r in rows) else []) \
+        + [f"prob_{n}" for n in names]
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "predictions.csv").open("w", newline="") as f:
+        csv.DictWriter(f, fieldnames=columns, restval="").writeheader()
+        csv.DictWriter(f, fieldnames=columns, restval="").writerows(rows)
+    labelled = [r for r in rows if "label" in r]
+    acc = sum(r["label"] == r["predicted"] for r in labelled) / len(labelled) if labelled else None
+    runinfo.RunRecord(out, task="predict", checkpoint=str(ckpt), input=str(cfg.input), tta=bool(cfg.tta),
+                      n_images=len(rows), accuracy=acc, status="ok")
+    _print_table(rows, int(cfg.get("show") or 20), out, acc)
+    return rows
+
+
+def _print_table(rows: list[dict[str, Any]], show: int, out: Path, acc: float | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("image", "predicted", "probability", *(["label"] if acc is not None else []))
+    for r in rows[:show]:
+        table.add_row(Path(r["path"]).name, r["predicted"], f"{r['probability']:.3f}",
+                      *([r.get("label", "")] if acc is not None else []))
+    Console().print(table)
+    more = f" (first {show} shown)" if len(rows) > show else ""
+    shown_acc = f", accuracy {acc:.4f} on {sum('label' in r for r in rows)} labelled" if acc is not None else ""
+    print(f"{len(rows)} images{more}{shown_acc}  → {out / 'predictions.csv'}", flush=True)
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
+@guarded
+def _hydra_main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+def main() -> None:
+    """Console entry point."""
+    precheck("predict")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

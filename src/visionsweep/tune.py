@@ -1,0 +1,125 @@
+"""Learning-rate finder before training: ``python -m visionsweep.train tune.lr_find=true``.
+
+Lightning's ``Tuner.lr_find`` (Leslie Smith's range test, as fastai's ``lr_find``) runs on a throw-away
+trainer: the lr grows exponentially from ``min_lr`` to ``max_lr`` over ``num_training`` batches while
+the loss is recorded. With ``training=fine_tune`` the body is frozen during the test, as fastai's
+``lr_find`` on a freshly created learner is, so the suggestion is the base lr of the fine-tune.
+
+Writes ``plots/lr_find.png`` (loss vs lr, suggestion marked) and ``lr_find.json`` in the run dir; the
+result also goes to run.json. ``tune.use_suggestion=true`` sets ``optimizer.lr`` to the suggestion and
+rebuilds the model from the same seed, so the run equals one started with that lr by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+from pytorch_lightning.tuner import Tuner
+
+from visionsweep.errors import ConfigError
+
+log = logging.getLogger("visionsweep.tune")
+
+DEFAULTS = {"lr_find": False, "use_suggestion": False, "min_lr": 1e-7, "max_lr": 1.0, "num_training": 100,
+            "mode": "exponential", "early_stop_threshold": 4.0}
+
+
+def tune_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.tune`` over the defaults (the ``tune`` node may be absent from older configs)."""
+    given = dict(cfg.get("tune") or {})
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"tune.{unknown[0]}: unknown key (known: {', '.join(DEFAULTS)})")
+    return {**DEFAULTS, **given}
+
+
+def lr_find(cfg: DictConfig, model: pl.LightningModule, dm: pl.LightningDataModule, out: Path,
+            rebuild: Callable[[], pl.LightningModule]) -> tuple[pl.LightningModule, dict[str, Any] | None]:
+    """Run the LR finder when ``tune.lr_find`` is set; returns the model to train and the result.
+
+    Args:
+        cfg: the run's config (``optimizer.lr`` is replaced by the suggestion when it is used).
+        model: the freshly built model (its weights are restored after the test).
+        dm: the data module (its train loader feeds the test).
+        out: the run dir.
+        rebuild: builds the model again from ``cfg`` (called after re-seeding when the lr changed).
+
+    Returns:
+        ``(model, result)``; result is None when the finder did not run.
+    """
+    opts = tune_settings(cfg)
+    if not opts["lr_find"]:
+        return model, None
+    steps = int(opts["num_training"])
+    if steps < 20:
+        raise ConfigError(f"tune.num_training={steps}: give at least 20 steps (the suggestion skips the first 10)")
+    tcfg = cfg.trainer
+    trainer = pl.Trainer(
+        accelerator=tcfg.get("accelerator", "auto"), devices=1, precision=tcfg.get("precision", "32-true"),
+        max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=bool(tcfg.get("enable_progress_bar", True)),
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(out),
+        accumulate_grad_batches=tcfg.get("accumulate_grad_batches", 1),
+        gradient_clip_val=tcfg.get("gradient_clip_val"), deterministic=tcfg.get("deterministic", False))
+    finetune = _finetune_callback(cfg)
+    if finetune is not None:
+        from visionsweep.callbacks.finetune import set_body_frozen
+
+        set_body_frozen(model.net, True, finetune.train_bn)
+    finder = Tuner(trainer).lr_find(
+        model, datamodule=dm, min_lr=float(opts["min_lr"]), max_lr=float(opts["max_lr"]),
+        num_training=steps, mode=str(opts["mode"]), early_stop_threshold=opts["early_stop_threshold"],
+        update_attr=False)
+    if finder is None:  # fast_dev_run
+        return model, None
+    suggestion = finder.suggestion()
+    suggestion = float(suggestion) if suggestion is not None and math.isfinite(suggestion) else None
+    plot = out / "plots" / "lr_find.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    _save_plot(finder, plot)
+    result = {"suggestion": suggestion, "configured_lr": float(cfg.optimizer.lr), "used": False,
+              "plot": str(plot), "min_lr": float(opts["min_lr"]), "max_lr": float(opts["max_lr"]),
+              "steps": len(finder.results["lr"]), "body_frozen": finetune is not None}
+    (out / "lr_find.json").write_text(json.dumps({**result, **finder.results}, indent=1))
+    print(f"\nlr finder: suggested lr {suggestion if suggestion is None else f'{suggestion:.3g}'} "
+          f"(configured {cfg.optimizer.lr:g})  → {plot}", flush=True)
+    if opts["use_suggestion"]:
+        if suggestion is None:
+            log.warning("lr finder gave no suggestion (too few points or a flat loss): keeping optimizer.lr=%g",
+                        cfg.optimizer.lr)
+        else:
+            cfg.optimizer.lr = suggestion
+            result["used"] = True
+    pl.seed_everything(cfg.seed, workers=True)  # the run starts as if the finder had not run
+    return rebuild(), result
+
+
+def _finetune_callback(cfg: DictConfig) -> Any:
+    from visionsweep import builders
+    from visionsweep.callbacks.finetune import FineTune
+
+    for node in (cfg.get("callbacks") or {}).values():
+        if node and str(node.get("_target_", "")).endswith("FineTune"):
+            cb = builders.instantiate(node)
+            return cb if isinstance(cb, FineTune) else None
+    return None
+
+
+def _save_plot(finder: Any, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = finder.plot(suggest=True, show=False)
+    ax = fig.axes[0]
+    ax.set_title("learning-rate finder")
+    fig.set_size_inches(6, 4)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,199 @@
+"""Fine-tuning: local pretrained weights, freezing, discriminative lrs, LR finder, EMA, mixup/cutmix."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import CONF, FAST, compose_cfg
+
+QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+             devices=1, num_sanity_val_steps=0)
+
+
+def training(name: str) -> str:
+    """``training=<name>``, appended with ``+`` while conf/train.yaml has no ``training`` default yet."""
+    return f"training={name}" if "- training:" in (CONF / "train.yaml").read_text() else f"+training={name}"
+
+
+def _train(out: Path, root: Path, *extra: str) -> dict:
+    from visionsweep.train import train
+
+    return train(compose_cfg(out, [*FAST, f"data.root={root}", "data.builtin=null", "data.val_fraction=0.3",
+                                   "data.test_fraction=0.0", *extra]))
+
+
+def _subset(src: Path, dst: Path, classes: str, per_class: int | None = None) -> Path:
+    for c in classes:
+        (dst / c).mkdir(parents=True)
+        for f in sorted((src / c).glob("*.png"))[:per_class]:
+            shutil.copy(f, dst / c / f.name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, digits_root) -> Path:
+    """Our own 'pretrained' file: resnet18 trained on digits 0-4, exported with format=state_dict."""
+    from visionsweep.export import export
+
+    tmp = tmp_path_factory.mktemp("pretrain")
+    _train(tmp / "run", _subset(digits_root, tmp / "d04", "01234"), "trainer.max_epochs=2", "seed=0")
+    file = tmp / "resnet18_digits04.safetensors"
+    export(compose_cfg(tmp / "export", [f"ckpt_path={tmp / 'run' / 'checkpoints' / 'last.ckpt'}",
+                                        "format=state_dict", f"output={file}"], config_name="export"))
+    return file
+
+
+@pytest.fixture(scope="module")
+def new_task(tmp_path_factory, digits_root) -> Path:
+    """The new task of the fine-tune: digits 5-9, 40 images each (other classes than the pre-training)."""
+    return _subset(digits_root, tmp_path_factory.mktemp("new") / "d59", "56789", per_class=40)
+
+
+def _tiny_loader(n: int = 48, classes: int = 2) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return DataLoader(TensorDataset(x, torch.arange(n) % classes), batch_size=12)
+
+
+def _module(pretrained_file: Path | None = None, **kw):
+    from visionsweep.models.classifier import ClassifierModule
+
+    return ClassifierModule("resnet18", 2, pretrained_file=str(pretrained_file) if pretrained_file else None,
+                            image_size=32, optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-2}, **kw)
+
+
+def test_pretrained_file_loads_with_new_head_and_reports_keys(pretrained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from visionsweep.errors import ConfigError
+
+    model = _module(pretrained)
+    state = load_file(str(pretrained))
+    assert torch.equal(model.net.conv1.weight, state["conv1.weight"])
+    report = model.weights_report
+    assert report["reinitialised"] == ["fc.bias", "fc.weight"] and model.net.fc.out_features == 2
+    assert report["missing"] == [] and report["unexpected"] == []
+    save_file({**state, "extra.weight": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    assert _module(tmp_path / "x.safetensors").weights_report["unexpected"] == ["extra.weight"]
+    torch.save({"other.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(ConfigError, match="wrong.pth.*no tensor that fits"):
+        _module(tmp_path / "wrong.pth")
+    with pytest.raises(ConfigError, match="does not exist.*format=state_dict"):
+        _module(tmp_path / "missing.pth")
+
+
+def test_pretrained_hub_fails_fast_offline():
+    from visionsweep.errors import ConfigError
+    from visionsweep.models.classifier import ClassifierModule
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="model.pretrained_file"):
+        ClassifierModule("resnet18", 2, pretrained=True)
+    assert time.perf_counter() - start < 5
+
+
+class Spy(pl.Callback):
+    """Snapshots at fit start / after the frozen epoch, and the lrs of the first unfrozen step."""
+
+    def on_train_start(self, trainer, module):
+        self.start = {k: v.clone() for k, v in module.net.state_dict().items()}
+
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == 0:
+            self.frozen = {k: v.clone() for k, v in module.net.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 0:
+            self.groups = [(g["name"], g["lr"]) for g in trainer.optimizers[0].param_groups]
+            self.requires_grad = all(p.requires_grad for p in module.net.parameters())
+
+
+@pytest.mark.parametrize("train_bn", [True, False])
+def test_freeze_then_unfreeze_with_discriminative_lrs(pretrained, train_bn):
+    from visionsweep.callbacks.finetune import FineTune
+
+    spy = Spy()
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, callbacks=[
+        FineTune(freeze_epochs=1, lr_mult=100.0, train_bn=train_bn), spy], **QUIET)
+    trainer.fit(_module(pretrained), _tiny_loader())
+    before, after = spy.start, spy.frozen
+    assert torch.equal(before["layer2.0.conv1.weight"], after["layer2.0.conv1.weight"])  # frozen body
+    assert all(torch.equal(before[k], after[k]) for k in before if "conv" in k or "downsample.0" in k)
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])  # the head learned
+    bn_changed = not torch.equal(before["layer1.0.bn1.running_mean"], after["layer1.0.bn1.running_mean"])
+    assert bn_changed == train_bn
+    assert not torch.equal(before["layer1.0.bn1.weight"], after["layer1.0.bn1.weight"]) == train_bn
+    # unfrozen: everything trains; lrs rise geometrically from stem (head/100) to head
+    assert spy.requires_grad
+    lrs = dict(spy.groups)
+    names = [n for n, _ in spy.groups if not n.endswith("no_decay")]
+    assert names[0] == "bn1+conv1" and names[-1] == "head" and len(names) == 6
+    assert lrs["head"] / lrs["bn1+conv1"] == pytest.approx(100.0)
+    assert all(lrs[a] < lrs[b] for a, b in zip(names, names[1:]))
+    assert lrs["layer4/no_decay"] == lrs["layer4"]
+
+
+def test_fine_tune_from_pretrained_file_beats_scratch(pretrained, new_task, tmp_path):
+    common = ("trainer.max_epochs=1", "test=false", "seed=3", "data.batch_size=16", "optimizer.lr=0.01")
+    tuned = _train(tmp_path / "ft", new_task, training("fine_tune"), f"model.pretrained_file={pretrained}",
+                   *common)
+    scratch = _train(tmp_path / "scratch", new_task, training("scratch"), *common,
+                     "++tune.lr_find=true", "++tune.num_training=30", "++tune.use_suggestion=true")
+    # measured: 0.70 vs 0.20 (chance 0.2) after one (frozen) epoch
+    assert tuned["val/acc"] >= 0.5 and tuned["val/acc"] > scratch["val/acc"] + 0.15, (tuned, scratch)
+    run = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert run["pretrained"]["reinitialised"] == ["fc.bias", "fc.weight"] and run["pretrained"]["missing"] == []
+    # the LR finder of the scratch run: plot, finite suggestion, used for the run
+    from PIL import Image
+
+    lr = json.loads((tmp_path / "scratch" / "run.json").read_text())["lr_find"]
+    assert lr["suggestion"] is not None and math.isfinite(lr["suggestion"]) and lr["used"]
+    with Image.open(tmp_path / "scratch" / "plots" / "lr_find.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+    saved = (tmp_path / "scratch" / "config.yaml").read_text()
+    assert f"lr: {lr['suggestion']}" in saved
+
+
+def test_ema_weights_are_evaluated_and_checkpointed(tmp_path):
+    import torch.nn.functional as F
+
+    loader = _tiny_loader()
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, callbacks=[ckpt], **QUIET)
+    trainer.fit(_module(ema_decay=0.9), loader, loader)
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    ema, raw = saved["state_dict"], saved["current_model_state"]
+    assert not torch.equal(ema["net.fc.weight"], raw["net.fc.weight"])
+
+    def val_loss(state: dict) -> float:
+        model = _module()
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            losses = [F.cross_entropy(model(x), y, reduction="sum") for x, y in loader]
+        return float(sum(losses) / len(loader.dataset))
+
+    logged = float(trainer.callback_metrics["val/loss"])
+    assert val_loss(ema) == pytest.approx(logged, abs=1e-4)
+    assert val_loss(raw) != pytest.approx(logged, abs=1e-4)
+
+
+@pytest.mark.parametrize("alphas", [(0.4, 0.0), (0.0, 1.0)], ids=["mixup", "cutmix"])
+def test_mixup_and_cutmix_give_soft_targets(alphas):
+    model = _module(mixup={"mixup_alpha": alphas[0], "cutmix_alpha": alphas[1]}, label_smoothing=0.1)
+    x, y = next(iter(_tiny_loader(13)))  # odd batch: one sample is dropped
+    torch.manual_seed(0)
+    mixed, soft = model.mix(x, y)
+    assert mixed.shape == (12, 3, 32, 32) and mixed.dtype == torch.float32
+    assert soft.shape == (12, 2) and torch.allclose(soft.sum(1), torch.ones(12))
+    assert (soft.max(1).values < 0.95).all()  # no hard (or merely smoothed) targets left
+    assert torch.isfinite(model.training_step((x, y), 0))
