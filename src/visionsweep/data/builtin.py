@@ -240,7 +240,7 @@ BUILTIN: dict[str, Callable[..., Path]] = {"digits": export_digits, "shapes": wr
 
 def write_shapes_seg(
     root: str | Path,
-    n_images: int = 200,
+    n_images: int = 400,
     size: int = 64,
     classes: Sequence[str] = ("circle", "square", "triangle"),
     max_shapes: int = 3,

@@ -11,6 +11,7 @@ padded (masks with ``ignore_index``), and the model pads to its stride and crops
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import os
@@ -156,7 +157,8 @@ class SegmentationDataset(Dataset):
             reseed_in_worker(self.transform)  # no-op in the main process
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        return _to_chw_uint8(image, image_path), torch.from_numpy(np.ascontiguousarray(mask)).long()
+        mask = np.asarray(mask).astype(np.int64)  # a copy: decoded arrays are read-only
+        return _to_chw_uint8(image, image_path), torch.from_numpy(mask)
 
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: int) -> tuple[torch.Tensor, ...]:
@@ -166,16 +168,6 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: in
     images = [F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2])) for x, _ in batch]
     masks = [F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2]), value=ignore_index) for _, m in batch]
     return torch.stack(images), torch.stack(masks)
-
-
-class _Collate:
-    """Picklable collate function (workers) bound to an ``ignore_index``."""
-
-    def __init__(self, ignore_index: int) -> None:
-        self.ignore_index = ignore_index
-
-    def __call__(self, batch: list) -> tuple[torch.Tensor, ...]:
-        return pad_collate(batch, self.ignore_index)
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -353,20 +345,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         """Number of classes (mask values 0..num_classes-1)."""
         return len(self.classes)
 
-    @property
-    def train_samples(self) -> list[Pair]:
-        """``(image, mask)`` pairs of the training split."""
-        return self._state()["train"]
-
-    @property
-    def val_samples(self) -> list[Pair]:
-        """``(image, mask)`` pairs of the validation split."""
-        return self._state()["val"]
-
-    @property
-    def test_samples(self) -> list[Pair]:
-        """``(image, mask)`` pairs of the test split (may be empty)."""
-        return self._state()["test"]
+    train_samples = property(lambda self: self._state()["train"], doc="``(image, mask)`` pairs of the train split.")
+    val_samples = property(lambda self: self._state()["val"], doc="``(image, mask)`` pairs of the val split.")
+    test_samples = property(lambda self: self._state()["test"], doc="``(image, mask)`` pairs of the test split.")
 
     @property
     def has_test(self) -> bool:
@@ -412,7 +393,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self._state()
         return DataLoader(SegmentationDataset(self._state()[split], transform, self.binary),
                           batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, collate_fn=_Collate(self.ignore_index),
+                          pin_memory=self.pin_memory, collate_fn=functools.partial(pad_collate, ignore_index=self.ignore_index),
                           persistent_workers=self.persistent_workers and self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
