@@ -326,11 +326,11 @@ def write_overlays(samples: Sequence[tuple[np.ndarray, ...]], path: Path, class_
 
 @torch.no_grad()
 def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Path, resize: bool = True) -> list[Path]:
-    """Write ``<out_dir>/<stem>.png`` class-index masks (palette PNGs) for every image in ``images``.
+    """Write ``<out_dir>/<stem>.png`` class-index masks (palette PNGs) for an image or every image in a folder.
 
     Args:
         model: A trained module (``SegmenterModule.load_from_checkpoint(path)``).
-        images: Folder of images (direct children).
+        images: An image file, or a folder of images (direct children).
         out_dir: Destination folder (created).
         resize: Resize the short side to the model's ``image_size`` first (the training scale); the
             logits are resized back, so every mask has its image's size either way.
@@ -345,9 +345,14 @@ def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Pa
     from visionsweep.errors import DataError
 
     folder, out = Path(images).expanduser(), Path(out_dir).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"'{folder}' is not a folder of images")
-    paths, _ = scan.list_images(folder)
+    if folder.is_file():
+        paths = [folder]
+    elif folder.is_dir():
+        paths, _ = scan.list_images(folder)
+    else:
+        raise DataError(f"input '{folder}' does not exist: give an image or a folder of images")
+    if not paths:
+        raise DataError(f"no images in '{folder}'")
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     written, flat = [], palette().flatten().tolist()
@@ -367,3 +372,12 @@ def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Pa
         written.append(out / f"{path.stem}.png")
         mask.save(written[-1])
     return written
+
+
+def load_segmenter(ckpt_path: str | Path) -> SegmenterModule | None:
+    """The segmenter of a checkpoint in eval mode, or None when the checkpoint holds another model."""
+    hp = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    if "decoder" not in hp or "encoder_depth" not in hp:
+        return None
+    model = SegmenterModule.load_from_checkpoint(ckpt_path, map_location="cpu", pretrained=False, pretrained_file=None)
+    return model.eval()
