@@ -12,7 +12,8 @@ makes evaluation on cached samples bit-identical to evaluation without a cache.
 
 * ``memory``: all samples are decoded up front (a thread pool; the decoders release the GIL) into one
   packed uint8 buffer, shared copy-on-write with forked DataLoader workers.
-* ``disk``: one ``.npy`` file per sample under ``<cache_dir>/<rule key>/``, read memory-mapped. The
+* ``disk``: one small raw file per sample (16-byte header + the uint8 pixels; np.load's header parsing
+  costs more than reading a small image) under ``<cache_dir>/<rule key>/``. The
   entry name hashes the file's path, size and mtime: a changed file simply misses (and is re-decoded),
   never serves stale pixels. Entries are written to a unique temp file and renamed into place (atomic on
   POSIX), so concurrent sweep jobs filling the same cache cannot corrupt it; no lock is needed because
@@ -27,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -44,6 +46,24 @@ log = logging.getLogger(__name__)
 CACHE_MODES = ("none", "memory", "disk")
 CACHE_DIRNAME = ".visionsweep_cache"  # hidden: the folder scanner skips it
 _FORMAT = 1  # bump when the stored layout changes: old entries then simply miss
+_MAGIC = b"VSC1"
+_HEADER = struct.Struct("<4sIII")  # magic, height, width, channels
+
+
+def encode_entry(arr: np.ndarray) -> bytes:
+    """A uint8 HWC array as one cache entry (header + raw pixels)."""
+    h, w, c = arr.shape
+    return _HEADER.pack(_MAGIC, h, w, c) + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+
+
+def decode_entry(data: bytes) -> np.ndarray | None:
+    """The array stored in ``data``; None when it is not a complete entry (truncated, foreign, corrupt)."""
+    if len(data) < _HEADER.size:
+        return None
+    magic, h, w, c = _HEADER.unpack_from(data)
+    if magic != _MAGIC or len(data) != _HEADER.size + h * w * c:
+        return None
+    return np.frombuffer(data, dtype=np.uint8, offset=_HEADER.size).reshape(h, w, c).copy()
 
 
 def train_short_side(image_size: int, crop_pct: float = 1.0, scale: float = 1.15) -> int:
@@ -182,7 +202,7 @@ class MemoryCache:
 
 
 class DiskCache:
-    """Per-sample ``.npy`` files under ``<cache_dir>/<rule key>/`` (see module docs).
+    """Per-sample raw files (``.u8``) under ``<cache_dir>/<rule key>/`` (see module docs).
 
     Args:
         cache_dir: Cache root (``<data root>/.visionsweep_cache`` unless ``data.cache_dir`` is set).
@@ -200,18 +220,19 @@ class DiskCache:
         st = os.stat(path)
         ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}"
         digest = hashlib.sha1(ident.encode()).hexdigest()
-        return self.dir / digest[:2] / f"{digest}.npy"
+        return self.dir / digest[:2] / f"{digest}.u8"
 
     def get(self, path: str | Path) -> np.ndarray:
         """The cached sample of ``path``; decoded and stored first when missing or stale."""
         entry = self.entry(path)
         try:
-            arr = np.array(np.load(entry, mmap_mode="r"))  # copy: transforms may write in place
-            if arr.dtype == np.uint8 and arr.ndim == 3:
+            with open(entry, "rb") as f:
+                arr = decode_entry(f.read())
+            if arr is not None:
                 self.hits += 1
                 return arr
-        except (FileNotFoundError, ValueError, OSError, EOFError):
-            pass  # missing, or unreadable for any reason: decode again and replace it
+        except OSError:
+            pass  # missing or unreadable: decode again and replace it
         self.misses += 1
         arr = self.rule.decode(path)
         self._store(entry, arr)
@@ -222,7 +243,7 @@ class DiskCache:
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
+                f.write(encode_entry(arr))
             os.replace(tmp, entry)  # atomic: readers see the old entry, no entry, or the whole new one
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -264,7 +285,7 @@ class DiskCache:
         """
         keep = {self.entry(p) for p in paths}
         removed = 0
-        for f in self.dir.glob("*/*.npy"):
+        for f in self.dir.glob("*/*.u8"):
             if f not in keep:
                 f.unlink(missing_ok=True)
                 removed += 1

@@ -69,7 +69,7 @@ class FolderDataModule(pl.LightningDataModule):
         train_transform: Training augmentation, ``t(image=hwc_uint8)["image"]``.
         eval_transform: Evaluation transform (val/test/predict).
         cache: Decoded-sample cache: ``none``, ``memory`` (decode everything once when the first
-            loader is built, shared with the workers) or ``disk`` (``.npy`` files filled during the first
+            loader is built, shared with the workers) or ``disk`` (one file per image, filled during the first
             epoch, re-used by later runs and sweep jobs); see :mod:`visionsweep.data.cache`.
         cache_dir: Disk cache root; None: ``<root>/.visionsweep_cache``.
         cache_scale: Training samples are cached with short side ``image_size * cache_scale`` (room for
