@@ -105,6 +105,9 @@ def run_features(cfg: DictConfig, index: plots.Index) -> None:
     layers = OmegaConf.to_container(opts.layers) if opts.get("layers") is not None else None
     indices = choose_layers(info, layers)
     acts = activations(ck.model, x, indices)
+    if len({info[i].get("reduction") for i in indices}) == 1 and len(indices) > 1:
+        index.note(f"{ck.hp.backbone}: every layer has stride {info[indices[0]].get('reduction')} (a transformer: "
+                   "tokens reshaped to a grid, class token dropped), so maps do not shrink with depth")
     k = int(opts.get("top_k") or 8)
     views = uint8_hwc(x)
     titles = [image_title(ck, p, y) for p, y in zip(paths, labels)]

@@ -66,12 +66,15 @@ def _confusion_figure(cm: np.ndarray, classes: list[str], index: plots.Index) ->
     n = len(classes)
     panel = max(3.0, 0.45 * n)
     fig, axes = plots.grid(1, 2, panel=panel)
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.16, wspace=0.3)  # room for class names
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     for ax, data, title, fmt in ((axes[0, 0], cm, "counts (rows: actual)", "d"),
                                  (axes[0, 1], norm, "normalised per actual class", ".2f")):
         ax.imshow(data, cmap="Blues", vmin=0, vmax=data.max() or 1)
         ax.set_title(title, fontsize=8)
-        if n <= 20:
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("actual", fontsize=7)
+        if n <= 20:  # names and numbers only while they stay readable
             ticks = range(n)
             ax.set_xticks(ticks, [c[:8] for c in classes], fontsize=6, rotation=90)
             ax.set_yticks(ticks, [c[:8] for c in classes], fontsize=6)
@@ -87,7 +90,7 @@ def _table_figure(stats: dict[str, np.ndarray], classes: list[str], index: plots
             zip(classes, stats["precision"], stats["recall"], stats["f1"], stats["support"])]
     rows.append(["macro avg", *(f"{stats[k].mean():.3f}" for k in ("precision", "recall", "f1")),
                  str(int(stats["support"].sum()))])
-    fig, axes = plots.grid(1, 1, panel=max(3.0, 0.25 * (len(rows) + 2)))
+    fig, axes = plots.grid(1, 1, panel=5.0, aspect=max(0.3, 0.06 * (len(rows) + 2)))
     ax = axes[0, 0]
     ax.axis("off")
     ax.table(cellText=rows, colLabels=["class", "precision", "recall", "F1", "support"], loc="center")

@@ -65,11 +65,14 @@ def show(ax: Any, image: np.ndarray, title: str = "", cmap: str | None = None, *
         ax.set_title(title, fontsize=8)
 
 
-def overlay(ax: Any, image: np.ndarray, heat: np.ndarray, title: str = "", alpha: float = 0.5,
+def overlay(ax: Any, image: np.ndarray, heat: np.ndarray, title: str = "", alpha: float = 0.7,
             cmap: str = "jet") -> None:
-    """Draw ``image`` with a heat map (same height/width) blended on top."""
+    """Draw ``image`` with a 0..1 heat map on top; low values stay transparent so the image shows."""
     show(ax, image, title)
-    ax.imshow(heat, cmap=cmap, alpha=alpha, extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
+    heat = np.clip(np.asarray(heat, dtype=np.float32), 0, 1)
+    rgba = plt.get_cmap(cmap)(heat)
+    rgba[..., 3] = alpha * heat
+    ax.imshow(rgba, extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
 
 
 def to_display(image: np.ndarray) -> np.ndarray:

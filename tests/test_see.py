@@ -1,0 +1,179 @@
+"""`visionsweep.see` end to end on a tiny model trained once on generated shapes; pictures are checked."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FAST, compose_cfg, run_cli
+
+SIZE = 32
+
+
+def _see(out: Path, *overrides: str) -> dict:
+    from visionsweep.see import see
+
+    result = see(compose_cfg(out, list(overrides), config_name="see"))
+    _check_pngs(out, result)
+    return result
+
+
+def _check_pngs(out: Path, result: dict) -> None:
+    """Every PNG in the index opens, has the size its grid plans, and is not blank."""
+    from visionsweep.analysis.plots import grid_size
+
+    index = json.loads((out / "index.json").read_text())
+    assert index["files"] == result["files"] and (out / "index.md").is_file()
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f["file"] for f in index["files"])
+    for f in index["files"]:
+        with Image.open(out / f["file"]) as im:
+            im.verify()
+        with Image.open(out / f["file"]) as im:
+            planned = grid_size(f["rows"], f["cols"], f["panel"], f["dpi"], f["aspect"])
+            assert im.size == planned == (f["width"], f["height"]), f
+            assert np.asarray(im.convert("L")).std() > 5, f"{f['file']} looks blank"
+
+
+def _train_on_shapes(out: Path, root: Path, *extra: str) -> dict:
+    from visionsweep.train import train
+
+    metrics = train(compose_cfg(out, [*FAST, f"data.root={root}", f"data.image_size={SIZE}", "data.batch_size=16",
+                                      "seed=1", *extra]))
+    run = json.loads((out / "run.json").read_text())
+    return {"root": root, "run": out, "ckpt": run["best_checkpoint"], "metrics": metrics, "run_json": run}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes_root) -> dict:
+    """resnet18 trained once, briefly, on the generated shapes at 32 px (shared by every test here)."""
+    return _train_on_shapes(tmp_path_factory.mktemp("see") / "run", shapes_root, "trainer.max_epochs=2")
+
+
+@pytest.fixture(scope="module")
+def shapes_with_boxes(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int, int, int]]]:
+    """Fresh shape images (unseen seed) in class folders, with each shape's exact bounding box."""
+    from visionsweep.data.builtin import _background, render_shape
+
+    folder = tmp_path_factory.mktemp("boxed")
+    rng, boxes = np.random.default_rng(123), {}
+    classes = ["circle", "square", "triangle"]
+    for i in range(15):
+        kind = classes[i % 3]
+        background_rng = copy.deepcopy(rng)  # the same draws render_shape makes for its background
+        image = render_shape(rng, kind, SIZE)
+        background = _background(background_rng, SIZE)[0].astype(np.uint8)
+        ys, xs = np.nonzero(np.abs(image.astype(int) - background.astype(int)).sum(axis=2) > 0)
+        (folder / kind).mkdir(exist_ok=True)
+        Image.fromarray(image).save(folder / kind / f"{i:02d}.png")
+        boxes[f"{i:02d}.png"] = (ys.min(), ys.max(), xs.min(), xs.max())
+    return folder, boxes
+
+
+def _occlusion_hits(out: Path, ckpt: str, folder: Path, boxes: dict) -> list[bool]:
+    result = _see(out, "see=occlusion", f"ckpt_path={ckpt}", f"image={folder}", "see.window=8", "see.stride=4",
+                  "see.max_images=15")
+    assert [(f["rows"], f["cols"]) for f in result["files"]] == [(15, 3)]
+    maps = np.load(out / "occlusion_maps.npy")
+    assert maps.shape == (15, SIZE, SIZE) and np.isfinite(maps).all() and np.abs(maps).max() > 0
+    hits = []
+    for res, heat in zip(result["results"], maps):
+        y0, y1, x0, x1 = boxes[Path(res["image"]).name]
+        py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        assert [py, px] == res["peak_yx"] and heat.max() == pytest.approx(res["max_drop"], abs=1e-4)
+        hits.append(bool(y0 <= py <= y1 and x0 <= px <= x1))
+    return hits
+
+
+def test_occlusion_maps_and_peaks(trained, shapes_with_boxes, tmp_path):
+    folder, boxes = shapes_with_boxes
+    _occlusion_hits(tmp_path, trained["ckpt"], folder, boxes)
+
+
+@pytest.mark.slow
+def test_occlusion_peak_lies_on_the_shape_of_a_trained_model(shapes_with_boxes, tmp_path):
+    """A model that has learned the shapes must look at them: peak drop inside the box for ≥ 80 %."""
+    from visionsweep.data.builtin import write_shapes
+
+    root = write_shapes(tmp_path / "shapes", n_per_class=400, size=SIZE, seed=0)
+    model = _train_on_shapes(tmp_path / "run", root, "trainer.max_epochs=25", "data.val_fraction=0.1",
+                             "data.test_fraction=0.1", "data.batch_size=32")
+    assert model["metrics"]["test/acc"] >= 0.85, model["metrics"]
+    folder, boxes = shapes_with_boxes
+    hits = _occlusion_hits(tmp_path / "see", model["ckpt"], folder, boxes)
+    assert np.mean(hits) >= 0.8, hits
+
+
+def test_features_one_grid_per_stage_shrinking_like_feature_info(trained, tmp_path):
+    import timm
+
+    result = _see(tmp_path, "see=features", f"ckpt_path={trained['ckpt']}", "see.top_k=4", "see.max_images=3")
+    info = timm.create_model("resnet18", num_classes=3).feature_info
+    layers = [f for f in result["files"] if f["file"].startswith("features_0")]
+    assert [f["layer"] for f in layers] == [i["module"] for i in info]   # act1, layer1..layer4
+    sizes = [f["map_size"][0] for f in layers]
+    assert sizes == [-(-SIZE // i["reduction"]) for i in info] == [16, 8, 4, 2, 1]
+    assert [f["channels"] for f in layers] == [i["num_chs"] for i in info]
+    assert all((f["rows"], f["cols"]) == (3, 5) for f in layers)   # one val image per class; input + top 4
+    assert any(f["file"] == "features_overview.png" for f in result["files"])
+
+
+def test_filters_and_gradcam(trained, shapes_with_boxes, tmp_path):
+    result = _see(tmp_path / "f", "see=filters", f"ckpt_path={trained['ckpt']}")
+    assert result["layer"] == "conv1" and (result["files"][0]["rows"], result["files"][0]["cols"]) == (8, 8)
+    folder, _ = shapes_with_boxes
+    result = _see(tmp_path / "g", "see=gradcam", f"ckpt_path={trained['ckpt']}", f"image={folder / 'circle'}",
+                  "see.classes=[square,triangle]")
+    assert result["layer"] == "layer4"
+    assert (result["files"][0]["rows"], result["files"][0]["cols"]) == (4, 4)   # input, pred, 2 classes
+
+
+def test_errors_match_the_training_runs_torchmetrics(trained, tmp_path):
+    result = _see(tmp_path, "see=errors", f"ckpt_path={trained['ckpt']}", "split=test", "see.top_k=6")
+    test_rows = (trained["run"] / "splits" / "test.csv").read_text().strip().splitlines()[1:]
+    cm = np.array(result["confusion_matrix"])
+    assert result["split"] == "test" and cm.sum() == len(test_rows) == result["n_images"]
+    # the training run tested this same checkpoint with torchmetrics' MulticlassConfusionMatrix
+    assert cm.tolist() == trained["run_json"]["test_report"]["confusion_matrix"]
+    assert result["accuracy"] == pytest.approx(trained["metrics"]["test/acc"], abs=1e-6)
+    for name, row in trained["run_json"]["test_report"]["per_class"].items():
+        assert result["per_class"][name]["f1"] == pytest.approx(row["f1"], abs=1e-5)
+    assert [f["file"] for f in result["files"]] == ["confusion.png", "per_class.png", "top_losses.png"]
+    losses = [g["loss"] for g in result["top_losses"]]
+    assert len(losses) == 6 and losses == sorted(losses, reverse=True)
+    assert (tmp_path / "per_class.csv").read_text().count("\n") == 4
+
+
+def test_augment_and_batch_previews(trained, tmp_path):
+    data = ["data=shapes", f"data.root={trained['root']}", f"data.image_size={SIZE}", "model=resnet18"]
+    result = _see(tmp_path / "a", "see=augment", "augmentation=strong", "see.samples=3", "see.variants=4", *data)
+    assert [(f["rows"], f["cols"]) for f in result["files"]] == [(3, 6)]
+    assert result["files"][0]["file"] == "augment_strong.png"
+    result = _see(tmp_path / "b", "see=batch", "data.batch_size=12", *data)
+    assert result["batch_shape"] == [12, 3, SIZE, SIZE] and result["dtype"] == "torch.uint8"
+    assert [(f["rows"], f["cols"]) for f in result["files"]] == [(2, 8)] and len(result["labels"]) == 12
+
+
+def test_kernels_on_a_folder(shapes_with_boxes, tmp_path):
+    folder, _ = shapes_with_boxes
+    result = _see(tmp_path, "see=kernels", f"image={folder / 'square'}", "see.padding=zero",
+                  "see.extra={sharpen: [[0,-1,0],[-1,5,-1],[0,-1,0]]}")
+    kernel_files = [f for f in result["files"] if f["file"].startswith("kernels_")]
+    assert len(kernel_files) == 5 and all((f["rows"], f["cols"]) == (6, 2) for f in kernel_files)
+
+
+def test_cli_bad_mode_and_missing_image_are_one_line(tmp_path):
+    bad = run_cli("see", "see=occlusio")
+    assert bad.returncode == 2, bad.stderr
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "see=occlusio" in lines[0]
+    assert "occlusion" in lines[0]   # the close match is suggested
+    missing = run_cli("see", "see=kernels", f"image={tmp_path / 'nope.png'}", f"out_dir={tmp_path / 'o'}",
+                      f"hydra.run.dir={tmp_path / 'h'}")
+    assert missing.returncode == 2, missing.stderr
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nope.png" in lines[0], lines
