@@ -128,7 +128,8 @@ def test_filters_and_gradcam(trained, shapes_with_boxes, tmp_path):
     folder, _ = shapes_with_boxes
     result = _see(tmp_path / "g", "see=gradcam", f"ckpt_path={trained['ckpt']}", f"image={folder / 'circle'}",
                   "see.classes=[square,triangle]")
-    assert result["layer"] == "layer4"
+    assert result["layer"] == "layer3"   # layer4 is 1x1 at 32 px: the deepest stage with a 2x2 map
+    assert any("layer4 gives a 1x1 map" in n for n in result["notes"])
     assert (result["files"][0]["rows"], result["files"][0]["cols"]) == (4, 4)   # input, pred, 2 classes
 
 

@@ -21,33 +21,51 @@ from visionsweep.analysis.features import feature_points
 from visionsweep.errors import ConfigError
 
 
+def _output_shapes(model: Any, x: torch.Tensor, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Output shape of each named module of ``model.net`` for one image."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def grab(name: str) -> Any:
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:  # returns None: the output stays as it is
+            shapes.setdefault(name, tuple(out.shape))
+        return hook
+
+    handles = [model.net.get_submodule(n).register_forward_hook(grab(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
 def cam_layer(model: Any, x: torch.Tensor, name: str | None = None) -> tuple[str, nn.Module]:
-    """The layer Grad-CAM attributes to: ``name``, else the last timm feature point; must be spatial.
+    """The layer Grad-CAM attributes to: ``name``, else the deepest timm feature point (stage) whose map
+    is at least 2x2 at this input size (a 1x1 map cannot localise anything); it must be spatial.
 
     Raises:
         ConfigError: an unknown layer, or one whose output is not an NCHW map (e.g. ViT blocks).
     """
     net = model.net
-    name = name or feature_points(net)[-1]["module"]
-    try:
-        layer = net.get_submodule(name)
-    except AttributeError:
-        raise ConfigError(f"see.layer='{name}' is not a module of {model.hparams.backbone} "
-                          "(names as in model.net.named_modules(), e.g. layer4, stages.3)") from None
-    shapes: list[tuple[int, ...]] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        handle.remove()
-    if not shapes or len(shapes[0]) != 4:
-        got = "x".join(map(str, shapes[0])) if shapes else "nothing"
+    candidates = [name] if name else [p["module"] for p in feature_points(net)][::-1]
+    for cand in candidates:
+        try:
+            net.get_submodule(cand)
+        except AttributeError:
+            raise ConfigError(f"see.layer='{cand}' is not a module of {model.hparams.backbone} "
+                              "(names as in model.net.named_modules(), e.g. layer4, stages.3)") from None
+    shapes = _output_shapes(model, x, candidates)
+    first = shapes.get(candidates[0], ())
+    if len(first) != 4:
+        got = "x".join(map(str, first)) or "nothing"
         raise ConfigError(
-            f"see=gradcam does not apply to {model.hparams.backbone}: its layer '{name}' gives {got} "
+            f"see=gradcam does not apply to {model.hparams.backbone}: its layer '{candidates[0]}' gives {got} "
             "(tokens, not a conv feature map), and Grad-CAM needs a spatial conv stage; use see=occlusion "
             "or see=features, which work for transformers")
-    return name, layer
+    chosen = next((c for c in candidates if len(shapes.get(c, ())) == 4 and min(shapes[c][-2:]) >= 2),
+                  candidates[0])
+    return chosen, net.get_submodule(chosen)
 
 
 def gradcam_maps(model: Any, layer: nn.Module, x: torch.Tensor, targets: list[int]) -> np.ndarray:
@@ -68,6 +86,10 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
     paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4))
     x = ck.prepare(load_images(paths))
     name, layer = cam_layer(ck.model, x, opts.get("layer"))
+    last = feature_points(ck.model.net)[-1]["module"]
+    if not opts.get("layer") and name != last:
+        index.note(f"{last} gives a 1x1 map at {ck.hp.image_size} px, which cannot localise: used {name}, "
+                   "the deepest stage with a map of at least 2x2")
     with torch.no_grad():
         probs = ck.model(x).softmax(1)
     preds = probs.argmax(1).tolist()

@@ -76,10 +76,12 @@ def overlay(ax: Any, image: np.ndarray, heat: np.ndarray, title: str = "", alpha
 
 
 def to_display(image: np.ndarray) -> np.ndarray:
-    """Scale any float map to 0..1 for display (constant maps become zeros)."""
+    """Scale any float map to 0..1 for display (flat maps, float noise included, become zeros)."""
     image = np.asarray(image, dtype=np.float32)
     lo, hi = float(image.min()), float(image.max())
-    return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+    if hi - lo <= 1e-6 * max(1.0, abs(hi), abs(lo)):
+        return np.zeros_like(image)
+    return (image - lo) / (hi - lo)
 
 
 class Index:
