@@ -8,7 +8,7 @@ ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train eval predict export sweep report see bench test test-all clean
+.PHONY: help install train eval predict export pretrain sweep report see bench cache test test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,7 +33,12 @@ predict: $(STAMP)  ## class + probabilities per image: make predict ARGS="ckpt_p
 export: $(STAMP)  ## ONNX / TorchScript export: make export ARGS="ckpt_path=... format=onnx"
 	$(PY) -m visionsweep.export $(ARGS)
 
-sweep: $(STAMP)  ## the smoke sweep (arch x augmentation x seed, ~2 min); ARGS="experiment=arch_vs_aug" for the full one
+pretrain: $(STAMP)  ## our own "pretrained" resnet34 (on shapes) for the offline fine-tune demo → data/pretrained/resnet34_shapes.safetensors
+	run=runs/pretrain/resnet34_shapes_$$(date +%Y-%m-%d_%H-%M-%S); \
+	$(PY) -m visionsweep.train model=resnet34 data=shapes data.image_size=32 trainer.max_epochs=10 test=false logger=csv hydra.run.dir=$$run && \
+	$(PY) -m visionsweep.export ckpt_path=$$run/checkpoints/last.ckpt format=state_dict output=data/pretrained/resnet34_shapes.safetensors hydra.run.dir=$$run/export
+
+sweep: $(STAMP)  ## the smoke sweep (arch x augmentation x seed, 18 tiny jobs); the full one: python -m visionsweep.train -m experiment=arch_vs_aug
 	$(PY) -m visionsweep.train -m experiment=smoke_sweep $(ARGS)
 
 report: $(STAMP)  ## comparison report of the newest sweep (or ARGS="runs/train/multirun/<stamp>")
@@ -44,6 +49,9 @@ see: $(STAMP)  ## pictures of what a CNN sees: make see ARGS="see=kernels" (kern
 
 bench: $(STAMP)  ## speed ratios measured side by side (framework vs hand-written loop, loaders, cache)
 	$(PY) benchmarks/bench.py $(ARGS)
+
+cache: $(STAMP)  ## pre-fill the decoded-sample cache: make cache ARGS="data=folder data.root=/photos model=resnet34"
+	$(PY) -m visionsweep.data.cache $(ARGS)
 
 test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores)
 	$(PY) -m pytest $(ARGS)

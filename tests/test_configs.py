@@ -29,7 +29,7 @@ REQUIRED = {"data": {"folder": ["data.root=/some/photos"], "seg_folder": ["data.
 
 def test_every_group_is_used_by_a_root_config():
     used = {g for root in ROOTS for g in _groups_of(root)}
-    groups = {p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment", "training")}
+    groups = {p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment")}
     assert groups <= used, groups - used
 
 

@@ -118,12 +118,13 @@ class Spy(pl.Callback):
 
 
 @pytest.mark.parametrize("train_bn", [True, False])
-def test_freeze_then_unfreeze_with_discriminative_lrs(pretrained, train_bn):
+def test_freeze_then_unfreeze_with_discriminative_lrs(pretrained, train_bn, tmp_path):
     from visionsweep.callbacks.finetune import FineTune
 
     spy = Spy()
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, callbacks=[
-        FineTune(freeze_epochs=1, lr_mult=100.0, train_bn=train_bn), spy], **QUIET)
+        FineTune(freeze_epochs=1, lr_mult=100.0, train_bn=train_bn), spy], enable_checkpointing=False,
+        default_root_dir=tmp_path, **QUIET)
     trainer.fit(_module(pretrained), _tiny_loader())
     before, after = spy.start, spy.frozen
     assert torch.equal(before["layer2.0.conv1.weight"], after["layer2.0.conv1.weight"])  # frozen body
@@ -168,7 +169,7 @@ def test_ema_weights_are_evaluated_and_checkpointed(tmp_path):
 
     loader = _tiny_loader()
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, callbacks=[ckpt], **QUIET)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, callbacks=[ckpt], default_root_dir=tmp_path, **QUIET)
     trainer.fit(_module(ema_decay=0.9), loader, loader)
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     ema, raw = saved["state_dict"], saved["current_model_state"]

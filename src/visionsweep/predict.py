@@ -91,6 +91,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     out = Path(cfg.paths.output_dir)
     if cfg.get("input") in (None, ""):
         raise ConfigError("input is required: input=<image or folder>")
+    seg = _predict_masks(cfg, out)
+    if seg is not None:
+        return seg
     model, ckpt = load_classifier(cfg.ckpt_path, cfg.paths.log_dir)
     paths = list_images(cfg.input)
     device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -115,6 +118,23 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
                       n_images=len(rows), accuracy=acc, status="ok")
     _print_table(rows, int(cfg.get("show") or 20), out, acc)
     return rows
+
+
+def _predict_masks(cfg: DictConfig, out: Path) -> list[dict[str, Any]] | None:
+    """Segmentation checkpoints: mask PNGs (class indices, palette) in <run>/masks/; None for classifiers."""
+    from visionsweep.models.segmenter import load_segmenter, predict_folder
+
+    ckpt = (find_latest_checkpoint(cfg.paths.log_dir, "train") if str(cfg.ckpt_path) == "latest"
+            else check_checkpoint(cfg.ckpt_path))
+    model = load_segmenter(ckpt)
+    if model is None:
+        return None
+    device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    written = predict_folder(model.to(device), cfg.input, out / "masks")
+    runinfo.RunRecord(out, task="predict", checkpoint=str(ckpt), input=str(cfg.input), n_images=len(written),
+                      status="ok")
+    print(f"\n{len(written)} masks → {out / 'masks'}", flush=True)
+    return [{"path": str(p)} for p in written]
 
 
 def _print_table(rows: list[dict[str, Any]], show: int, out: Path, acc: float | None) -> None:

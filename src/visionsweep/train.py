@@ -6,6 +6,7 @@ best checkpoint → run.json.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -62,7 +63,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         record.update(
             status="ok", metrics=metrics, best_checkpoint=best or None, epochs=trainer.current_epoch,
             fit_seconds=round(fit_s, 2),
-            train_images_per_s=round(len(dm.train_samples) * max(epochs, 1) / fit_s, 1),
+            train_images_per_s=_images_per_s(metrics, trainer, dm, epochs, fit_s),
+            perf=_read_json(out / "perf.json"),
             test_report=getattr(model, "test_report", None) or None)
         _print_summary(metrics, fit_s, out)
         return metrics
@@ -92,6 +94,18 @@ def _resume_checkpoint(cfg: DictConfig) -> Path | None:
     return ckpt
 
 
+def _images_per_s(metrics: dict[str, float], trainer: pl.Trainer, dm: Any, epochs: int, fit_s: float) -> float:
+    """Training images/s: the throughput callback's step-inclusive rate, else batches seen / fit time."""
+    if metrics.get("perf/img_s"):
+        return round(metrics["perf/img_s"], 1)
+    seen = min(trainer.num_training_batches * dm.batch_size, len(dm.train_samples)) * max(epochs, 1)
+    return round(seen / fit_s, 1)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
@@ -119,7 +133,7 @@ def _remove_if_only_hydra_files(out: Path) -> None:
 
 
 def _print_summary(metrics: dict[str, float], seconds: float, out: Path) -> None:
-    keys = ("val/acc_best", "val/acc", "test/acc")
+    keys = ("val/acc_best", "val/acc", "test/acc", "val/miou_best", "val/miou", "test/miou")
     shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
     print(f"\n{shown}  ({seconds:.0f} s)  → {out}", flush=True)
 

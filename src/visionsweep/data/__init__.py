@@ -4,6 +4,7 @@ from visionsweep.data.builtin import BUILTIN, ensure_builtin, export_digits, wri
 from visionsweep.data.dataset import ImageFolderDataset
 from visionsweep.data.folder import FolderDataModule
 from visionsweep.data.images import IMAGE_EXTENSIONS, check_image, is_image_file, load_rgb
+from visionsweep.data.segmentation import SegmentationDataModule
 from visionsweep.data.splits import split_counts, stratified_split
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "FolderDataModule",
     "ImageFolderDataset",
+    "SegmentationDataModule",
     "check_image",
     "ensure_builtin",
     "export_digits",
