@@ -84,10 +84,10 @@ def test_bad_config_values_give_a_message_naming_them(shapes_root, tmp_path, ove
 # the command line itself: a few cases end to end (each starts a Python process)
 @pytest.mark.parametrize(("args", "words"), [
     (["data=folder", "data.root=/no/such/folder"], ["/no/such/folder", "does not exist"]),
-    (["data=folder"], ["data.root", "required"]),
+    pytest.param(["data=folder"], ["data.root", "required"], marks=pytest.mark.slow),
     (["model=resnt34"], ["model=resnt34", "resnet34"]),
     (["trainer.max_epoch=3"], ["trainer.max_epoch", "no such key"]),
-    (["model.backbone=resnt34"], ["resnt34", "resnet34"]),
+    pytest.param(["model.backbone=resnt34"], ["resnt34", "resnet34"], marks=pytest.mark.slow),
 ])
 def test_cli_prints_one_line_and_exits_2(args, words, tmp_path):
     proc = run_cli("train", *args, f"hydra.run.dir={tmp_path / 'run'}")

@@ -57,6 +57,7 @@ def test_predict_single_image_with_tta(ckpt, digits_root, tmp_path):
     assert tta[0]["probability"] != plain[0]["probability"]  # other views were averaged in
 
 
+@pytest.mark.slow  # a Python process per case: the in-process tests cover the messages
 def test_predict_cli_reports_a_bad_input_in_one_line(ckpt, tmp_path):
     res = run_cli("predict", f"ckpt_path={ckpt}", f"input={tmp_path / 'nope'}",
                   f"hydra.run.dir={tmp_path / 'run'}")

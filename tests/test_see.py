@@ -169,6 +169,7 @@ def test_kernels_on_a_folder(shapes_with_boxes, tmp_path):
     assert len(kernel_files) == 5 and all((f["rows"], f["cols"]) == (6, 2) for f in kernel_files)
 
 
+@pytest.mark.slow  # a Python process per case: the in-process tests cover the messages
 def test_cli_bad_mode_and_missing_image_are_one_line(tmp_path):
     bad = run_cli("see", "see=occlusio")
     assert bad.returncode == 2, bad.stderr
