@@ -12,6 +12,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -127,6 +128,7 @@ def plot_curves(configs: list[Configuration], metric: str, path: Path) -> Path |
     if not drawn:
         plt.close(fig)
         return None
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=key, title=f"{key} per epoch (mean over seeds, shaded: seed range)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -150,7 +152,12 @@ def plot_bars(configs: list[Configuration], metric: str, path: Path) -> Path | N
     lo = min(min(c.values(metric).values()) for c in ranked)
     hi = max(max(c.values(metric).values()) for c in ranked)
     pad = max((hi - lo) * 0.5, 0.01)
-    ax.set_ylim(lo - pad, hi + pad)
+    top = hi + pad
+    if 0 <= lo and hi <= 1:  # accuracies, IoU, F1: a bound metric, no axis beyond 1
+        lo, top = max(lo - pad, 0.0), min(top, 1.05)
+        ax.set_ylim(lo, top)
+    else:
+        ax.set_ylim(lo - pad, top)
     ax.set_xticks(x, [c.label for c in ranked], rotation=30, ha="right", fontsize=8)
     ax.set(ylabel=metric, title=f"{metric}: mean ± 95% CI over seeds (dots: seeds)")
     ax.grid(axis="y", alpha=0.3)
