@@ -1,4 +1,4 @@
-"""Occlusion sensitivity (the seed's sliding grey block) with Captum's ``Occlusion``.
+"""Occlusion sensitivity (the seed's sliding grey block) with Captum (``FeatureAblation`` of blocks).
 
 Each pixel's value is the mean drop in the target class probability over the block positions
 that cover it: high where hiding the pixels hurts the prediction. Works for any backbone (CNN or
@@ -51,6 +51,11 @@ def occlusion_maps(model: Any, x: torch.Tensor, targets: list[int], window: int,
                    baseline: torch.Tensor, per_eval: int = 32) -> np.ndarray:
     """(N, H, W) maps of the drop in ``targets`` probability when a ``window`` block hides each pixel.
 
+    The block slides in ``stride`` steps and may hang over the image edge (clipped), so every pixel
+    is hidden by the same number of block positions. Plain sliding windows (Captum ``Occlusion``)
+    cover border pixels by one block only, whose single noisy drop then often becomes the map's
+    peak. Implemented as Captum ``FeatureAblation`` over shifted grids of blocks, averaged.
+
     Args:
         model: a ClassifierModule (uint8/float 0..255 NCHW in, logits out).
         x: uint8 NCHW batch.
@@ -60,15 +65,24 @@ def occlusion_maps(model: Any, x: torch.Tensor, targets: list[int], window: int,
         baseline: (1, 3, 1, 1) fill value in 0..255.
         per_eval: block positions evaluated per forward pass.
     """
-    from captum.attr import Occlusion
+    from captum.attr import FeatureAblation
 
     inputs = x.float()
-    occ = Occlusion(lambda inp: model(inp).softmax(dim=1))
+    h, w = inputs.shape[-2:]
+    ablate = FeatureAblation(lambda inp: model(inp).softmax(dim=1))
+    total = torch.zeros(inputs.shape[0], h, w)
+    offsets = range(0, window, stride)
+    ys, xs = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
     with torch.no_grad():
-        attr = occ.attribute(inputs, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
-                             baselines=baseline.expand_as(inputs).contiguous(), target=list(targets),
-                             perturbations_per_eval=max(1, int(per_eval)))
-    return attr.mean(dim=1).numpy()
+        for oy in offsets:
+            for ox in offsets:
+                rows, cols = (ys + oy) // window, (xs + ox) // window
+                mask = (rows * (int(cols.max()) + 1) + cols).expand(h, w).reshape(1, 1, h, w)
+                attr = ablate.attribute(inputs, baselines=baseline.expand_as(inputs).contiguous(),
+                                        target=list(targets), feature_mask=mask,
+                                        perturbations_per_eval=max(1, int(per_eval)))
+                total += attr.mean(dim=1)
+    return (total / len(offsets) ** 2).numpy()
 
 
 def pick_targets(ck: Any, probs: torch.Tensor, labels: list[int | None], target: Any) -> list[int]:
