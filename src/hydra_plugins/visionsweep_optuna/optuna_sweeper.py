@@ -126,6 +126,9 @@ class OptunaSweeper(Sweeper):
             sampler=make_sampler(self.sampler_cfg.name, self.sampler_cfg.seed), load_if_exists=True)
         study.set_user_attr("sweep_dir", str(sweep_dir))
         done = len(study.trials)
+        if done and self.sampler_cfg.seed is not None:
+            # a resumed study: the same seed would replay the first trials' parameters
+            study.sampler = make_sampler(self.sampler_cfg.name, int(self.sampler_cfg.seed) + done)
         log.info("Optuna study %s (%s): %d of %d trials done; space: %s", study.study_name, storage,
                  done, self.n_trials, ", ".join(space))
         returns = []
