@@ -13,11 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
 from visionsweep.data import scan
+from visionsweep.data.base import SplitDataModule
 from visionsweep.data.builtin import BUILTIN, ensure_builtin
 from visionsweep.data.cache import (
     CACHE_DIRNAME,
@@ -44,7 +44,7 @@ from visionsweep.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-class FolderDataModule(pl.LightningDataModule):
+class FolderDataModule(SplitDataModule):
     """Image classification data from a folder (``root/<class>/<image>``) or a built-in set.
 
     Args:
@@ -258,49 +258,6 @@ class FolderDataModule(pl.LightningDataModule):
             atomic_write_text(self.output_dir / "bad_images.txt", lines)
 
     # ------------------------------------------------------------------ results
-    def _state(self) -> dict[str, list[Sample]]:
-        if self._splits is None:
-            self.setup()
-        assert self._splits is not None
-        return self._splits
-
-    @property
-    def classes(self) -> list[str]:
-        """Sorted class names (label ``i`` is ``classes[i]``); runs ``setup()`` if needed."""
-        self._state()
-        return self._classes
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.classes)
-
-    @property
-    def train_samples(self) -> list[Sample]:
-        """``(path, label)`` pairs of the training split."""
-        return self._state()["train"]
-
-    @property
-    def val_samples(self) -> list[Sample]:
-        """``(path, label)`` pairs of the validation split."""
-        return self._state()["val"]
-
-    @property
-    def test_samples(self) -> list[Sample]:
-        """``(path, label)`` pairs of the test split (may be empty)."""
-        return self._state()["test"]
-
-    @property
-    def has_test(self) -> bool:
-        """Whether a non-empty test split exists (else ``test_dataloader`` serves val)."""
-        return bool(self.test_samples)
-
-    @property
-    def split_source(self) -> str:
-        """Where the split came from: ``"folders"``, ``"seeded"`` or ``"split_dir"``."""
-        self._state()
-        return self._split_source
-
     def fingerprint(self) -> dict[str, Any]:
         """Identify the exact files used (cheap: one ``stat`` per file, contents not read).
 
@@ -413,20 +370,3 @@ class FolderDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             **extra,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training loader (``train_transform``)."""
-        return self._loader("train", self.train_transform, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation loader (``eval_transform``)."""
-        return self._loader("val", self.eval_transform, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test loader, or the validation loader when there is no test split (see ``has_test``)."""
-        split = "test" if self.has_test else "val"
-        return self._loader(split, self.eval_transform, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Same as :meth:`test_dataloader`: test split if any, else validation."""
-        return self.test_dataloader()

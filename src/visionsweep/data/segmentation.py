@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -29,6 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from visionsweep.data import scan
+from visionsweep.data.base import SplitDataModule
 from visionsweep.data.builtin import SEG_BUILTIN, is_complete
 from visionsweep.data.dataset import _to_chw_uint8
 from visionsweep.data.images import IMAGE_EXTENSIONS, load_rgb
@@ -170,7 +170,7 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: in
     return torch.stack(images), torch.stack(masks)
 
 
-class SegmentationDataModule(pl.LightningDataModule):
+class SegmentationDataModule(SplitDataModule):
     """Semantic segmentation data from an ``images/`` + ``masks/`` folder or the built-in ``shapes_seg``.
 
     Args:
@@ -328,38 +328,6 @@ class SegmentationDataModule(pl.LightningDataModule):
             writer.writerows((relative_posix(i, self.root), relative_posix(m, self.root)) for i, m in pairs)
             atomic_write_text(self.output_dir / "splits" / f"{split}.csv", buf.getvalue())
 
-    def _state(self) -> dict[str, list[Pair]]:
-        if self._splits is None:
-            self.setup()
-        assert self._splits is not None
-        return self._splits
-
-    @property
-    def classes(self) -> list[str]:
-        """Class names in index order (``classes[0]`` is usually the background)."""
-        self._state()
-        return self._classes
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (mask values 0..num_classes-1)."""
-        return len(self.classes)
-
-    train_samples = property(lambda self: self._state()["train"], doc="``(image, mask)`` pairs of the train split.")
-    val_samples = property(lambda self: self._state()["val"], doc="``(image, mask)`` pairs of the val split.")
-    test_samples = property(lambda self: self._state()["test"], doc="``(image, mask)`` pairs of the test split.")
-
-    @property
-    def has_test(self) -> bool:
-        """Whether a non-empty test split exists (else ``test_dataloader`` serves val)."""
-        return bool(self.test_samples)
-
-    @property
-    def split_source(self) -> str:
-        """``"seeded"``, ``"folders"`` or ``"split_dir"``."""
-        self._state()
-        return self._split_source
-
     def fingerprint(self) -> dict[str, Any]:
         """``{"n_files", "sha256"}`` over the sorted (relative path, size) of every image and mask."""
         entries = sorted((relative_posix(p, self.root), p.stat().st_size)
@@ -395,19 +363,3 @@ class SegmentationDataModule(pl.LightningDataModule):
                           batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, collate_fn=functools.partial(pad_collate, ignore_index=self.ignore_index),
                           persistent_workers=self.persistent_workers and self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training loader (``train_transform`` on image and mask)."""
-        return self._loader("train", self.train_transform, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation loader (:meth:`eval_pipeline`)."""
-        return self._loader("val", self.eval_pipeline(), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test loader, or validation when there is no test split."""
-        return self._loader("test" if self.has_test else "val", self.eval_pipeline(), shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Same as :meth:`test_dataloader`."""
-        return self.test_dataloader()

@@ -1,0 +1,90 @@
+"""What every visionsweep data module shares: lazily set-up splits, their accessors and loaders.
+
+Subclasses fill ``_splits`` / ``_classes`` / ``_split_source`` in ``setup()`` and implement
+``_loader(split, transform, shuffle)`` and ``eval_pipeline()``; train.py, eval.py and the report
+only use what this class defines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+
+class SplitDataModule(pl.LightningDataModule):
+    """Base of the folder (classification) and segmentation data modules."""
+
+    _splits: dict[str, list[Any]] | None = None
+    _classes: list[str]
+    _split_source: str = ""
+    train_transform: Callable | None = None
+    eval_transform: Callable | None = None
+
+    def _state(self) -> dict[str, list[Any]]:
+        if self._splits is None:
+            self.setup()
+        assert self._splits is not None
+        return self._splits
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order (``classes[i]`` is label ``i``); runs ``setup()`` if needed."""
+        self._state()
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    @property
+    def train_samples(self) -> list[Any]:
+        """Samples of the training split (``(path, label)`` or ``(image, mask)`` pairs)."""
+        return self._state()["train"]
+
+    @property
+    def val_samples(self) -> list[Any]:
+        """Samples of the validation split."""
+        return self._state()["val"]
+
+    @property
+    def test_samples(self) -> list[Any]:
+        """Samples of the test split (may be empty)."""
+        return self._state()["test"]
+
+    @property
+    def has_test(self) -> bool:
+        """Whether a non-empty test split exists (else ``test_dataloader`` serves val)."""
+        return bool(self.test_samples)
+
+    @property
+    def split_source(self) -> str:
+        """Where the split came from: ``"folders"``, ``"seeded"`` or ``"split_dir"``."""
+        self._state()
+        return self._split_source
+
+    def eval_pipeline(self) -> Callable | None:
+        """The val/test/predict transform."""
+        return self.eval_transform
+
+    def _loader(self, split: str, transform: Callable | None, shuffle: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training loader (``train_transform``)."""
+        return self._loader("train", self.train_transform, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation loader (:meth:`eval_pipeline`)."""
+        return self._loader("val", self.eval_pipeline(), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test loader, or the validation loader when there is no test split (see ``has_test``)."""
+        return self._loader("test" if self.has_test else "val", self.eval_pipeline(), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same as :meth:`test_dataloader`."""
+        return self.test_dataloader()
