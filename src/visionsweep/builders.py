@@ -142,3 +142,18 @@ def count_params(model: Any) -> dict[str, int]:
     params = list(model.parameters())
     return {"total": sum(p.numel() for p in params),
             "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def record_logger_ids(trainer: pl.Trainer, record: Any) -> None:
+    """Store the wandb run id in run.json (a resume continues the same wandb run)."""
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            record.update(wandb_id=lg.experiment.id, wandb_dir=str(lg.save_dir))  # starts the run now
+
+
+def finish_wandb() -> None:
+    """Close the wandb run, if any."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()  # else the next job of a sweep logs into this run

@@ -100,3 +100,16 @@ def load(run_dir: str | Path) -> dict[str, Any]:
     """Read a run dir's run.json ({} if there is none)."""
     path = Path(run_dir) / "run.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def images_per_s(metrics: dict[str, float], trainer: Any, dm: Any, epochs: int, fit_s: float) -> float:
+    """Training images/s: the throughput callback's step-inclusive rate, else batches seen / fit time."""
+    if metrics.get("perf/img_s"):
+        return round(metrics["perf/img_s"], 1)
+    seen = min(trainer.num_training_batches * dm.batch_size, len(dm.train_samples)) * max(epochs, 1)
+    return round(seen / fit_s, 1)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -6,7 +6,6 @@ best checkpoint → run.json.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from visionsweep import builders, runinfo, tune
 from visionsweep.utils.cli import guarded, is_multirun, precheck, user_error
-from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint, print_config_tree, run_dir_of
+from visionsweep.utils.config import print_config_tree, resume_checkpoint
 
 log = logging.getLogger("visionsweep.train")
 
@@ -33,7 +32,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         cfg.seed = builders.as_int(cfg.seed, "seed", 0)
         pl.seed_everything(cfg.seed, workers=True)
-        resume = _resume_checkpoint(cfg)
+        resume = resume_checkpoint(cfg)
         inp = builders.resolve_inputs(cfg)
         dm = builders.build_datamodule(cfg, inp, out)
         log.info("data: %s", dm.describe())
@@ -50,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         start_epoch = pl.callbacks.LambdaCallback(  # epochs done before a resume, for images/s
             on_train_start=lambda tr, _: record.update(start_epoch=tr.current_epoch))
         trainer = builders.build_trainer(cfg, out, extra_callbacks=[start_epoch])
-        _record_logger_ids(trainer, record)
+        builders.record_logger_ids(trainer, record)
         start = time.perf_counter()
         trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume else None)
         fit_s = time.perf_counter() - start
@@ -63,8 +62,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         record.update(
             status="ok", metrics=metrics, best_checkpoint=best or None, epochs=trainer.current_epoch,
             fit_seconds=round(fit_s, 2),
-            train_images_per_s=_images_per_s(metrics, trainer, dm, epochs, fit_s),
-            perf=_read_json(out / "perf.json"),
+            train_images_per_s=runinfo.images_per_s(metrics, trainer, dm, epochs, fit_s),
+            perf=runinfo.read_json(out / "perf.json"),
             test_report=getattr(model, "test_report", None) or None)
         _print_summary(metrics, fit_s, out)
         return metrics
@@ -76,34 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             _remove_if_only_hydra_files(out)  # a bad path or value leaves no half-made run dir
         raise
     finally:
-        _finish_wandb()
-
-
-def _resume_checkpoint(cfg: DictConfig) -> Path | None:
-    if not cfg.get("ckpt_path"):
-        return None
-    ckpt = (find_latest_checkpoint(cfg.paths.log_dir, cfg.task_name) if cfg.ckpt_path == "latest"
-            else check_checkpoint(cfg.ckpt_path))
-    old_run = run_dir_of(ckpt)
-    if not cfg.data.get("split_dir") and (old_run / "splits").is_dir():
-        cfg.data.split_dir = str(old_run / "splits")  # same split as the run being resumed
-    wandb_id = runinfo.load(old_run).get("wandb_id")
-    if wandb_id and cfg.get("logger") and cfg.logger.get("wandb"):
-        cfg.logger.wandb.id, cfg.logger.wandb.resume = wandb_id, "allow"
-    log.info("resuming from %s", ckpt)
-    return ckpt
-
-
-def _images_per_s(metrics: dict[str, float], trainer: pl.Trainer, dm: Any, epochs: int, fit_s: float) -> float:
-    """Training images/s: the throughput callback's step-inclusive rate, else batches seen / fit time."""
-    if metrics.get("perf/img_s"):
-        return round(metrics["perf/img_s"], 1)
-    seen = min(trainer.num_training_batches * dm.batch_size, len(dm.train_samples)) * max(epochs, 1)
-    return round(seen / fit_s, 1)
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+        builders.finish_wandb()
 
 
 def _overrides() -> list[str]:
@@ -112,19 +84,6 @@ def _overrides() -> list[str]:
 
 def _scalars(metrics: dict) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-
-
-def _record_logger_ids(trainer: pl.Trainer, record: runinfo.RunRecord) -> None:
-    for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger":
-            record.update(wandb_id=lg.experiment.id, wandb_dir=str(lg.save_dir))  # starts the run now
-
-
-def _finish_wandb() -> None:
-    import sys
-
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()  # else the next job of a sweep logs into this run
 
 
 def _remove_if_only_hydra_files(out: Path) -> None:

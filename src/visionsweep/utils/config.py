@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import rich
@@ -11,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from visionsweep.errors import ConfigError
 
+log = logging.getLogger("visionsweep.train")
 PRINT_ORDER = ("data", "augmentation", "model", "optimizer", "scheduler", "trainer", "logger",
                "callbacks", "paths")
 
@@ -56,3 +58,21 @@ def check_checkpoint(ckpt_path: str | None) -> Path:
     if not path.is_file():
         raise ConfigError(f"ckpt_path '{ckpt_path}' does not exist")
     return path.resolve()
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint of ``ckpt_path`` (a path or ``latest``); points data and wandb at its run."""
+    from visionsweep import runinfo
+
+    if not cfg.get("ckpt_path"):
+        return None
+    ckpt = (find_latest_checkpoint(cfg.paths.log_dir, cfg.task_name) if cfg.ckpt_path == "latest"
+            else check_checkpoint(cfg.ckpt_path))
+    old_run = run_dir_of(ckpt)
+    if not cfg.data.get("split_dir") and (old_run / "splits").is_dir():
+        cfg.data.split_dir = str(old_run / "splits")  # same split as the run being resumed
+    wandb_id = runinfo.load(old_run).get("wandb_id")
+    if wandb_id and cfg.get("logger") and cfg.logger.get("wandb"):
+        cfg.logger.wandb.id, cfg.logger.wandb.resume = wandb_id, "allow"
+    log.info("resuming from %s", ckpt)
+    return ckpt
