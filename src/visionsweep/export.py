@@ -20,48 +20,16 @@ from typing import Any
 
 import hydra
 import torch
-import torch.nn as nn
 from omegaconf import DictConfig
 
 from visionsweep import runinfo
 from visionsweep.errors import ConfigError
-from visionsweep.models.classifier import ClassifierModule
-from visionsweep.predict import load_classifier
+from visionsweep.inference import load_classifier
+from visionsweep.models.deploy import Deployable, max_abs_diff, random_images, sidecar, to_onnx
 from visionsweep.utils.cli import guarded, precheck
 
 log = logging.getLogger("visionsweep.export")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "state_dict": ".safetensors"}
-
-
-class Deployable(nn.Module):
-    """The classifier as one function of raw pixels: ``N x 3 x S x S`` (0..255) → logits/probabilities."""
-
-    def __init__(self, model: ClassifierModule, softmax: bool = False) -> None:
-        super().__init__()
-        self.net = model.net
-        self.register_buffer("scale", model.scale.clone())
-        self.register_buffer("shift", model.shift.clone())
-        self.softmax = softmax
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x.float() * self.scale + self.shift)
-        return out.softmax(dim=1) if self.softmax else out
-
-
-def sidecar(model: ClassifierModule, fmt: str, input_dtype: str, softmax: bool, ckpt: Path) -> dict[str, Any]:
-    """What a user of the exported file needs to know to feed it and read its output."""
-    hp = model.hparams
-    size = int(hp.image_size)
-    return {
-        "format": fmt, "checkpoint": str(ckpt), "backbone": hp.backbone, "class_names": list(model.class_names),
-        "input": {"name": "image", "shape": ["N", 3, size, size], "layout": "NCHW", "channels": "RGB",
-                  "dtype": input_dtype, "range": [0, 255], "normalisation": "inside the model"},
-        "preprocessing": {"resize_short_side": max(size, round(size / float(hp.crop_pct))),
-                          "interpolation": hp.interpolation, "center_crop": size, "crop_pct": hp.crop_pct,
-                          "mean": list(hp.mean), "std": list(hp.std),
-                          "formula": "(pixel / 255 - mean) / std, applied by the model"},
-        "output": {"name": "probabilities" if softmax else "logits", "shape": ["N", len(model.class_names)]},
-    }
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -85,15 +53,15 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     else:
         wrapper = Deployable(model, bool(cfg.softmax)).eval()
         size = int(model.hparams.image_size)
-        example = _images(2, size, cfg.input_dtype)
+        example = random_images(2, size, cfg.input_dtype)
         if fmt == "onnx":
-            _to_onnx(wrapper, example, path, int(cfg.opset))
+            to_onnx(wrapper, example, path, int(cfg.opset))
         else:
             with torch.no_grad():
                 torch.jit.trace(wrapper, example).save(str(path))
         info = sidecar(model, fmt, cfg.input_dtype, bool(cfg.softmax), ckpt)
         if cfg.check:
-            diff = max_abs_diff(wrapper, path, fmt, _images(3, size, cfg.input_dtype, seed=1))
+            diff = max_abs_diff(wrapper, path, fmt, random_images(3, size, cfg.input_dtype, seed=1))
             info["max_abs_diff"] = diff
             if diff > float(cfg.tolerance):
                 raise ConfigError(f"the {fmt} export differs from the checkpoint by {diff:.2e} "
@@ -105,34 +73,6 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     check = f", max abs diff {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
     print(f"\n{fmt}: {path} (+ {path.with_suffix('.json').name}){check}", flush=True)
     return info
-
-
-def _images(n: int, size: int, dtype: str, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
-    return x if dtype == "uint8" else x.float()
-
-
-def _to_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad():
-        torch.onnx.export(wrapper, (example,), str(path), input_names=["image"],
-                          output_names=["output"], opset_version=opset, dynamo=True, external_data=False,
-                          dynamic_shapes={"x": {0: batch}}, verbose=False)
-
-
-def max_abs_diff(wrapper: nn.Module, path: Path, fmt: str, x: torch.Tensor) -> float:
-    """Largest absolute difference between the exported file's outputs and the PyTorch model's on ``x``."""
-    with torch.no_grad():
-        ref = wrapper(x)
-        if fmt == "onnx":
-            import onnxruntime as ort
-
-            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
-        else:
-            got = torch.jit.load(str(path))(x)
-    return float((got - ref).abs().max())
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")

@@ -1,0 +1,72 @@
+"""The classifier as a deployable function of raw pixels, and the checks of an exported file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from visionsweep.models.classifier import ClassifierModule
+
+
+class Deployable(nn.Module):
+    """The classifier as one function of raw pixels: ``N x 3 x S x S`` (0..255) → logits/probabilities."""
+
+    def __init__(self, model: ClassifierModule, softmax: bool = False) -> None:
+        super().__init__()
+        self.net = model.net
+        self.register_buffer("scale", model.scale.clone())
+        self.register_buffer("shift", model.shift.clone())
+        self.softmax = softmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x.float() * self.scale + self.shift)
+        return out.softmax(dim=1) if self.softmax else out
+
+
+def sidecar(model: ClassifierModule, fmt: str, input_dtype: str, softmax: bool, ckpt: Path) -> dict[str, Any]:
+    """What a user of the exported file needs to know to feed it and read its output."""
+    hp = model.hparams
+    size = int(hp.image_size)
+    return {
+        "format": fmt, "checkpoint": str(ckpt), "backbone": hp.backbone, "class_names": list(model.class_names),
+        "input": {"name": "image", "shape": ["N", 3, size, size], "layout": "NCHW", "channels": "RGB",
+                  "dtype": input_dtype, "range": [0, 255], "normalisation": "inside the model"},
+        "preprocessing": {"resize_short_side": max(size, round(size / float(hp.crop_pct))),
+                          "interpolation": hp.interpolation, "center_crop": size, "crop_pct": hp.crop_pct,
+                          "mean": list(hp.mean), "std": list(hp.std),
+                          "formula": "(pixel / 255 - mean) / std, applied by the model"},
+        "output": {"name": "probabilities" if softmax else "logits", "shape": ["N", len(model.class_names)]},
+    }
+
+
+def random_images(n: int, size: int, dtype: str, seed: int = 0) -> torch.Tensor:
+    """``n`` random RGB images (the export's example and check input)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    return x if dtype == "uint8" else x.float()
+
+
+def to_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """ONNX with a dynamic batch dimension (torch.onnx's dynamo exporter)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        torch.onnx.export(wrapper, (example,), str(path), input_names=["image"],
+                          output_names=["output"], opset_version=opset, dynamo=True, external_data=False,
+                          dynamic_shapes={"x": {0: batch}}, verbose=False)
+
+
+def max_abs_diff(wrapper: nn.Module, path: Path, fmt: str, x: torch.Tensor) -> float:
+    """Largest absolute difference between the exported file's outputs and the PyTorch model's on ``x``."""
+    with torch.no_grad():
+        ref = wrapper(x)
+        if fmt == "onnx":
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+        else:
+            got = torch.jit.load(str(path))(x)
+    return float((got - ref).abs().max())
