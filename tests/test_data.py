@@ -338,3 +338,46 @@ def test_bad_images_fail_or_are_skipped(tmp_path: Path) -> None:
 
     unchecked = _dm(root, verify_images=False)  # without verification nothing is checked at setup
     assert len(unchecked.train_samples) + len(unchecked.val_samples) == 12
+
+
+def _pillow_rgb(path: Path, reduce: int = 1) -> np.ndarray:
+    """The reference decode: Pillow (+ draft for reduced scale) + exif_transpose, as RGB."""
+    from PIL import ImageOps
+
+    with Image.open(path) as img:
+        if reduce > 1:
+            img.draft(img.mode, (img.size[0] // reduce, img.size[1] // reduce))
+        img.load()
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def test_fast_jpeg_path_matches_pillow(tmp_path: Path) -> None:
+    from visionsweep.data import images
+
+    base = Image.fromarray(np.random.default_rng(3).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    variants = {
+        "rgb.jpg": dict(img=base, quality=90),
+        "progressive.jpg": dict(img=base, quality=85, progressive=True),
+        "gray.jpg": dict(img=base.convert("L")),
+        "rotated.jpg": dict(img=base, exif=exif),
+        "subsampling444.jpg": dict(img=base, subsampling=0),
+    }
+    for name, kw in variants.items():
+        path = _save(tmp_path / name, kw.pop("img"), **kw)
+        assert images._jpeg_header(path.read_bytes())[0] == 8, name
+        fast = images._load_jpeg_cv2(path, None)
+        assert fast is not None, f"{name} should take the OpenCV path"
+        np.testing.assert_array_equal(fast, _pillow_rgb(path), err_msg=name)
+        np.testing.assert_array_equal(load_rgb(path), fast, err_msg=name)
+        half = images._load_jpeg_cv2(path, 50)  # short side 120 >= 2 x 50: decoded at 1/2 scale
+        assert half.shape[0] * 2 == fast.shape[0] and half.shape[1] * 2 == fast.shape[1], name
+        np.testing.assert_array_equal(half, _pillow_rgb(path, 2), err_msg=f"{name} at 1/2 scale")
+    # CMYK, PNG and truncated JPEGs are left to Pillow (None), which decodes or reports them
+    cmyk = _save(tmp_path / "cmyk.jpg", base.convert("CMYK"))
+    assert images._load_jpeg_cv2(cmyk, None) is None and load_rgb(cmyk).shape == (120, 160, 3)
+    assert images._load_jpeg_cv2(_save(tmp_path / "p.png", base), None) is None
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes((tmp_path / "rgb.jpg").read_bytes()[:-10])
+    assert images._jpeg_header(cut.read_bytes()) is None

@@ -142,39 +142,77 @@ def _jpeg_reduction(short_side: int, min_short_side: int | None) -> int:
     return 1
 
 
-_CV2_FLAGS = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4",
-              8: "IMREAD_REDUCED_COLOR_8"}
+# libjpeg's DCT scaling factor -> OpenCV flag; RGB output straight from the decoder (no BGR->RGB pass)
+# where OpenCV has IMREAD_COLOR_RGB (4.11+), else BGR and one cvtColor.
+_REDUCED = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC share the range
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """``(precision, height, width, components)`` from a complete JPEG's frame header, else None.
+
+    None for anything that is not a JPEG, lacks the end-of-image marker (truncated) or has a malformed
+    marker chain: such files go to Pillow, which reports them properly.
+    """
+    n = len(data)
+    if n < 4 or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
+        return None
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # stand-alone markers
+            i += 2
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if marker in _SOF_MARKERS:
+            if i + 10 > n:
+                return None
+            return data[i + 4], (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8], data[i + 9]
+        if marker == 0xDA or length < 2:  # scan data before any frame header: malformed
+            return None
+        i += 2 + length
+    return None
 
 
 def _load_jpeg_cv2(path: str | Path, min_short_side: int | None) -> np.ndarray | None:
-    """Decode a plain (RGB or gray, complete) JPEG with OpenCV, else None (then Pillow decodes it).
+    """Decode a plain (8-bit RGB or gray, complete) JPEG with OpenCV, else None (then Pillow decodes it).
 
-    OpenCV's decoder is ~1.5-2x faster than Pillow + ``exif_transpose`` here and gives bit-identical
-    pixels for RGB/gray JPEGs (both use libjpeg-turbo's defaults; checked in tests), and it honours the
-    EXIF orientation itself. CMYK JPEGs differ by rounding, so they stay on the Pillow path, as do
-    files that do not end with the JPEG end-of-image marker (truncated: Pillow raises, OpenCV would
-    return a partly grey image with only a warning).
+    The file is read once; its frame header is parsed here (a few microseconds, where opening it with
+    Pillow just to learn the mode costs ~60), then ``cv2.imdecode`` decodes the same bytes, straight to
+    RGB and, when allowed, at reduced DCT scale. OpenCV's decoder is faster than Pillow +
+    ``exif_transpose``, gives bit-identical pixels for RGB/gray JPEGs (both use libjpeg-turbo's defaults;
+    checked in tests) and honours the EXIF orientation itself. CMYK and 12-bit JPEGs stay on the Pillow
+    path (OpenCV's results differ), as do files without the end-of-image marker (truncated: Pillow
+    raises, OpenCV would return a partly grey image with only a warning).
     """
     try:
         import cv2
     except ImportError:  # pragma: no cover - albumentations depends on opencv
         return None
     try:
-        with Image.open(path) as img:  # header only: format, mode and size
-            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
-                return None
-            short = min(img.size)
         with open(path, "rb") as f:
-            f.seek(-2, os.SEEK_END)
-            if f.read(2) != b"\xff\xd9":
-                return None
-    except Exception:  # noqa: BLE001 - any trouble: the Pillow path reports it properly
+            data = f.read()
+    except OSError:
+        return None  # the Pillow path raises the proper one-line error
+    header = _jpeg_header(data)
+    if header is None:
         return None
-    flag = getattr(cv2, _CV2_FLAGS[_jpeg_reduction(short, min_short_side)])
-    bgr = cv2.imread(os.fspath(path), flag)
-    if bgr is None or bgr.ndim != 3:
+    precision, height, width, components = header
+    if precision != 8 or components not in (1, 3) or not height or not width:
         return None
-    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    flag = getattr(cv2, _REDUCED[_jpeg_reduction(min(height, width), min_short_side)])
+    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    if rgb is not None:
+        flag = (flag & ~cv2.IMREAD_COLOR) | rgb
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    if image is None or image.ndim != 3:
+        return None
+    return image if rgb is not None else np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
 
 
 def load_rgb(path: str | Path, min_short_side: int | None = None) -> np.ndarray:
