@@ -153,3 +153,24 @@ def test_bad_cache_settings_name_the_key(folder):
     with pytest.raises(ConfigError, match="data.num_workers=many"):
         FolderDataModule(str(folder), num_workers="many")
     assert FolderDataModule(str(folder), num_workers="auto").num_workers >= 1
+
+
+def test_memory_cache_views_are_read_only_and_a_writing_transform_gets_a_copy(folder):
+    from visionsweep.data.dataset import ImageFolderDataset
+
+    paths = _files(folder)[:3]
+    cache = MemoryCache(ResizeRule(short_side=40), paths)
+    view = cache.get(paths[0])
+    assert not view.flags.writeable  # no copy per sample; nobody can scribble on the shared buffer
+    before = cache.buffer.copy()
+
+    def invert_in_place(image):
+        image[...] = 255 - image  # raises on a read-only view
+        return {"image": image}
+
+    ds = ImageFolderDataset([(p, 0) for p in paths], invert_in_place, cache=cache)
+    x, _ = ds[0]
+    np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), 255 - view)
+    np.testing.assert_array_equal(cache.buffer, before)  # the cache is untouched
+    x, _ = ImageFolderDataset([(p, 0) for p in paths], None, cache=cache)[1]  # no transform: still a tensor
+    np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), cache.get(paths[1]))

@@ -37,6 +37,51 @@ def test_loader_yields_uint8_and_the_module_normalises_on_the_device(tmp_path, s
     assert model.normalize(batch)[2, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
 
 
+class _HWCSamples(Dataset):
+    """Random uint8 images the way ImageFolderDataset returns them (CHW views of HWC arrays)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = [torch.randint(0, 256, (6, 5, 3), dtype=torch.uint8, generator=g) for _ in range(7)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from visionsweep.data.dataset import _to_chw_uint8
+
+        return _to_chw_uint8(self.images[i].numpy(), Path(f"{i}.png")), i % 3
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_collate_builds_channels_last_uint8_batches_with_the_same_pixels(workers):
+    from visionsweep.data.dataset import collate_images
+
+    ds = _HWCSamples()
+    batches = list(DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate_images))
+    x, y = batches[0]
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (4, 3, 6, 5)
+    assert x.is_contiguous(memory_format=torch.channels_last)  # N x H x W x C in memory
+    want = torch.stack([img.permute(2, 0, 1) for img in ds.images])
+    torch.testing.assert_close(torch.cat([b[0] for b in batches]), want, rtol=0, atol=0)
+    assert y.tolist() == [0, 1, 2, 0] and y.dtype == torch.int64
+    # samples of different sizes: default_collate's error, naming the sizes
+    with pytest.raises(RuntimeError, match="size"):
+        collate_images([(torch.zeros(3, 4, 4, dtype=torch.uint8), 0), (torch.zeros(3, 5, 4, dtype=torch.uint8), 1)])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalize_accepts_any_layout_and_returns_the_models(channels_last):
+    from visionsweep.models.classifier import ClassifierModule
+
+    model = ClassifierModule("resnet18", num_classes=2, image_size=8, channels_last=channels_last)
+    x = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels-last batch
+    out = model.normalize(x)
+    torch.testing.assert_close(out, model.normalize(x.contiguous()))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=fmt)
+
+
 def test_normalisation_follows_the_backbone(tmp_path):
     from visionsweep.models.backbones import resolve_input_config
     from visionsweep.models.classifier import ClassifierModule
@@ -140,7 +185,8 @@ def test_bench_writes_json_lines_with_ratios_step_ratio_first(tmp_path, monkeypa
     out = tmp_path / "bench.jsonl"
     records = bench.main(["--out", str(out), "--device", "cpu", "--skip", "startup", "--steps", "2",
                           "--warmup", "1", "--repeats", "1", "--batch-size", "8", "--image-size", "32",
-                          "--model", "resnet10t", "--n-images", "24", "--loader-size", "32", "--jpeg-size", "64x48", "--workers", "0",
+                          "--model", "resnet10t", "--n-images", "24", "--loader-size", "32", "--loader-batch-size", "8",
+                          "--loader-repeats", "1", "--jpeg-size", "64x48", "--workers", "0",
                           "--e2e-device", "cpu", "--e2e-models", "resnet10t", "--e2e-size", "32",
                           "--e2e-images", "24", "--e2e-batch-size", "8", "--e2e-steps", "2", "--e2e-warmup", "1",
                           "--e2e-workers", "0"])

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from visionsweep import augment
-from visionsweep.data.dataset import ImageFolderDataset
+from visionsweep.data.dataset import ImageFolderDataset, collate_images
 from visionsweep.data.images import is_image_file
 from visionsweep.errors import ConfigError, DataError
 from visionsweep.models.classifier import ClassifierModule
@@ -55,10 +55,12 @@ def predict_images(model: ClassifierModule, paths: list[Path], tta: bool = False
     size = int(hp.image_size)
     plain = {"name": "predict", "train": [], "resize_first": True}  # train pipeline = the eval view
     eval_tf, _ = augment.build_pipelines(plain, size, hp.crop_pct, hp.interpolation)
-    loaders = [DataLoader(ImageFolderDataset([(p, -1) for p in paths], eval_tf), batch_size=batch_size)]
+    loaders = [DataLoader(ImageFolderDataset([(p, -1) for p in paths], eval_tf), batch_size=batch_size,
+                          collate_fn=collate_images)]
     if tta:
         zoom_tf, _ = augment.build_pipelines(plain, round(size * TTA_ZOOM), 1.0, hp.interpolation)
-        loaders.append(DataLoader(ImageFolderDataset([(p, -1) for p in paths], zoom_tf), batch_size=batch_size))
+        loaders.append(DataLoader(ImageFolderDataset([(p, -1) for p in paths], zoom_tf),
+                                  batch_size=batch_size, collate_fn=collate_images))
     model = model.to(device)
     out = []
     with torch.inference_mode():

@@ -56,14 +56,18 @@ def encode_entry(arr: np.ndarray) -> bytes:
     return _HEADER.pack(_MAGIC, h, w, c) + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
 
 
-def decode_entry(data: bytes) -> np.ndarray | None:
-    """The array stored in ``data``; None when it is not a complete entry (truncated, foreign, corrupt)."""
+def decode_entry(data: bytes | bytearray) -> np.ndarray | None:
+    """The array stored in ``data``; None when it is not a complete entry (truncated, foreign, corrupt).
+
+    A ``bytearray`` is used in place (writable, no copy); ``bytes`` are copied.
+    """
     if len(data) < _HEADER.size:
         return None
     magic, h, w, c = _HEADER.unpack_from(data)
     if magic != _MAGIC or len(data) != _HEADER.size + h * w * c:
         return None
-    return np.frombuffer(data, dtype=np.uint8, offset=_HEADER.size).reshape(h, w, c).copy()
+    arr = np.frombuffer(data, dtype=np.uint8, offset=_HEADER.size).reshape(h, w, c)
+    return arr if isinstance(data, bytearray) else arr.copy()
 
 
 def train_short_side(image_size: int, crop_pct: float = 1.0, scale: float = 1.15) -> int:
@@ -194,11 +198,17 @@ class MemoryCache:
         return int(self.buffer.nbytes)
 
     def get(self, path: str | Path) -> np.ndarray:
-        """The stored sample of ``path`` (a writable copy), decoding it if it was not filled in."""
+        """The stored sample of ``path``, decoding it if it was not filled in.
+
+        A read-only view of the shared buffer, not a copy (albumentations' transforms return new arrays;
+        one that writes into its input raises, and the dataset then retries on a copy).
+        """
         i = self.index.get(os.fspath(path))
         if i is None:
             return self.rule.decode(path)
-        return self.buffer[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i]).copy()
+        view = self.buffer[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i])
+        view.flags.writeable = False
+        return view
 
 
 class DiskCache:
@@ -227,7 +237,8 @@ class DiskCache:
         entry = self.entry(path)
         try:
             with open(entry, "rb") as f:
-                arr = decode_entry(f.read())
+                data = bytearray(os.fstat(f.fileno()).st_size)  # read straight into a writable buffer
+                arr = decode_entry(data if f.readinto(data) == len(data) else b"")
             if arr is not None:
                 self.hits += 1
                 return arr

@@ -1,7 +1,10 @@
 """The torch Dataset over ``(path, label)`` pairs: decode, augment, return uint8 CHW tensors.
 
 Images stay uint8 on the CPU: normalisation to float happens on the device (4x less
-host-to-device traffic, no CPU float math).
+host-to-device traffic, no CPU float math). Nor is there a CPU transpose: a sample is a CHW *view* of
+the HWC pixels the decoder and albumentations produce, and :func:`collate_images` copies each one once,
+contiguously, into an ``N x C x H x W`` batch stored channels-last (``N x H x W x C`` in memory), which
+is the layout a channels-last model wants on the device anyway (the model converts otherwise).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from visionsweep.data.images import load_rgb
 from visionsweep.data.splits import Sample
@@ -20,21 +23,55 @@ from visionsweep.errors import ConfigError
 
 
 def _to_chw_uint8(image: Any, path: Path) -> torch.Tensor:
-    """Turn a transform's output (HWC numpy or CHW tensor) into a contiguous uint8 CHW tensor."""
+    """Turn a transform's output (HWC numpy or CHW tensor) into a uint8 CHW tensor.
+
+    HWC arrays become a CHW view of contiguous HWC memory (channels-last strides), not a transposed copy.
+    """
     if isinstance(image, torch.Tensor):
         tensor = image if image.ndim == 3 else image.unsqueeze(0)
     else:
         arr = np.asarray(image)
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        tensor = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        if not arr.flags.writeable:  # an untransformed cache view: torch wants memory it may own
+            arr = arr.copy()
+        tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
     if tensor.dtype != torch.uint8:
         # Converting here would silently double the transfer size and hide a mis-built pipeline.
         raise ConfigError(
             f"the image transform returned {tensor.dtype} for '{path}', expected uint8: remove "
             "Normalize/ToFloat from the augmentation pipeline (normalisation runs on the device)"
         )
-    return tensor.contiguous()
+    return tensor
+
+
+def collate_images(batch: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(uint8 CHW image, label)`` samples into an ``N x C x H x W`` batch in channels-last memory.
+
+    Each sample is copied once, as one contiguous block (the HWC pixels), straight into shared memory when
+    running in a DataLoader worker (as ``default_collate`` does); pinning and ``.to(device)`` keep the
+    layout. Samples of different sizes fall back to ``default_collate`` (which names the mismatch).
+
+    Args:
+        batch: ``(image, label)`` pairs from :class:`ImageFolderDataset`.
+
+    Returns:
+        ``(images, labels)``: uint8 ``N x C x H x W`` (channels-last strides) and int64 ``N``.
+    """
+    images = [img for img, _ in batch]
+    first = images[0]
+    if any(img.shape != first.shape or img.dtype != first.dtype for img in images):
+        return default_collate(batch)
+    c, h, w = first.shape
+    numel = len(images) * first.numel()
+    if get_worker_info() is not None:  # a worker: write the batch directly into shared memory
+        out = first.new(first._typed_storage()._new_shared(numel, device=first.device))
+    else:
+        out = first.new_empty(numel)
+    out = out.view(len(images), h, w, c)
+    torch.stack([img.permute(1, 2, 0) for img in images], 0, out=out)
+    labels = torch.as_tensor([int(label) for _, label in batch], dtype=torch.int64)
+    return out.permute(0, 3, 1, 2), labels
 
 
 class ImageFolderDataset(Dataset):
@@ -69,5 +106,14 @@ class ImageFolderDataset(Dataset):
                 from visionsweep.augment import reseed_in_worker
 
                 reseed_in_worker(self.transform)
-            image = self.transform(image=image)["image"]
+            image = self._transform(image)
         return _to_chw_uint8(image, path), int(label)
+
+    def _transform(self, image: np.ndarray) -> Any:
+        # The memory cache hands out read-only views; a transform that writes into its input gets a copy.
+        try:
+            return self.transform(image=image)["image"]
+        except Exception as e:
+            if image.flags.writeable or not any(word in str(e) for word in ("read-only", "readonly")):
+                raise
+            return self.transform(image=image.copy())["image"]

@@ -29,7 +29,7 @@ from visionsweep.data.cache import (
     eval_short_side,
     train_short_side,
 )
-from visionsweep.data.dataset import ImageFolderDataset
+from visionsweep.data.dataset import ImageFolderDataset, collate_images
 from visionsweep.data.splits import (
     SPLITS,
     Sample,
@@ -366,6 +366,7 @@ class FolderDataModule(SplitDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=workers,
+            collate_fn=collate_images,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,
             **extra,

@@ -133,9 +133,9 @@ class ClassifierModule(pl.LightningModule):
             raise ConfigError(f"model.ema_decay={ema_decay}: give a decay in (0, 1), e.g. 0.999, or null")
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (or float 0..255) NCHW batch → normalised float, on whatever device ``x`` is."""
-        x = x.float() * self.scale + self.shift
-        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+        """uint8 (or float 0..255) NCHW batch (any memory layout) → normalised float in the model's layout."""
+        layout = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
+        return x.to(torch.float32, memory_format=layout) * self.scale + self.shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a uint8 NCHW batch."""

@@ -140,7 +140,7 @@ class SegmenterModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``B x C x H x W`` for a uint8 batch ``B x 3 x H x W`` of any size."""
         h, w = x.shape[-2:]
-        x = x.float() * self.scale + self.shift
+        x = x.to(torch.float32, memory_format=torch.contiguous_format) * self.scale + self.shift
         ph, pw = -h % self.stride, -w % self.stride
         if ph or pw:  # zero after normalisation = the mean colour
             x = F.pad(x, (0, pw, 0, ph))
