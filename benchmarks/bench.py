@@ -255,10 +255,9 @@ def bench_loaders(a, root: Path, out: Path | None, loader: bool = True, cache: b
             for name, dl in loaders.items():
                 rates[name] += epoch_rates(dl, 1)
     best = {name: statistics.median(r) for name, r in rates.items()}  # one lucky pass must not decide
-    if os.environ.get("BENCH_DEBUG"):
-        print({k: [round(x) for x in v] for k, v in rates.items()}, file=sys.stderr)
     common = {"images": len(dm.train_samples), "image_size": a.loader_size, "workers": a.workers,
-              "batch_size": a.loader_batch_size, "passes": a.loader_repeats, "device": "cpu (loader only)"}
+              "batch_size": a.loader_batch_size, "device": "cpu (loader only)",
+              "pass_img_s": {name: [round(r) for r in rs] for name, rs in rates.items()}}
     rows = []
     if loader:
         rows.append(emit({"name": "loader_ratio", "ratio": round(best["none"] / best["raw"], 3), "goal": 1.0,

@@ -29,7 +29,7 @@ from visionsweep.data.cache import (
     eval_short_side,
     train_short_side,
 )
-from visionsweep.data.dataset import ImageFolderDataset, collate_images
+from visionsweep.data.dataset import ImageFolderDataset
 from visionsweep.data.splits import (
     SPLITS,
     Sample,
@@ -40,6 +40,7 @@ from visionsweep.data.splits import (
     stratified_split,
     validate_fractions,
 )
+from visionsweep.data.transport import SlotDataLoader
 from visionsweep.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -361,12 +362,13 @@ class FolderDataModule(SplitDataModule):
             self._state()[split], transform, cache=self._cache_for(split),
             decode_short_side=rule.short_side if rule is not None and self.decode_reduce else None)
         extra = {"prefetch_factor": self.prefetch_factor} if workers > 0 and self.prefetch_factor else {}
-        return DataLoader(
+        size = int(self.image_size) if self.image_size and transform is not None else 0
+        return SlotDataLoader(
             dataset,
+            sample_shape=(3, size, size) if size else None,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=workers,
-            collate_fn=collate_images,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,
             **extra,

@@ -1,0 +1,97 @@
+"""Slot transport: batches through reused shared-memory slots equal ordinary DataLoader batches."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from visionsweep.data.dataset import _to_chw_uint8, collate_images
+from visionsweep.data.transport import SlotBatch, SlotDataLoader, SlotPool
+
+
+class _Images(Dataset):
+    """Deterministic uint8 HWC images (value pattern depends on the index), returned as CHW views."""
+
+    def __init__(self, n: int = 23, size: int = 6) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng(i)
+        return _to_chw_uint8(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8), f"{i}"), i % 4
+
+
+def _expected(ds: Dataset, batch_size: int) -> list:
+    return list(DataLoader(ds, batch_size=batch_size, collate_fn=collate_images))
+
+
+def _assert_same(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for (x, y), (wx, wy) in zip(got, want):
+        assert x.dtype == torch.uint8 and x.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(x, wx, rtol=0, atol=0)
+        assert y.tolist() == wy.tolist() and y.dtype == torch.int64
+
+
+def test_slot_loader_gives_the_ordinary_batches_and_kept_batches_stay_intact():
+    ds = _Images()
+    loader = SlotDataLoader(ds, sample_shape=(3, 6, 6), batch_size=4, num_workers=2, persistent_workers=True,
+                            prefetch_factor=2)
+    want = _expected(ds, 4)
+    for _ in range(3):  # every batch of every epoch held until the end: slot reuse must not touch them
+        _assert_same(list(loader), want)
+    pool = loader.collate_fn.pool
+    assert pool.taken >= len(want) * 2  # most batches came through the slots
+    assert not pool.busy.any()  # every slot handed back
+
+
+def test_slot_loader_survives_an_abandoned_epoch():
+    ds = _Images()
+    loader = SlotDataLoader(ds, sample_shape=(3, 6, 6), batch_size=4, num_workers=2, persistent_workers=True)
+    want = _expected(ds, 4)
+    for i, _ in enumerate(loader):  # stop early: prefetched batches are dropped by the next epoch
+        if i == 1:
+            break
+    _assert_same(list(loader), want)
+    _assert_same(list(loader), want)
+    assert not loader.collate_fn.pool.busy.any()
+
+
+def test_batches_that_do_not_fit_a_slot_take_the_ordinary_path():
+    ds = _Images(n=8, size=6)  # full batches only: 4 x 6 x 6 x 3 bytes > a 4 x 4 x 4 x 3 slot
+    loader = SlotDataLoader(ds, sample_shape=(3, 4, 4), batch_size=4, num_workers=1, persistent_workers=True)
+    _assert_same(list(loader), _expected(ds, 4))
+    assert loader.collate_fn.pool.taken == 0
+    # without persistent workers or workers at all: the plain collate
+    assert SlotDataLoader(ds, sample_shape=(3, 6, 6), batch_size=4, num_workers=1).collate_fn is collate_images
+    assert SlotDataLoader(ds, sample_shape=(3, 6, 6), batch_size=4).collate_fn is collate_images
+
+
+def test_a_dropped_untaken_slot_batch_frees_its_slot_but_the_worker_copy_does_not():
+    pool = SlotPool(num_workers=1, slots_per_worker=2, slot_bytes=64)
+    slot = pool.acquire(0, 48)
+    assert slot == 0 and pool.busy.tolist() == [1, 0]
+    sent = SlotBatch(pool.id, slot, (1, 4, 4, 3), [1])
+    received = pickle.loads(pickle.dumps(sent))  # what the main process gets
+    del sent  # the worker's copy: the slot is still in use
+    assert pool.busy.tolist() == [1, 0]
+    del received
+    assert pool.busy.tolist() == [0, 0]
+    assert pool.acquire(0, 65) is None  # too big for a slot
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA")
+def test_pin_memory_thread_takes_slot_batches():  # pragma: no cover - GPU machines only
+    ds = _Images()
+    loader = SlotDataLoader(ds, sample_shape=(3, 6, 6), batch_size=4, num_workers=2, persistent_workers=True,
+                            pin_memory=True)
+    got = list(loader)
+    assert all(x.is_pinned() for x, _ in got)
+    _assert_same(got, _expected(ds, 4))
+    assert loader.collate_fn.pool.taken > 0 and not loader.collate_fn.pool.busy.any()
