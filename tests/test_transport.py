@@ -95,3 +95,21 @@ def test_pin_memory_thread_takes_slot_batches():  # pragma: no cover - GPU machi
     assert all(x.is_pinned() for x, _ in got)
     _assert_same(got, _expected(ds, 4))
     assert loader.collate_fn.pool.taken > 0 and not loader.collate_fn.pool.busy.any()
+
+
+def test_the_pin_memory_thread_dispatch_takes_a_slot_batch(monkeypatch):
+    """What the pin-memory thread does with a worker's SlotBatch (CPU stand-in for pinning)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())
+    pool = SlotPool(num_workers=1, slots_per_worker=2, slot_bytes=2 * 4 * 4 * 3)
+    slot = pool.acquire(0, 2 * 4 * 4 * 3)
+    hwc = torch.arange(2 * 4 * 4 * 3, dtype=torch.uint8).view(2, 4, 4, 3)
+    pool.view(slot, (2, 4, 4, 3)).copy_(hwc)
+    received = pickle.loads(pickle.dumps(SlotBatch(pool.id, slot, (2, 4, 4, 3), [3, 1])))
+    images, labels = pin_memory(received)
+    assert not pool.busy.any() and pool.taken == 1
+    torch.testing.assert_close(images, hwc.permute(0, 3, 1, 2), rtol=0, atol=0)
+    assert labels.tolist() == [3, 1]
+    pool.view(slot, (2, 4, 4, 3)).zero_()  # the slot is reused: the taken batch is a copy
+    assert images.sum() > 0
