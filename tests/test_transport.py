@@ -113,3 +113,18 @@ def test_the_pin_memory_thread_dispatch_takes_a_slot_batch(monkeypatch):
     assert labels.tolist() == [3, 1]
     pool.view(slot, (2, 4, 4, 3)).zero_()  # the slot is reused: the taken batch is a copy
     assert images.sum() > 0
+
+
+def test_lightning_can_rebuild_the_loader_with_another_sampler():
+    """What Lightning does for DDP (DistributedSampler) or overfit_batches: re-instantiate with a new sampler."""
+    from pytorch_lightning.utilities.data import _update_dataloader
+    from torch.utils.data import SequentialSampler
+
+    ds = _Images()
+    loader = SlotDataLoader(ds, sample_shape=(3, 6, 6), batch_size=4, num_workers=1, persistent_workers=True,
+                            shuffle=True)
+    rebuilt = _update_dataloader(loader, SequentialSampler(ds))
+    assert type(rebuilt) is SlotDataLoader and rebuilt.sample_shape == (3, 6, 6)
+    assert rebuilt.collate_fn.pool is not loader.collate_fn.pool  # its own slots
+    _assert_same(list(rebuilt), _expected(ds, 4))
+    assert rebuilt.collate_fn.pool.taken > 0
