@@ -128,3 +128,34 @@ def test_lightning_can_rebuild_the_loader_with_another_sampler():
     assert rebuilt.collate_fn.pool is not loader.collate_fn.pool  # its own slots
     _assert_same(list(rebuilt), _expected(ds, 4))
     assert rebuilt.collate_fn.pool.taken > 0
+
+
+def _augmented(samples: list, workers: int, batch_size: int, epochs: int = 2) -> list[torch.Tensor]:
+    import albumentations as A
+
+    from visionsweep.data.dataset import ImageFolderDataset
+
+    pipeline = A.Compose([A.RandomCrop(6, 6), A.HorizontalFlip(), A.OneOf([A.RandomBrightnessContrast(p=1),
+                                                                          A.ToGray(p=1)])], seed=1)
+    loader = SlotDataLoader(ImageFolderDataset(samples, pipeline), sample_shape=(3, 6, 6), batch_size=batch_size,
+                            num_workers=workers, persistent_workers=workers > 0)
+    torch.manual_seed(0)
+    return [torch.cat([x for x, _ in loader]) for _ in range(epochs)]
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only_not_on_workers_or_batch_size(tmp_path):
+    from PIL import Image
+
+    img = np.random.default_rng(0).integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    samples = []
+    for i in range(7):  # the same picture 7 times: only the augmentation tells them apart
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        samples.append((tmp_path / f"{i}.png", 0))
+    reference = _augmented(samples, workers=0, batch_size=2)
+    for workers, batch_size in ((1, 3), (2, 2), (2, 4)):
+        got = _augmented(samples, workers, batch_size)
+        for epoch in range(2):
+            torch.testing.assert_close(got[epoch], reference[epoch], rtol=0, atol=0,
+                                       msg=f"workers={workers} batch={batch_size} epoch={epoch}")
+    assert not torch.equal(reference[0], reference[1])  # a new epoch draws new augmentations
+    assert len({x.numpy().tobytes() for x in reference[0]}) >= 5  # and the samples of one epoch differ

