@@ -77,7 +77,7 @@ def test_a_dropped_untaken_slot_batch_frees_its_slot_but_the_worker_copy_does_no
     pool = SlotPool(num_workers=1, slots_per_worker=2, slot_bytes=64)
     slot = pool.acquire(0, 48)
     assert slot == 0 and pool.busy.tolist() == [1, 0]
-    sent = SlotBatch(pool.id, slot, (1, 4, 4, 3), [1])
+    sent = SlotBatch(pool.id, slot, (1, 4, 4, 3), [1], generation=0)
     received = pickle.loads(pickle.dumps(sent))  # what the main process gets
     del sent  # the worker's copy: the slot is still in use
     assert pool.busy.tolist() == [1, 0]
@@ -106,7 +106,7 @@ def test_the_pin_memory_thread_dispatch_takes_a_slot_batch(monkeypatch):
     slot = pool.acquire(0, 2 * 4 * 4 * 3)
     hwc = torch.arange(2 * 4 * 4 * 3, dtype=torch.uint8).view(2, 4, 4, 3)
     pool.view(slot, (2, 4, 4, 3)).copy_(hwc)
-    received = pickle.loads(pickle.dumps(SlotBatch(pool.id, slot, (2, 4, 4, 3), [3, 1])))
+    received = pickle.loads(pickle.dumps(SlotBatch(pool.id, slot, (2, 4, 4, 3), [3, 1], generation=0)))
     images, labels = pin_memory(received)
     assert not pool.busy.any() and pool.taken == 1
     torch.testing.assert_close(images, hwc.permute(0, 3, 1, 2), rtol=0, atol=0)
@@ -159,3 +159,38 @@ def test_augmentation_depends_on_seed_epoch_and_index_only_not_on_workers_or_bat
                                        msg=f"workers={workers} batch={batch_size} epoch={epoch}")
     assert not torch.equal(reference[0], reference[1])  # a new epoch draws new augmentations
     assert len({x.numpy().tobytes() for x in reference[0]}) >= 5  # and the samples of one epoch differ
+
+
+def test_a_batch_from_before_a_reset_never_frees_the_slot_again():
+    """An old iterator outliving its workers' teardown must not free a slot a new worker has filled."""
+    pool = SlotPool(num_workers=1, slots_per_worker=1, slot_bytes=48)
+    old = pickle.loads(pickle.dumps(SlotBatch(pool.id, pool.acquire(0, 48), (1, 4, 4, 3), [0], generation=0)))
+    pool.reset()  # new workers start
+    assert pool.acquire(0, 48) == 0  # a new batch fills the slot
+    del old
+    assert pool.busy.tolist() == [1]  # still the new batch's
+    assert pool.acquire(0, 48) is None and pool.acquire(5, 48) is None  # full; unknown worker id
+
+
+def test_a_failing_collate_frees_its_slot(monkeypatch):
+    from visionsweep.data import transport
+
+    monkeypatch.setattr(transport, "get_worker_info", lambda: type("Info", (), {"id": 0})())
+    pool = SlotPool(num_workers=1, slots_per_worker=2, slot_bytes=2 * 3 * 6 * 6)
+    collate = transport.SlotCollate(pool)
+    image = torch.zeros(3, 6, 6, dtype=torch.uint8)
+    with pytest.raises(TypeError):
+        collate([(image, [1, 0]), (image, [0, 1])])  # multi-label targets: not this collate's job
+    assert not pool.busy.any()
+    assert isinstance(collate([(image, 1), (image, 0)]), SlotBatch)
+
+
+def test_slots_are_sized_from_a_batch_sampler_too():
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    ds = _Images()
+    loader = SlotDataLoader(ds, sample_shape=(3, 6, 6), batch_sampler=BatchSampler(SequentialSampler(ds), 4, False),
+                            num_workers=1, persistent_workers=True)
+    assert loader.collate_fn.pool.slot_bytes == 4 * 3 * 6 * 6
+    _assert_same(list(loader), _expected(ds, 4))
+    assert loader.collate_fn.pool.taken > 0

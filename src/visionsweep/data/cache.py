@@ -190,6 +190,7 @@ class MemoryCache:
         self.buffer = np.empty(int(self.offsets[-1]), dtype=np.uint8)
         for i, a in enumerate(arrays):
             self.buffer[self.offsets[i]:self.offsets[i + 1]] = a.reshape(-1)
+        self.buffer.flags.writeable = False  # views handed out cannot be made writable again
         self.index = {os.fspath(p): i for i, p in enumerate(paths)}
 
     @property

@@ -111,21 +111,29 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[index]
         image = self.cache.get(path) if self.cache is not None else load_rgb(path, self.decode_short_side)
         if self.transform is not None:
-            if hasattr(self.transform, "set_random_seed") and self.seeder.active:
-                self.seeder.seed(self.transform, index)
-            elif hasattr(self.transform, "set_random_seed") and get_worker_info() is not None:
-                # Workers hold identical pickled copies of the pipeline's RNG: reseed per worker/epoch.
-                from visionsweep.augment import reseed_in_worker
-
-                reseed_in_worker(self.transform)
-            image = self._transform(image)
+            image = self._transform(image, index)
         return _to_chw_uint8(image, path), int(label)
 
-    def _transform(self, image: np.ndarray) -> Any:
-        # The memory cache hands out read-only views; a transform that writes into its input gets a copy.
+    def _seed(self, index: int) -> None:
+        if not hasattr(self.transform, "set_random_seed"):
+            return
+        if self.seeder.active:
+            self.seeder.seed(self.transform, index)
+        elif get_worker_info() is not None:
+            # Workers hold identical pickled copies of the pipeline's RNG: reseed per worker/epoch.
+            from visionsweep.augment import reseed_in_worker
+
+            reseed_in_worker(self.transform)
+
+    def _transform(self, image: np.ndarray, index: int) -> Any:
+        self._seed(index)
+        # The memory cache hands out read-only views; a transform that writes into its input gets a copy
+        # (with the same random draws, when seeded per sample).
         try:
             return self.transform(image=image)["image"]
         except Exception as e:
             if image.flags.writeable or not any(word in str(e) for word in ("read-only", "readonly")):
                 raise
+            if self.seeder.active:
+                self._seed(index)
             return self.transform(image=image.copy())["image"]

@@ -16,6 +16,7 @@ nothing ever waits for a slot.
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,21 +32,24 @@ _IDS = itertools.count()
 
 
 class SlotPool:
-    """Shared-memory batch slots, ``slots_per_worker`` for each worker, plus their busy flags.
+    """Shared-memory batch slots, ``slots_per_worker`` for each worker, in one segment, plus busy flags.
 
     Args:
         num_workers: DataLoader workers (each uses its own slots: no locking).
-        slots_per_worker: Batches a worker may have in flight (prefetch factor + 2 is plenty).
+        slots_per_worker: Batches a worker may have in flight (prefetch factor + 1).
         slot_bytes: Bytes of one slot (a full batch of images).
     """
 
     def __init__(self, num_workers: int, slots_per_worker: int, slot_bytes: int) -> None:
         self.id = next(_IDS)
-        self.slots_per_worker = int(slots_per_worker)
-        n = int(num_workers) * self.slots_per_worker
-        # sparse until written: a slot costs memory once a worker has used it
-        self.storages = [torch.UntypedStorage._new_shared(int(slot_bytes)) for _ in range(n)]
+        self.num_workers, self.slots_per_worker = int(num_workers), int(slots_per_worker)
+        self.slot_bytes = int(slot_bytes)
+        n = self.num_workers * self.slots_per_worker
+        # one segment (one file handle), sparse until written: a slot costs memory once a worker used it
+        self.storage = torch.UntypedStorage._new_shared(n * self.slot_bytes)
         self.busy = torch.zeros(n, dtype=torch.uint8).share_memory_()
+        # bumped by reset(): a batch made before it must never free a slot again
+        self.generation = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.taken = 0  # batches copied out of a slot (main process); the rest took the ordinary path
         _POOLS[self.id] = self
 
@@ -55,7 +59,7 @@ class SlotPool:
 
     def acquire(self, worker: int, nbytes: int) -> int | None:
         """A free slot of ``worker`` holding at least ``nbytes`` (marked busy), or None."""
-        if nbytes > self.storages[0].nbytes():
+        if nbytes > self.slot_bytes or not 0 <= worker < self.num_workers:
             return None
         first = worker * self.slots_per_worker
         for slot in range(first, first + self.slots_per_worker):
@@ -66,22 +70,41 @@ class SlotPool:
 
     def view(self, slot: int, shape: tuple[int, int, int, int]) -> torch.Tensor:
         """The uint8 ``N x H x W x C`` batch stored in ``slot``."""
-        return torch.empty(0, dtype=torch.uint8).set_(self.storages[slot], 0, shape)
+        return torch.empty(0, dtype=torch.uint8).set_(self.storage, slot * self.slot_bytes, shape)
+
+    def release(self, slot: int, generation: int) -> None:
+        """Free ``slot``, unless a :meth:`reset` came after the batch in it was made."""
+        if int(self.generation[0]) == generation:
+            self.busy[slot] = 0
 
     def reset(self) -> None:
         """Mark every slot free (only while no worker of the pool is alive)."""
+        self.generation += 1
         self.busy.zero_()
+
+
+def slot_pool_fits(total_bytes: int, share: float = 0.5) -> bool:
+    """Whether ``total_bytes`` of slots fit in ``share`` of the free shared memory (Docker's default
+    /dev/shm is 64 MB: there, the ordinary per-batch path is the safer one)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):  # no /dev/shm (macOS, Windows): no limit to check
+        return True
+    return total_bytes <= share * st.f_bavail * st.f_frsize
 
 
 class SlotBatch:
     """What a worker returns for a batch collated into a slot: where it is, its shape and its labels.
 
     In the main process :meth:`take` copies it out and frees the slot; one that is dropped untaken (the
-    DataLoader discards the batches of an abandoned epoch) frees its slot when collected.
+    DataLoader discards the batches of an abandoned epoch) frees its slot when collected, unless the
+    pool was reset since the batch was made (then the slot may hold a newer batch).
     """
 
-    def __init__(self, pool_id: int, slot: int, shape: tuple[int, int, int, int], labels: list[int]) -> None:
+    def __init__(self, pool_id: int, slot: int, shape: tuple[int, int, int, int], labels: list[int],
+                 generation: int) -> None:
         self.pool_id, self.slot, self.shape, self.labels = pool_id, slot, shape, labels
+        self.generation = generation
         self._holds_slot = False  # only the unpickled copy in the main process owns the slot
 
     def __setstate__(self, state: dict) -> None:
@@ -93,7 +116,7 @@ class SlotBatch:
             self._holds_slot = False
             pool = _POOLS.get(self.pool_id)
             if pool is not None:
-                pool.busy[self.slot] = 0
+                pool.release(self.slot, self.generation)
 
     def __del__(self) -> None:
         self._release()
@@ -134,9 +157,15 @@ class SlotCollate:
         slot = self.pool.acquire(info.id, len(batch) * first.numel())
         if slot is None:
             return collate_images(batch)
-        out = self.pool.view(slot, (len(batch), h, w, c))
-        torch.stack([img.permute(1, 2, 0) for img, _ in batch], 0, out=out)
-        return SlotBatch(self.pool.id, slot, (len(batch), h, w, c), [int(label) for _, label in batch])
+        try:
+            generation = int(self.pool.generation[0])
+            out = self.pool.view(slot, (len(batch), h, w, c))
+            torch.stack([img.permute(1, 2, 0) for img, _ in batch], 0, out=out)
+            labels = [int(label) for _, label in batch]
+        except BaseException:
+            self.pool.busy[slot] = 0
+            raise
+        return SlotBatch(self.pool.id, slot, (len(batch), h, w, c), labels, generation)
 
 
 class SlotDataLoader(DataLoader):
@@ -155,16 +184,16 @@ class SlotDataLoader(DataLoader):
     """
 
     def __init__(self, *args: Any, sample_shape: tuple[int, int, int] | None = None, **kwargs: Any) -> None:
-        workers, batch = kwargs.get("num_workers", 0), kwargs.get("batch_size", 1)
         self.sample_shape = sample_shape
-        collate: Any = collate_images
-        # persistent workers only: then one process ever writes a worker's slots
-        if workers and batch and sample_shape and kwargs.get("persistent_workers"):
-            slots = (kwargs.get("prefetch_factor") or 2) + 2
-            nbytes = int(batch) * int(torch.Size(sample_shape).numel())
-            collate = SlotCollate(SlotPool(workers, slots, nbytes))
-        kwargs["collate_fn"] = collate
+        kwargs["collate_fn"] = collate_images
         super().__init__(*args, **kwargs)
+        batch = self.batch_size or getattr(self.batch_sampler, "batch_size", None)
+        # persistent workers only: then one process ever writes a worker's slots
+        if self.num_workers and batch and sample_shape and self.persistent_workers:
+            slots = (self.prefetch_factor or 2) + 1
+            nbytes = int(batch) * int(torch.Size(sample_shape).numel())
+            if slot_pool_fits(self.num_workers * slots * nbytes):
+                self.collate_fn = SlotCollate(SlotPool(self.num_workers, slots, nbytes))
 
     def __iter__(self) -> Iterator:
         if hasattr(self.dataset, "start_epoch"):  # before any index of the epoch reaches a worker
