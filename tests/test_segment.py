@@ -196,3 +196,30 @@ def test_binary_masks_and_split_folders(tmp_path):
     assert y.shape == (1, 12, 10) and int(y.sum()) == 16 and set(y.unique().tolist()) == {0, 1}
     with pytest.raises(ConfigError, match="data.root is required"):
         SegmentationDataModule(None)
+
+
+def test_joint_augmentation_does_not_depend_on_the_worker_count(tmp_path):
+    import albumentations as A
+
+    from visionsweep.data.segmentation import SegmentationDataset, pad_collate
+    from visionsweep.data.transport import SlotDataLoader
+
+    img = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    mask = (np.arange(144).reshape(12, 12) % 3).astype(np.uint8)
+    pairs = []
+    for i in range(6):  # one picture six times: only the augmentation tells the samples apart
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        Image.fromarray(mask).save(tmp_path / f"{i}_m.png")
+        pairs.append((tmp_path / f"{i}.png", tmp_path / f"{i}_m.png"))
+
+    def epochs(workers: int) -> list:
+        ds = SegmentationDataset(pairs, A.Compose([A.RandomCrop(8, 8), A.HorizontalFlip()], seed=0))
+        loader = SlotDataLoader(ds, batch_size=2, num_workers=workers, persistent_workers=workers > 0,
+                                collate_fn=lambda b: pad_collate(b, ignore_index=255))
+        torch.manual_seed(0)
+        return [[torch.cat(t) for t in zip(*loader)] for _ in range(2)]
+
+    ref, got = epochs(0), epochs(2)
+    for (x, m), (gx, gm) in zip(ref, got):
+        assert torch.equal(x, gx) and torch.equal(m, gm)
+    assert not torch.equal(ref[0][0], ref[1][0])  # epochs draw anew

@@ -13,6 +13,27 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from visionsweep.errors import ConfigError
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    """``data.num_workers`` as a count: ``"auto"`` = the cores this process may use.
+
+    Raises:
+        ConfigError: Not an integer >= 0 or ``auto``.
+    """
+    if isinstance(num_workers, str) and num_workers.lower() == "auto":
+        from visionsweep.data.cache import available_cores
+
+        return available_cores()
+    try:
+        workers = int(num_workers)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data.num_workers={num_workers}: give an integer >= 0 or auto") from None
+    if workers < 0:
+        raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+    return workers
+
 
 class SplitDataModule(pl.LightningDataModule):
     """Base of the folder (classification) and segmentation data modules."""

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from visionsweep.data.images import load_rgb
-from visionsweep.data.seeding import SampleSeeder
+from visionsweep.data.seeding import SampleSeeder, seed_sample
 from visionsweep.data.splits import Sample
 from visionsweep.errors import ConfigError
 
@@ -114,19 +114,8 @@ class ImageFolderDataset(Dataset):
             image = self._transform(image, index)
         return _to_chw_uint8(image, path), int(label)
 
-    def _seed(self, index: int) -> None:
-        if not hasattr(self.transform, "set_random_seed"):
-            return
-        if self.seeder.active:
-            self.seeder.seed(self.transform, index)
-        elif get_worker_info() is not None:
-            # Workers hold identical pickled copies of the pipeline's RNG: reseed per worker/epoch.
-            from visionsweep.augment import reseed_in_worker
-
-            reseed_in_worker(self.transform)
-
     def _transform(self, image: np.ndarray, index: int) -> Any:
-        self._seed(index)
+        seed_sample(self.seeder, self.transform, index)
         # The memory cache hands out read-only views; a transform that writes into its input gets a copy
         # (with the same random draws, when seeded per sample).
         try:
@@ -135,5 +124,5 @@ class ImageFolderDataset(Dataset):
             if image.flags.writeable or not any(word in str(e) for word in ("read-only", "readonly")):
                 raise
             if self.seeder.active:
-                self._seed(index)
+                seed_sample(self.seeder, self.transform, index)
             return self.transform(image=image.copy())["image"]

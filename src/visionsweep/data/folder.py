@@ -17,14 +17,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from visionsweep.data import scan
-from visionsweep.data.base import SplitDataModule
+from visionsweep.data.base import SplitDataModule, resolve_workers
 from visionsweep.data.builtin import BUILTIN, ensure_builtin
 from visionsweep.data.cache import (
     CACHE_DIRNAME,
     DiskCache,
     MemoryCache,
     ResizeRule,
-    available_cores,
     check_mode,
     eval_short_side,
     train_short_side,
@@ -91,7 +90,7 @@ class FolderDataModule(SplitDataModule):
         split_seed: int = 0,
         split_dir: str | None = None,
         batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | str = 2,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         skip_bad_images: bool = False,
@@ -111,14 +110,7 @@ class FolderDataModule(SplitDataModule):
             raise ConfigError(f"unknown data.builtin '{builtin}': choose from {', '.join(sorted(BUILTIN))}")
         if int(batch_size) < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
-        if isinstance(num_workers, str) and num_workers.lower() == "auto":
-            num_workers = available_cores()
-        try:
-            num_workers = int(num_workers)
-        except (TypeError, ValueError):
-            raise ConfigError(f"data.num_workers={num_workers}: give an integer >= 0 or auto") from None
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+        num_workers = resolve_workers(num_workers)
         self.cache_mode = check_mode(cache)
         if self.cache_mode != "none" and not image_size:
             raise ConfigError("data.cache needs data.image_size (the training script fills it from the backbone)")

@@ -39,6 +39,19 @@ def _transforms(pipeline: Any) -> list:
     return out
 
 
+def seed_sample(seeder: SampleSeeder, pipeline: Any, index: int) -> None:
+    """Seed ``pipeline`` for sample ``index``: from the epoch seed when the loader set one, else (a plain
+    DataLoader) reseed a worker's pickled copy once per worker, so workers at least draw differently."""
+    if not hasattr(pipeline, "set_random_seed"):
+        return
+    if seeder.active:
+        seeder.seed(pipeline, index)
+    else:
+        from visionsweep.augment import reseed_in_worker
+
+        reseed_in_worker(pipeline)  # no-op in the main process
+
+
 class SampleSeeder:
     """Reseeds an albumentations pipeline per sample from a shared epoch seed.
 

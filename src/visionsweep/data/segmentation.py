@@ -28,11 +28,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from visionsweep.data import scan
-from visionsweep.data.base import SplitDataModule
+from visionsweep.data.base import SplitDataModule, resolve_workers
 from visionsweep.data.builtin import SEG_BUILTIN, is_complete
 from visionsweep.data.dataset import _to_chw_uint8
 from visionsweep.data.images import IMAGE_EXTENSIONS, load_rgb
+from visionsweep.data.seeding import SampleSeeder, seed_sample
 from visionsweep.data.splits import SPLITS, atomic_write_text, relative_posix, split_counts, validate_fractions
+from visionsweep.data.transport import SlotDataLoader
 from visionsweep.errors import ConfigError, DataError
 
 Pair = tuple[Path, Path]
@@ -139,6 +141,11 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, pairs: Sequence[Pair], transform: Callable | None = None, binary: bool = False) -> None:
         self.pairs, self.transform, self.binary = list(pairs), transform, binary
+        self.seeder = SampleSeeder()
+
+    def start_epoch(self, generator: torch.Generator | None = None) -> None:
+        """Seed this epoch's augmentation per sample (see :mod:`visionsweep.data.seeding`)."""
+        self.seeder.start_epoch(generator)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -152,9 +159,7 @@ class SegmentationDataset(Dataset):
         if self.binary:
             mask = (mask > 0).astype(np.uint8)
         if self.transform is not None:
-            from visionsweep.augment import reseed_in_worker
-
-            reseed_in_worker(self.transform)  # no-op in the main process
+            seed_sample(self.seeder, self.transform, index)
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         mask = np.asarray(mask).astype(np.int64)  # a copy: decoded arrays are read-only
@@ -191,7 +196,7 @@ class SegmentationDataModule(SplitDataModule):
         split_seed: Seed of the split.
         split_dir: Folder with ``train.csv``/``val.csv``[/``test.csv``] (``image,mask``) to re-use.
         batch_size: Batch size of every loader.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes, or ``"auto"``: the cores this process may use.
         pin_memory: Pin host memory; None means "if CUDA is available".
         persistent_workers: Keep workers alive between epochs (only when ``num_workers > 0``).
         verify_masks: Read every mask once in ``setup`` (sizes, values, mode) to fail early and clearly.
@@ -205,7 +210,7 @@ class SegmentationDataModule(SplitDataModule):
         image_size: int | None = None, crop_pct: float | None = None, interpolation: str | None = None,
         classes: Sequence[str] | None = None, mask_mode: str = "auto", ignore_index: int = 255,
         eval_resize: str = "short_side", val_fraction: float = 0.2, test_fraction: float = 0.0,
-        split_seed: int = 0, split_dir: str | None = None, batch_size: int = 8, num_workers: int = 2,
+        split_seed: int = 0, split_dir: str | None = None, batch_size: int = 8, num_workers: int | str = 2,
         pin_memory: bool | None = None, persistent_workers: bool = True, verify_masks: bool = True,
         output_dir: str | None = None, train_transform: Callable | None = None,
         eval_transform: Callable | None = None,
@@ -218,8 +223,9 @@ class SegmentationDataModule(SplitDataModule):
                                     ("eval_resize", eval_resize, EVAL_RESIZE)):
             if value not in allowed:
                 raise ConfigError(f"data.{key}={value}: choose from {', '.join(str(a) for a in allowed if a)}")
-        if int(batch_size) < 1 or int(num_workers) < 0:
-            raise ConfigError(f"data.batch_size={batch_size} must be >= 1 and data.num_workers={num_workers} >= 0")
+        num_workers = resolve_workers(num_workers)
+        if int(batch_size) < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
         self.root = Path(os.fspath(root)).expanduser()
         self.builtin, self.builtin_options = builtin, dict(builtin_options or {})
         self.image_size, self.crop_pct, self.interpolation = image_size, crop_pct, interpolation
@@ -359,7 +365,9 @@ class SegmentationDataModule(SplitDataModule):
 
     def _loader(self, split: str, transform: Callable | None, shuffle: bool) -> DataLoader:
         self._state()
-        return DataLoader(SegmentationDataset(self._state()[split], transform, self.binary),
-                          batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, collate_fn=functools.partial(pad_collate, ignore_index=self.ignore_index),
-                          persistent_workers=self.persistent_workers and self.num_workers > 0)
+        # SlotDataLoader for its per-sample augmentation seeds (no slots: padded batches vary in size)
+        return SlotDataLoader(SegmentationDataset(self._state()[split], transform, self.binary),
+                              batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                              pin_memory=self.pin_memory,
+                              collate_fn=functools.partial(pad_collate, ignore_index=self.ignore_index),
+                              persistent_workers=self.persistent_workers and self.num_workers > 0)

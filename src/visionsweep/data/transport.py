@@ -185,11 +185,13 @@ class SlotDataLoader(DataLoader):
 
     def __init__(self, *args: Any, sample_shape: tuple[int, int, int] | None = None, **kwargs: Any) -> None:
         self.sample_shape = sample_shape
-        kwargs["collate_fn"] = collate_images
+        if kwargs.get("collate_fn") is None or isinstance(kwargs["collate_fn"], SlotCollate):
+            kwargs["collate_fn"] = collate_images  # (Lightning re-instantiating passes the old SlotCollate)
         super().__init__(*args, **kwargs)
         batch = self.batch_size or getattr(self.batch_sampler, "batch_size", None)
         # persistent workers only: then one process ever writes a worker's slots
-        if self.num_workers and batch and sample_shape and self.persistent_workers:
+        if (self.num_workers and batch and sample_shape and self.persistent_workers
+                and self.collate_fn is collate_images):
             slots = (self.prefetch_factor or 2) + 1
             nbytes = int(batch) * int(torch.Size(sample_shape).numel())
             if slot_pool_fits(self.num_workers * slots * nbytes):
