@@ -25,6 +25,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from visionsweep.errors import ConfigError
 from visionsweep.models.backbones import create_backbone, layer_groups
+from visionsweep.models.normalize import PixelNormalize
 
 
 def _build_mixup(cfg: dict | None, label_smoothing: float, num_classes: int) -> Mixup | None:
@@ -109,11 +110,7 @@ class ClassifierModule(pl.LightningModule):
         )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        # uint8 in, normalised float out: x * scale + shift == (x / 255 - mean) / std
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
-        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+        self.pixels = PixelNormalize(mean, std, torch.channels_last if channels_last else torch.contiguous_format)
 
         metric = dict(num_classes=num_classes)
         self.train_acc = MulticlassAccuracy(average="micro", **metric)
@@ -134,8 +131,7 @@ class ClassifierModule(pl.LightningModule):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (or float 0..255) NCHW batch (any memory layout) → normalised float in the model's layout."""
-        layout = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
-        return x.to(torch.float32, memory_format=layout) * self.scale + self.shift
+        return self.pixels(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a uint8 NCHW batch."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from visionsweep.models.classifier import ClassifierModule
+from visionsweep.models.normalize import PixelNormalize
 
 
 class Deployable(nn.Module):
@@ -17,12 +18,11 @@ class Deployable(nn.Module):
     def __init__(self, model: ClassifierModule, softmax: bool = False) -> None:
         super().__init__()
         self.net = model.net
-        self.register_buffer("scale", model.scale.clone())
-        self.register_buffer("shift", model.shift.clone())
+        self.pixels = PixelNormalize(model.hparams.mean, model.hparams.std)  # exported with the net
         self.softmax = softmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x.float() * self.scale + self.shift)
+        out = self.net(self.pixels(x))
         return out.softmax(dim=1) if self.softmax else out
 
 

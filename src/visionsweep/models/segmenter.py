@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from visionsweep.errors import ConfigError
 from visionsweep.models.backbones import check_backbone, hub_reachable
+from visionsweep.models.normalize import PixelNormalize
 
 log = logging.getLogger(__name__)
 LOSSES = ("ce", "dice", "dice_ce")
@@ -101,10 +102,7 @@ class SegmenterModule(pl.LightningModule):
         self.stride = int(getattr(self.net.encoder, "output_stride", 2 ** encoder_depth))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
-        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+        self.pixels = PixelNormalize(mean, std, torch.contiguous_format)  # channels-last after padding, below
         self.ce = nn.CrossEntropyLoss(ignore_index=ignore_index)
         self.dice = smp.losses.DiceLoss(smp.losses.MULTICLASS_MODE, ignore_index=ignore_index)
         cm = dict(num_classes=num_classes, ignore_index=ignore_index)
@@ -140,7 +138,7 @@ class SegmenterModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``B x C x H x W`` for a uint8 batch ``B x 3 x H x W`` of any size."""
         h, w = x.shape[-2:]
-        x = x.to(torch.float32, memory_format=torch.contiguous_format) * self.scale + self.shift
+        x = self.pixels(x)
         ph, pw = -h % self.stride, -w % self.stride
         if ph or pw:  # zero after normalisation = the mean colour
             x = F.pad(x, (0, pw, 0, ph))
