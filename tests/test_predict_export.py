@@ -31,19 +31,20 @@ def _predict(tmp: Path, ckpt: Path, *extra: str) -> tuple[list[dict], Path]:
 
 
 def test_predict_folder_writes_one_row_per_image(ckpt, digits_root, tmp_path):
-    folder = digits_root / "0"
-    rows, path = _predict(tmp_path, ckpt, f"input={folder}")
+    rows, path = _predict(tmp_path, ckpt, f"input={digits_root}")
     table = list(csv.DictReader(path.open()))
-    images = sorted(p for p in folder.rglob("*.png"))
-    assert len(table) == len(rows) == len(images) > 100
+    images = sorted(p for p in digits_root.rglob("*.png"))
+    assert len(table) == len(rows) == len(images) > 1000
     assert list(table[0])[:4] == ["path", "predicted", "probability", "label"]
     classes = [str(d) for d in range(10)]
     for row in table:
         probs = [float(row[f"prob_{c}"]) for c in classes]
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
         assert row["predicted"] == classes[max(range(10), key=probs.__getitem__)]
-    acc = sum(r["predicted"] == r["label"] == "0" for r in table) / len(table)
-    assert acc > 0.3  # far above chance (0.1): the checkpoint's weights and preprocessing are used
+    # over all ten classes (one class alone after one epoch varies with the CPU): chance is 0.1, a
+    # 1-epoch model scores ~0.75 -- above 0.3 means the checkpoint's weights and preprocessing are used
+    acc = sum(r["predicted"] == r["label"] for r in table) / len(table)
+    assert acc > 0.3
     assert json.loads((tmp_path / "run.json").read_text())["n_images"] == len(images)
 
 
