@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import hydra.utils
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from visionsweep import builders, runinfo
+from visionsweep import builders, checkpoints, runinfo
 from visionsweep.errors import ConfigError
 from visionsweep.models.backbones import InputConfig
 from visionsweep.utils.cli import guarded, precheck
-from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint, run_dir_of
 
 log = logging.getLogger("visionsweep.eval")
 
@@ -29,18 +27,16 @@ log = logging.getLogger("visionsweep.eval")
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split``; returns the metrics (``<split>/acc`` or ``<split>/miou``...).
 
-    Classifier and segmenter checkpoints both work: the module class is the training run's ``model._target_``.
+    Classifier and segmenter checkpoints both work: :mod:`visionsweep.checkpoints` reads the file
+    weights-only and builds the module the checkpoint says it holds.
     """
     out = Path(cfg.paths.output_dir)
-    ckpt = (find_latest_checkpoint(cfg.paths.log_dir, "train") if cfg.ckpt_path == "latest"
-            else check_checkpoint(cfg.ckpt_path))
-    run_dir = run_dir_of(ckpt)
-    if not (run_dir / "config.yaml").is_file():
+    loaded = checkpoints.load(cfg.ckpt_path, cfg.paths.log_dir)
+    ckpt, run_dir, model = loaded.path, loaded.run_dir, loaded.model
+    train_cfg = loaded.train_config()
+    if train_cfg is None:
         raise ConfigError(f"ckpt_path '{ckpt}': no config.yaml in its run dir {run_dir} "
                           "(was it written by visionsweep.train?)")
-    train_cfg = OmegaConf.load(run_dir / "config.yaml")
-    model = module_class(train_cfg).load_from_checkpoint(ckpt, map_location="cpu", pretrained=False,
-                                                         pretrained_file=None)
     hp = model.hparams
     inp = InputConfig(hp.image_size, tuple(hp.mean), tuple(hp.std), hp.crop_pct, hp.interpolation)
     overrides: dict[str, Any] = {}
@@ -73,18 +69,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("/acc", "/miou", "/loss")))
     print(f"\n{ckpt.name} on {split} ({len(loader.dataset)} images): {shown}  → {out}", flush=True)
     return metrics
-
-
-def module_class(train_cfg: DictConfig) -> type[pl.LightningModule]:
-    """The LightningModule class a training run used (``model._target_``: classifier or segmenter)."""
-    target = train_cfg.get("model", {}).get("_target_") or "visionsweep.models.classifier.ClassifierModule"
-    try:
-        cls = hydra.utils.get_class(target)
-    except Exception as e:  # noqa: BLE001 - hydra raises several types for a bad path
-        raise ConfigError(f"model._target_ '{target}' of the training run cannot be imported: {e}") from e
-    if not issubclass(cls, pl.LightningModule):
-        raise ConfigError(f"model._target_ '{target}' of the training run is not a LightningModule")
-    return cls
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")

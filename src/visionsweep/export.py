@@ -2,12 +2,13 @@
 
 onnx / torchscript: a model that takes a batch of RGB images ``N x 3 x S x S`` (``input_dtype``: uint8
 0..255, or float32 with the same 0..255 values) and returns logits (or probabilities with
-``softmax=true``); normalisation is inside the model. The images must be prepared as in training's
+``softmax=true``), per pixel (``N x classes x S x S``) for a segmentation checkpoint; normalisation
+is inside the model. The images must be prepared as in training's
 eval view: resize the short side to ``round(S / crop_pct)`` (``interpolation``), centre-crop ``S x S``.
 A sidecar ``<name>.json`` records all of it plus the class names. The export is checked against the
 checkpoint on random images (max abs difference ≤ ``tolerance``).
 
-state_dict: the backbone's weights as ``.safetensors``, to start another run from them with
+state_dict: the backbone's (a segmenter's: its timm encoder's) weights as ``.safetensors``, to start another run from them with
 ``model.pretrained_file=<file>`` (how the offline fine-tune demo gets its "pretrained" weights).
 """
 
@@ -22,9 +23,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from visionsweep import runinfo
+from visionsweep import checkpoints, runinfo
 from visionsweep.errors import ConfigError
-from visionsweep.inference import load_classifier
 from visionsweep.models.deploy import Deployable, max_abs_diff, random_images, sidecar, to_onnx
 from visionsweep.utils.cli import guarded, precheck
 
@@ -39,14 +39,17 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"format={fmt}: use onnx, torchscript or state_dict")
     if cfg.input_dtype not in ("uint8", "float32"):
         raise ConfigError(f"input_dtype={cfg.input_dtype}: use uint8 or float32")
-    model, ckpt = load_classifier(cfg.ckpt_path, cfg.paths.log_dir)
+    loaded = checkpoints.load(cfg.ckpt_path, cfg.paths.log_dir)
+    model, ckpt = loaded.model, loaded.path
     out_dir = Path(cfg.paths.output_dir)
     path = Path(cfg.output).expanduser() if cfg.get("output") else out_dir / f"model{SUFFIX[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "state_dict":
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous() for k, v in model.net.state_dict().items()}, str(path))
+        # a segmenter's timm encoder weights: the same keys as the backbone of a classifier
+        net = model.net.encoder.model if loaded.kind == "segmenter" else model.net
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path))
         info: dict[str, Any] = {"format": fmt, "checkpoint": str(ckpt), "backbone": model.hparams.backbone,
                                 "class_names": list(model.class_names),
                                 "use": f"model.backbone={model.hparams.backbone} model.pretrained_file={path}"}

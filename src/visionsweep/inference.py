@@ -1,4 +1,5 @@
-"""Inference with a classifier checkpoint: load it, list images, predict them (optionally with TTA).
+"""Inference with a classifier (loaded by :mod:`visionsweep.checkpoints`): list images, predict them
+(optionally with TTA).
 
 ``tta=True`` averages the softmax over 12 views: the eval view, 4 corner + centre crops of the image
 resized 15 % larger, and the horizontal flip of each (fastai's ``tta`` uses augmented views too).
@@ -14,23 +15,10 @@ from torch.utils.data import DataLoader
 from visionsweep import augment
 from visionsweep.data.dataset import ImageFolderDataset, collate_images
 from visionsweep.data.images import is_image_file
-from visionsweep.errors import ConfigError, DataError
+from visionsweep.errors import DataError
 from visionsweep.models.classifier import ClassifierModule
-from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint
 
 TTA_ZOOM = 1.15  # the crops of the TTA views come from the image resized this much larger
-
-
-def load_classifier(ckpt_path: str | Path, log_dir: str | Path | None = None) -> tuple[ClassifierModule, Path]:
-    """The classifier of a checkpoint (``latest``: the newest ``last.ckpt`` of train runs), in eval mode."""
-    ckpt = (find_latest_checkpoint(log_dir or "runs", "train") if str(ckpt_path) == "latest"
-            else check_checkpoint(ckpt_path))
-    try:
-        model = ClassifierModule.load_from_checkpoint(ckpt, map_location="cpu", pretrained=False,
-                                                      pretrained_file=None)
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise ConfigError(f"ckpt_path '{ckpt}' is not a visionsweep classifier checkpoint ({e})") from e
-    return model.eval(), ckpt
 
 
 def list_images(path: str | Path) -> list[Path]:

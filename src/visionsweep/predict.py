@@ -20,11 +20,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from visionsweep import runinfo
+from visionsweep import checkpoints, runinfo
 from visionsweep.errors import ConfigError
-from visionsweep.inference import list_images, load_classifier, predict_images
+from visionsweep.inference import list_images, predict_images
 from visionsweep.utils.cli import guarded, precheck
-from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint
 
 log = logging.getLogger("visionsweep.predict")
 
@@ -34,12 +33,12 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     out = Path(cfg.paths.output_dir)
     if cfg.get("input") in (None, ""):
         raise ConfigError("input is required: input=<image or folder>")
-    seg = _predict_masks(cfg, out)
-    if seg is not None:
-        return seg
-    model, ckpt = load_classifier(cfg.ckpt_path, cfg.paths.log_dir)
-    paths = list_images(cfg.input)
+    loaded = checkpoints.load(cfg.ckpt_path, cfg.paths.log_dir)
     device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if loaded.kind == "segmenter":
+        return _predict_masks(cfg, loaded, device, out)
+    model, ckpt = loaded.model, loaded.path
+    paths = list_images(cfg.input)
     probs = predict_images(model, paths, tta=bool(cfg.tta), batch_size=int(cfg.batch_size), device=device)
     names = list(model.class_names)
     rows = []
@@ -63,19 +62,14 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _predict_masks(cfg: DictConfig, out: Path) -> list[dict[str, Any]] | None:
-    """Segmentation checkpoints: mask PNGs (class indices, palette) in <run>/masks/; None for classifiers."""
-    from visionsweep.models.segmenter import load_segmenter, predict_folder
+def _predict_masks(cfg: DictConfig, loaded: checkpoints.LoadedCheckpoint, device: str,
+                   out: Path) -> list[dict[str, Any]]:
+    """Segmentation checkpoints: mask PNGs (class indices, palette) in <run>/masks/."""
+    from visionsweep.models.segmenter import predict_folder
 
-    ckpt = (find_latest_checkpoint(cfg.paths.log_dir, "train") if str(cfg.ckpt_path) == "latest"
-            else check_checkpoint(cfg.ckpt_path))
-    model = load_segmenter(ckpt)
-    if model is None:
-        return None
-    device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    written = predict_folder(model.to(device), cfg.input, out / "masks")
-    runinfo.RunRecord(out, task="predict", checkpoint=str(ckpt), input=str(cfg.input), n_images=len(written),
-                      status="ok")
+    written = predict_folder(loaded.model.to(device), cfg.input, out / "masks")
+    runinfo.RunRecord(out, task="predict", checkpoint=str(loaded.path), input=str(cfg.input),
+                      n_images=len(written), status="ok")
     print(f"\n{len(written)} masks → {out / 'masks'}", flush=True)
     return [{"path": str(p)} for p in written]
 

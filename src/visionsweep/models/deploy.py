@@ -1,4 +1,4 @@
-"""The classifier as a deployable function of raw pixels, and the checks of an exported file."""
+"""A classifier or segmenter as a deployable function of raw pixels, and the checks of an exported file."""
 
 from __future__ import annotations
 
@@ -8,37 +8,56 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from visionsweep.models.classifier import ClassifierModule
 from visionsweep.models.normalize import PixelNormalize
 
 
 class Deployable(nn.Module):
-    """The classifier as one function of raw pixels: ``N x 3 x S x S`` (0..255) → logits/probabilities."""
+    """A checkpoint's model as one function of raw pixels: ``N x 3 x S x S`` (0..255) → logits/probabilities.
 
-    def __init__(self, model: ClassifierModule, softmax: bool = False) -> None:
+    A classifier gives ``N x classes``; a segmenter ``N x classes x S x S`` (padded to its encoder's
+    stride inside, as in training). Normalisation is part of the exported graph.
+    """
+
+    def __init__(self, model: nn.Module, softmax: bool = False) -> None:
         super().__init__()
         self.net = model.net
         self.pixels = PixelNormalize(model.hparams.mean, model.hparams.std)  # exported with the net
         self.softmax = softmax
+        self.segment = is_segmenter(model)
+        self.stride = int(getattr(model, "stride", 1))
+        if self.segment:
+            from visionsweep.models.segmenter import padded_logits
+
+            self._padded = padded_logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(self.pixels(x))
+        out = self._padded(self.net, self.pixels, self.stride, x) if self.segment else self.net(self.pixels(x))
         return out.softmax(dim=1) if self.softmax else out
 
 
-def sidecar(model: ClassifierModule, fmt: str, input_dtype: str, softmax: bool, ckpt: Path) -> dict[str, Any]:
+def is_segmenter(model: nn.Module) -> bool:
+    """Whether ``model`` is a SegmenterModule (it says so in ``KIND``; no smp import needed to ask)."""
+    return getattr(model, "KIND", "classifier") == "segmenter"
+
+
+def sidecar(model: nn.Module, fmt: str, input_dtype: str, softmax: bool, ckpt: Path) -> dict[str, Any]:
     """What a user of the exported file needs to know to feed it and read its output."""
     hp = model.hparams
-    size = int(hp.image_size)
+    size, n = int(hp.image_size), len(model.class_names)
+    output: dict[str, Any] = {"name": "probabilities" if softmax else "logits", "shape": ["N", n]}
+    if is_segmenter(model):
+        output = {**output, "shape": ["N", n, size, size],
+                  "mask": "argmax over dim 1 gives each pixel's class index"}
     return {
-        "format": fmt, "checkpoint": str(ckpt), "backbone": hp.backbone, "class_names": list(model.class_names),
+        "format": fmt, "checkpoint": str(ckpt), "kind": "segmenter" if is_segmenter(model) else "classifier",
+        "backbone": hp.backbone, "class_names": list(model.class_names),
         "input": {"name": "image", "shape": ["N", 3, size, size], "layout": "NCHW", "channels": "RGB",
                   "dtype": input_dtype, "range": [0, 255], "normalisation": "inside the model"},
         "preprocessing": {"resize_short_side": max(size, round(size / float(hp.crop_pct))),
                           "interpolation": hp.interpolation, "center_crop": size, "crop_pct": hp.crop_pct,
                           "mean": list(hp.mean), "std": list(hp.std),
                           "formula": "(pixel / 255 - mean) / std, applied by the model"},
-        "output": {"name": "probabilities" if softmax else "logits", "shape": ["N", len(model.class_names)]},
+        "output": output,
     }
 
 

@@ -79,6 +79,8 @@ class SegmenterModule(pl.LightningModule):
         channels_last: Channels-last memory format.
     """
 
+    KIND = "segmenter"  # the checkpoint marker's value (visionsweep.checkpoints dispatches on it)
+
     def __init__(
         self, backbone: str, num_classes: int, class_names: Sequence[str] | None = None,
         encoder: str | None = None, decoder: str = "unet", encoder_depth: int = 5,
@@ -137,14 +139,11 @@ class SegmenterModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``B x C x H x W`` for a uint8 batch ``B x 3 x H x W`` of any size."""
-        h, w = x.shape[-2:]
-        x = self.pixels(x)
-        ph, pw = -h % self.stride, -w % self.stride
-        if ph or pw:  # zero after normalisation = the mean colour
-            x = F.pad(x, (0, pw, 0, ph))
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)[..., :h, :w]
+        return padded_logits(self.net, self.pixels, self.stride, x, bool(self.hparams.channels_last))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # what the checkpoint holds, for visionsweep.checkpoints (plain strings: weights-only loadable)
+        checkpoint["visionsweep"] = {"kind": self.KIND}
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch
@@ -225,6 +224,22 @@ class SegmenterModule(pl.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(1)
+
+
+def padded_logits(net: nn.Module, pixels: nn.Module, stride: int, x: torch.Tensor,
+                  channels_last: bool = False) -> torch.Tensor:
+    """``net``'s logits for a uint8 batch of any size: normalise, pad to ``stride``, run, crop back.
+
+    Shared by :class:`SegmenterModule` and the exported model (``models/deploy.py``).
+    """
+    h, w = x.shape[-2:]
+    x = pixels(x)
+    ph, pw = -h % stride, -w % stride
+    if ph or pw:  # zero after normalisation = the mean colour
+        x = F.pad(x, (0, pw, 0, ph))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return net(x)[..., :h, :w]
 
 
 def build_net(encoder: str, decoder: str, num_classes: int, depth: int = 5,
@@ -327,7 +342,7 @@ def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Pa
     """Write ``<out_dir>/<stem>.png`` class-index masks (palette PNGs) for an image or every image in a folder.
 
     Args:
-        model: A trained module (``SegmenterModule.load_from_checkpoint(path)``).
+        model: A trained module (``visionsweep.checkpoints.load(path).model``).
         images: An image file, or a folder of images (direct children).
         out_dir: Destination folder (created).
         resize: Resize the short side to the model's ``image_size`` first (the training scale); the
@@ -370,12 +385,3 @@ def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Pa
         written.append(out / f"{path.stem}.png")
         mask.save(written[-1])
     return written
-
-
-def load_segmenter(ckpt_path: str | Path) -> SegmenterModule | None:
-    """The segmenter of a checkpoint in eval mode, or None when the checkpoint holds another model."""
-    hp = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    if "decoder" not in hp or "encoder_depth" not in hp:
-        return None
-    model = SegmenterModule.load_from_checkpoint(ckpt_path, map_location="cpu", pretrained=False, pretrained_file=None)
-    return model.eval()

@@ -1,4 +1,4 @@
-"""Config helpers: the tree printed at start, and locating checkpoints and their runs."""
+"""Config helpers: the tree printed at start, and the checkpoint a training run resumes from."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import rich
 import rich.syntax
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
-
-from visionsweep.errors import ConfigError
 
 log = logging.getLogger("visionsweep.train")
 PRINT_ORDER = ("data", "augmentation", "model", "optimizer", "scheduler", "trainer", "logger",
@@ -35,40 +33,19 @@ def print_config_tree(cfg: DictConfig, resolve: bool = True) -> None:
     rich.print(tree)
 
 
-def find_latest_checkpoint(log_dir: str | Path, task_name: str = "train") -> Path:
-    """The newest ``last.ckpt`` under ``<log_dir>/<task_name>/`` (runs and sweep jobs)."""
-    root = Path(log_dir) / task_name
-    found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ConfigError(f"ckpt_path=latest: no checkpoints/last.ckpt under {root}")
-    return found[-1]
-
-
-def run_dir_of(ckpt_path: str | Path) -> Path:
-    """The run dir a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` → ``<run>``)."""
-    path = Path(ckpt_path)
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
-def check_checkpoint(ckpt_path: str | None) -> Path:
-    """Resolve and check a ``ckpt_path`` given by the user."""
-    if not ckpt_path:
-        raise ConfigError("ckpt_path is required: ckpt_path=<run>/checkpoints/<name>.ckpt")
-    path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path '{ckpt_path}' does not exist")
-    return path.resolve()
-
-
 def resume_checkpoint(cfg: DictConfig) -> Path | None:
-    """The checkpoint of ``ckpt_path`` (a path or ``latest``); points data and wandb at its run."""
-    from visionsweep import runinfo
+    """The checkpoint of ``ckpt_path`` (a path or ``latest``); points data and wandb at its run.
+
+    The file is checked weights-only (:func:`visionsweep.checkpoints.check_resumable`) before
+    Lightning reads it: a pickle with code, a truncated file or the other model kind stop here in one line.
+    """
+    from visionsweep import checkpoints, runinfo
 
     if not cfg.get("ckpt_path"):
         return None
-    ckpt = (find_latest_checkpoint(cfg.paths.log_dir, cfg.task_name) if cfg.ckpt_path == "latest"
-            else check_checkpoint(cfg.ckpt_path))
-    old_run = run_dir_of(ckpt)
+    kind = checkpoints.kind_of_target(cfg.model.get("_target_"))
+    ckpt = checkpoints.check_resumable(cfg.ckpt_path, cfg.paths.log_dir, cfg.task_name, kind)
+    old_run = checkpoints.run_dir_of(ckpt)
     if not cfg.data.get("split_dir") and (old_run / "splits").is_dir():
         cfg.data.split_dir = str(old_run / "splits")  # same split as the run being resumed
     wandb_id = runinfo.load(old_run).get("wandb_id")
