@@ -173,12 +173,13 @@ def test_mixed_folder_modes_and_extensions(tmp_path: Path) -> None:
     (root / "cat" / ".DS_Store").write_bytes(b"junk")
     (root / "cat" / "._rgb.png").write_bytes(b"junk")  # macOS resource fork: hidden, skipped
     (root / "cat" / "notes.txt").write_text("not an image")
-    _save(root / "dog" / "nested" / "deep.png", Image.fromarray(_rgb()))  # not searched
+    _save(root / "dog" / "nested" / "deep.png", Image.fromarray(_rgb()))  # a sub-folder: still "dog"
     dm = _dm(root, val_fraction=0.0)
     dm.setup()
     assert dm.classes == ["cat", "dog"] and dm.num_classes == 2
-    assert len(dm.train_samples) == 2 * n and dm.val_samples == [] and not dm.has_test
-    assert dm.ignored_files == 2  # notes.txt and the nested folder
+    assert len(dm.train_samples) == 2 * n + 1 and dm.val_samples == [] and not dm.has_test
+    assert (root / "dog" / "nested" / "deep.png", 1) in dm.train_samples
+    assert dm.ignored_files == 1  # notes.txt
     assert dm.split_source == "seeded"
     names = {p.name for p, _ in dm.train_samples}
     assert {"upper.JPG", "web.webp", "bitmap.bmp", "deep.png", "rotated.jpg"} <= names
@@ -190,7 +191,7 @@ def test_mixed_folder_modes_and_extensions(tmp_path: Path) -> None:
         assert x.dtype == torch.uint8 and x.shape[0] == 3 and x.permute(1, 2, 0).is_contiguous()
         expected = (3, W, H) if dm.train_samples[i][0].name == "rotated.jpg" else (3, H, W)
         assert tuple(x.shape) == expected
-        assert y == dm.classes.index(dm.train_samples[i][0].parent.name)
+        assert y == dm.classes.index(dm.train_samples[i][0].relative_to(root).parts[0])
 
 
 def test_stratified_seeded_split(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from visionsweep.data.splits import (
     SPLITS,
     Sample,
     atomic_write_text,
+    check_holdouts,
     read_split_dir,
     relative_posix,
     split_csv_text,
@@ -179,6 +180,8 @@ class FolderDataModule(SplitDataModule):
                 splits = stratified_split(
                     per_class, self.val_fraction, self.test_fraction, self.split_seed
                 )
+                check_holdouts({c: len(f) for c, f in per_class.items()}, splits, self.val_fraction,
+                               self.test_fraction)
                 source = "seeded"
         scan.require_two_classes(classes, root)
         if not splits["train"]:

@@ -6,6 +6,7 @@ Every image mode Pillow can open (palette, alpha, CMYK, 1-bit, 16-bit, float) en
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def _reason(exc: BaseException) -> str:
         return "is a directory"
     if isinstance(exc, PermissionError):
         return "permission denied"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "a symlink loop: the link leads back to itself"
     if isinstance(exc, UnidentifiedImageError):
         return "not an image: Pillow cannot identify the format"
     text = _one_line(str(exc)) or type(exc).__name__

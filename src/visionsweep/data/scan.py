@@ -4,10 +4,18 @@ Layouts understood (see :class:`visionsweep.data.folder.FolderDataModule`):
 
 * ``root/<class>/<image>``: split afterwards with a seeded, stratified split (:mod:`.splits`);
 * ``root/train/<class>/...`` + ``root/{val,valid,validation}/<class>/...`` (+ ``root/test/...``).
+
+Images in sub-folders of a class folder belong to that class (searched recursively, as torchvision's
+``ImageFolder`` does; the count is logged). Hidden files and folders (``.name``) are skipped. A file
+name that is not valid UTF-8 stops the scan with its path (it could not be written to a split CSV or
+a log); an image-named symlink that loops is listed, so the image check reports it like any
+unreadable file.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +25,7 @@ from visionsweep.data.images import IMAGE_EXTENSIONS, bad_image_message, check_i
 from visionsweep.errors import DataError
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
+log = logging.getLogger(__name__)
 
 
 def _hidden(name: str) -> bool:
@@ -44,31 +53,85 @@ def check_root(root: Path) -> None:
         )
 
 
-def list_images(folder: Path) -> tuple[list[Path], int]:
-    """List the image files directly inside ``folder`` (sorted; hidden files skipped).
+def printable(path: str | Path) -> str:
+    """``path`` as printable text: bytes that are not UTF-8 shown as ``\\xff`` escapes."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def check_utf8_name(path: str | Path) -> None:
+    """Refuse a file or folder name that is not valid UTF-8 (Python keeps it as lone surrogates).
+
+    Args:
+        path: A path found on disk.
+
+    Raises:
+        DataError: Naming the path with its undecodable bytes escaped, and the fix.
+    """
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"file name '{printable(path)}' is not valid UTF-8: rename it (e.g. convmv -f latin1 -t utf8 "
+            "-r --notest <folder>), or move it out of data.root"
+        ) from None
+
+
+def _is(entry: os.DirEntry, kind: str) -> bool | None:
+    """``entry.is_file()`` / ``is_dir()``; None for a link that cannot be followed (a loop)."""
+    try:
+        return entry.is_file() if kind == "file" else entry.is_dir()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None
+        raise
+
+
+def list_images(folder: Path, recursive: bool = False) -> tuple[list[Path], int]:
+    """List the image files inside ``folder`` (sorted by relative path; hidden entries skipped).
 
     Args:
         folder: A class folder.
+        recursive: Also search sub-folders (symlinked ones too, each real folder once).
 
     Returns:
-        The sorted image paths and the number of ignored non-image entries.
+        The sorted image paths and the number of ignored entries (non-image files; sub-folders
+        when not recursive).
+
+    Raises:
+        DataError: A name that is not valid UTF-8.
     """
-    images, ignored = [], 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if _hidden(entry.name):
-                continue
-            if entry.is_file() and is_image_file(entry.name):
-                images.append(Path(entry.path))
-            else:
-                ignored += 1  # non-image files and nested folders (not searched: direct children only)
-    return sorted(images, key=lambda p: p.name), ignored
+    images: list[Path] = []
+    ignored = 0
+    seen: set[str] = set()
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        real = os.path.realpath(current)
+        if real in seen:  # a symlink back up the tree: each real folder is searched once
+            log.warning("skipped '%s': a link to a folder already searched (%s)", printable(current), real)
+            continue
+        seen.add(real)
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if _hidden(entry.name):
+                    continue
+                check_utf8_name(entry.path)
+                is_file = _is(entry, "file")
+                if is_image_file(entry.name) and is_file is not False:
+                    images.append(Path(entry.path))  # a looping link too: the image check names it
+                elif recursive and is_file is False and _is(entry, "dir"):
+                    pending.append(Path(entry.path))
+                else:
+                    ignored += 1  # non-image files; nested folders when not recursive
+    return sorted(images, key=lambda p: p.relative_to(folder).as_posix()), ignored
 
 
 def class_folders(folder: Path) -> list[Path]:
     """Sorted, non-hidden sub-directories of ``folder``."""
     with os.scandir(folder) as entries:
-        dirs = [Path(e.path) for e in entries if e.is_dir() and not _hidden(e.name)]
+        dirs = [Path(e.path) for e in entries if not _hidden(e.name) and _is(e, "dir")]
+    for d in dirs:
+        check_utf8_name(d)
     return sorted(dirs, key=lambda p: p.name)
 
 
@@ -80,7 +143,8 @@ def scan_classes(folder: Path, *, allow_empty: bool = False) -> tuple[dict[str, 
         allow_empty: Return an empty mapping instead of raising when there are no class folders.
 
     Returns:
-        The per-class image lists (classes sorted) and the number of ignored non-image files.
+        The per-class image lists (classes sorted; images in sub-folders of a class folder
+        included) and the number of ignored non-image files.
 
     Raises:
         DataError: No class folders, or a class folder without images.
@@ -98,16 +162,20 @@ def scan_classes(folder: Path, *, allow_empty: bool = False) -> tuple[dict[str, 
             f"no class sub-folders in '{folder}'{hint}: expected <root>/<class>/<image>, "
             "e.g. <root>/cat/1.jpg, <root>/dog/2.jpg; check data.root"
         )
-    per_class, ignored = {}, 0
+    per_class, ignored, nested = {}, 0, 0
     for d in dirs:
-        images, n_ignored = list_images(d)
+        images, n_ignored = list_images(d, recursive=True)
         ignored += n_ignored
+        nested += sum(p.parent != d for p in images)
         if not images:
             raise DataError(
                 f"class folder '{d}' has no images (looked for {', '.join(IMAGE_EXTENSIONS)}): "
                 "add images or remove the folder"
             )
         per_class[d.name] = images
+    if nested:
+        log.info("%d images in sub-folders of the class folders of '%s' belong to their class folder's class",
+                 nested, folder)
     return per_class, ignored
 
 

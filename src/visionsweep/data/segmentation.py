@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
@@ -33,7 +34,15 @@ from visionsweep.data.builtin import SEG_BUILTIN, is_complete
 from visionsweep.data.dataset import _to_chw_uint8
 from visionsweep.data.images import IMAGE_EXTENSIONS, load_rgb
 from visionsweep.data.seeding import SampleSeeder, seed_sample
-from visionsweep.data.splits import SPLITS, atomic_write_text, relative_posix, split_counts, validate_fractions
+from visionsweep.data.splits import (
+    SPLITS,
+    atomic_write_text,
+    inside_root,
+    read_csv_rows,
+    relative_posix,
+    split_counts,
+    validate_fractions,
+)
 from visionsweep.data.transport import SlotDataLoader
 from visionsweep.errors import ConfigError, DataError
 
@@ -116,7 +125,13 @@ def load_class_names(root: Path) -> list[str] | None:
     path = root / "classes.yaml"
     if not path.is_file():
         return None
-    data = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise DataError(f"'{path}'{where}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}): "
+                        "list the class names in index order (- background, - ...)") from None
     if isinstance(data, dict):
         try:
             index = {int(k): str(v) for k, v in data.items()}
@@ -128,6 +143,29 @@ def load_class_names(root: Path) -> list[str] | None:
     if not isinstance(data, list) or not data:
         raise DataError(f"'{path}' must list the class names in index order (- background, - ...)")
     return [str(v) for v in data]
+
+
+def _refuse_gaps(pairs: Sequence[Pair], values: Sequence[set[int]], seen: set[int], ignore_index: int) -> None:
+    """With classes inferred from the masks (0..max value), refuse values that leave unused indices.
+
+    A stray value (a 200 among 0/1 masks) would otherwise make 201 classes, most of them never seen,
+    and a meaningless mIoU.
+
+    Raises:
+        DataError: Naming a mask holding the first value above the gap, and the fixes.
+    """
+    used = sorted(v for v in seen if v != ignore_index)
+    if not used or used[-1] + 1 == len(used):
+        return
+    gap = next(i for i, v in enumerate(used) if v != i)  # the first unused index
+    stray = used[gap]
+    mask = next(m for (_, m), vals in zip(pairs, values) if stray in vals)
+    raise DataError(
+        f"mask '{mask}' has value {stray}, but no mask uses {gap}" + (f"..{stray - 1}" if stray - 1 > gap else "")
+        + f" (values found: {', '.join(map(str, used[:8]))}{' ...' if len(used) > 8 else ''}): classes are "
+        "read as 0..max value, so fix the mask, list the classes (data.classes=[...] or classes.yaml), or "
+        f"mark it with data.ignore_index={stray}"
+    )
 
 
 class SegmentationDataset(Dataset):
@@ -273,6 +311,9 @@ class SegmentationDataModule(SplitDataModule):
             splits = {"val": take(order[:n_val]), "test": take(order[n_val:n_val + n_test]),
                       "train": take(order[n_val + n_test:])}
             source = "seeded"
+        if source == "seeded" and self.test_fraction > 0 and not splits["test"]:
+            raise DataError(f"data.test_fraction={self.test_fraction:g} but '{self.root}' has only {len(pairs)} pairs: "
+                            "the split needs at least 3 to give one to test; add images or set data.test_fraction=0")
         if not splits["train"] or not splits["val"]:
             raise DataError(f"'{self.root}' gives {len(splits['train'])} train / {len(splits['val'])} val pairs: "
                             "both need at least one (add images or lower data.val_fraction)")
@@ -295,6 +336,8 @@ class SegmentationDataModule(SplitDataModule):
         if self.binary:
             return names or ["background", "foreground"]
         n = len(names) if names else max([v for v in seen if v != self.ignore_index] + [1]) + 1
+        if names is None:
+            _refuse_gaps(pairs, values, seen, self.ignore_index)
         for (_, mask), vals in zip(pairs, values):
             bad = sorted(v for v in vals if v >= n and v != self.ignore_index)
             if bad:
@@ -311,15 +354,13 @@ class SegmentationDataModule(SplitDataModule):
                 if split == "test":
                     continue
                 raise DataError(f"split file '{path}' is missing: data.split_dir needs train.csv and val.csv")
-            with path.open(newline="", encoding="utf-8") as fh:
-                for row in csv.DictReader(fh):
-                    if "image" not in row or "mask" not in row:
-                        raise DataError(f"split file '{path}' must have the header image,mask")
-                    pair = (self.root / row["image"], self.root / row["mask"])
-                    if not (pair[0].is_file() and pair[1].is_file()):
-                        raise DataError(f"'{path}' lists '{row['image']}' / '{row['mask']}' which do not exist "
-                                        "under data.root: fix data.root or data.split_dir")
-                    out[split].append(pair)
+            for line, row in read_csv_rows(path, ("image", "mask")):
+                pair = (self.root / inside_root(row["image"] or "", path, line, "image"),
+                        self.root / inside_root(row["mask"] or "", path, line, "mask"))
+                if not (pair[0].is_file() and pair[1].is_file()):
+                    raise DataError(f"'{path}' lists '{row['image']}' / '{row['mask']}' which do not exist "
+                                    "under data.root: fix data.root or data.split_dir")
+                out[split].append(pair)
         return out
 
     def _write_splits(self) -> None:

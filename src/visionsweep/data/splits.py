@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -128,13 +128,93 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def split_csv_text(samples: Iterable[Sample], root: Path, classes: Sequence[str]) -> str:
-    """Render samples as ``path,label,class`` CSV text (paths relative to root)."""
+    """Render samples as ``path,label,class`` CSV text (paths relative to root).
+
+    Raises:
+        DataError: A path that is not valid UTF-8 (cannot be written to the UTF-8 file).
+    """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_HEADER)
     for path, label in samples:
-        writer.writerow((relative_posix(path, root), label, classes[label]))
+        rel = relative_posix(path, root)
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+            raise DataError(f"file name '{shown}' is not valid UTF-8: rename it, or move it out of data.root") from None
+        writer.writerow((rel, label, classes[label]))
     return buf.getvalue()
+
+
+def inside_root(rel: str, csv_path: Path, line: int, column: str = "path") -> str:
+    """Refuse a split-file path that leaves the data root (absolute, ``..``, a drive letter).
+
+    A split file lists paths relative to ``data.root``; one that points elsewhere would train on
+    files the data root does not hold (and ``skip_bad_images`` would not notice).
+
+    Args:
+        rel: The path as written in the CSV.
+        csv_path: The CSV file (for the message).
+        line: Its line number.
+        column: The CSV column (``path``, ``image``, ``mask``).
+
+    Returns:
+        ``rel`` unchanged.
+
+    Raises:
+        DataError: Naming the file, line and path.
+    """
+    if not rel:
+        raise DataError(f"'{csv_path}' line {line}: the {column} column is empty: fix the row or regenerate the split")
+    pure = PurePosixPath(rel.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or PureWindowsPath(rel).drive:
+        raise DataError(
+            f"'{csv_path}' line {line}: {column} '{rel}' is outside data.root: split files list paths "
+            "relative to data.root (no absolute paths, no '..'); fix the row or regenerate the split"
+        )
+    return rel
+
+
+def check_holdouts(per_class: dict[str, int], splits: dict[str, list], val_fraction: float,
+                   test_fraction: float) -> None:
+    """Refuse a seeded split that leaves validation (or test, when asked for) without images.
+
+    Args:
+        per_class: Images per class.
+        splits: The split's sample lists.
+        val_fraction: ``data.val_fraction``.
+        test_fraction: ``data.test_fraction``.
+
+    Raises:
+        DataError: Naming the class counts and the minimum a class needs.
+    """
+    counts = ", ".join(f"{c}: {n}" for c, n in sorted(per_class.items()))
+    for split, fraction, key, minimum in (("val", val_fraction, "data.val_fraction", 2),
+                                          ("test", test_fraction, "data.test_fraction", 3)):
+        if fraction > 0 and not splits[split]:
+            raise DataError(
+                f"{key}={fraction:g} but the split leaves no {split} images (images per class: {counts}): "
+                f"a class needs at least {minimum} images to give one to {split}; add images"
+                + (f", or set {key}=0" if split == "test" else "")
+            )
+
+
+def read_csv_rows(csv_path: Path, header: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` of a UTF-8 split CSV that has at least the columns ``header``.
+
+    Raises:
+        DataError: Not UTF-8 text, or a missing column.
+    """
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not set(header) <= set(reader.fieldnames):
+                raise DataError(f"split file '{csv_path}' must have the header {','.join(header)}")
+            return [(line, row) for line, row in enumerate(reader, start=2)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"split file '{csv_path}' is not a UTF-8 CSV file ({type(e).__name__}): "
+                        "regenerate the split (a run writes it to <run>/splits/)") from None
 
 
 def read_split_dir(split_dir: Path, root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
@@ -163,18 +243,12 @@ def read_split_dir(split_dir: Path, root: Path) -> tuple[list[str], dict[str, li
             if split == "test":
                 continue
             raise DataError(f"split file '{csv_path}' is missing: data.split_dir needs train.csv and val.csv")
-        with csv_path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or not set(CSV_HEADER) <= set(reader.fieldnames):
-                raise DataError(f"split file '{csv_path}' must have the header {','.join(CSV_HEADER)}")
-            for line, row in enumerate(reader, start=2):
-                try:
-                    label = int(row["label"])
-                except (TypeError, ValueError):
-                    raise DataError(
-                        f"'{csv_path}' line {line}: label '{row['label']}' is not an integer"
-                    ) from None
-                rows[split].append((row["path"], label, row["class"], csv_path))
+        for line, row in read_csv_rows(csv_path, CSV_HEADER):
+            try:
+                label = int(row["label"])
+            except (TypeError, ValueError):
+                raise DataError(f"'{csv_path}' line {line}: label '{row['label']}' is not an integer") from None
+            rows[split].append((inside_root(row["path"] or "", csv_path, line), label, row["class"], csv_path))
     classes = sorted({cls for _, _, cls, _ in rows["train"]})
     index = {c: i for i, c in enumerate(classes)}
     out: dict[str, list[Sample]] = {s: [] for s in SPLITS}

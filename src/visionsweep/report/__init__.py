@@ -70,14 +70,15 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     md += ["", "## Pictures", ""] + [f"![{p.stem}]({p.name})" for p in images]
     files.append(_write(out / "summary.md", "\n".join(md) + "\n"))
 
-    sections = [("Summary", f"<p>{intro.replace('**', '')}</p>" + render.html_table(header, cells, "summary"))]
+    # every string below may come from a user (metric, overrides, study names, errors): escaped
+    sections = [("Summary", render.html_paragraph(intro) + render.html_table(header, cells, "summary"))]
     if pairs:
         sections.append((f"Paired comparison: {best} vs each other configuration",
                          render.html_table(p_header, p_cells, "paired")))
     if failed:
         sections.append(("Failed jobs", render.html_table(f_header, f_cells, "failed")))
     for s in studies:
-        sections += [("Optuna", "".join(f"<p>{study.describe(e).replace('**', '')}</p>" for e in s["studies"]))]
+        sections += [("Optuna", "".join(render.html_paragraph(study.describe(e)) for e in s["studies"]))]
     files.append(_write(out / "report.html", render.html_page(title or "visionsweep report", sections, images)))
     result = {"metric": metric, "rows": rows, "failed": [str(j.path) for j in failed],
               "paired": [p.__dict__ for p in pairs], "studies": [e for s in studies for e in s["studies"]],

@@ -120,7 +120,7 @@ def plot_curves(configs: list[Configuration], metric: str, path: Path) -> Path |
         epochs = sorted(set().union(*series))
         grid = np.array([[s.get(e, np.nan) for e in epochs] for s in series])
         mean = np.nanmean(grid, axis=0)
-        (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{c.label} (n={len(series)})")
+        (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=plain(f"{c.label} (n={len(series)})"))
         if len(series) > 1:
             ax.fill_between(epochs, np.nanmin(grid, axis=0), np.nanmax(grid, axis=0), alpha=0.2,
                             color=line.get_color())
@@ -129,7 +129,7 @@ def plot_curves(configs: list[Configuration], metric: str, path: Path) -> Path |
         plt.close(fig)
         return None
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel=key, title=f"{key} per epoch (mean over seeds, shaded: seed range)")
+    ax.set(xlabel="epoch", ylabel=plain(key), title=plain(f"{key} per epoch (mean over seeds, shaded: seed range)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
@@ -158,8 +158,8 @@ def plot_bars(configs: list[Configuration], metric: str, path: Path) -> Path | N
         ax.set_ylim(lo, top)
     else:
         ax.set_ylim(lo - pad, top)
-    ax.set_xticks(x, [c.label for c in ranked], rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel=metric, title=f"{metric}: mean ± 95% CI over seeds (dots: seeds)")
+    ax.set_xticks(x, [plain(c.label) for c in ranked], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel=plain(metric), title=plain(f"{metric}: mean ± 95% CI over seeds (dots: seeds)"))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -183,9 +183,9 @@ def plot_heatmap(configs: list[Configuration], metric: str, path: Path) -> Path 
                 bright = im.norm(grid[i, j]) > 0.6 if higher_is_better(metric) else im.norm(grid[i, j]) < 0.4
                 ax.text(j, i, f"{grid[i, j]:.4f}", ha="center", va="center", fontsize=9,
                         color="black" if bright else "white")
-    ax.set_xticks(range(len(augs)), augs)
-    ax.set_yticks(range(len(archs)), archs)
-    ax.set(xlabel="augmentation", ylabel="architecture", title=f"{metric} (mean over seeds)")
+    ax.set_xticks(range(len(augs)), [plain(a) for a in augs])
+    ax.set_yticks(range(len(archs)), [plain(a) for a in archs])
+    ax.set(xlabel="augmentation", ylabel="architecture", title=plain(f"{metric} (mean over seeds)"))
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
 
@@ -209,7 +209,7 @@ def html_page(title: str, sections: list[tuple[str, str]], images: list[Path]) -
         body.append(f"<h2>{html.escape(heading)}</h2>{content}")
     for img in images:
         data = base64.b64encode(img.read_bytes()).decode()
-        body.append(f'<figure><img alt="{img.stem}" src="data:image/png;base64,{data}">'
+        body.append(f'<figure><img alt="{html.escape(img.stem, quote=True)}" src="data:image/png;base64,{data}">'
                     f"<figcaption>{html.escape(img.name)}</figcaption></figure>")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
              "font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
@@ -219,10 +219,21 @@ def html_page(title: str, sections: list[tuple[str, str]], images: list[Path]) -
 
 
 def html_table(header: list[str], cells: list[list[str]], table_id: str = "") -> str:
-    """An HTML table (cells escaped)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
-    return f"<table id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    """An HTML table (header, cells and id escaped: override values and errors come from users)."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in cells)
+    return (f"<table id=\"{html.escape(table_id, quote=True)}\"><thead><tr>{head}</tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
+
+
+def html_paragraph(markdown_text: str) -> str:
+    """``<p>`` of a one-line Markdown text: ``**`` dropped, everything else escaped."""
+    return f"<p>{html.escape(markdown_text.replace('**', ''))}</p>"
+
+
+def plain(text: str) -> str:
+    """``text`` for a matplotlib label: ``$`` escaped, so a name never switches on mathtext."""
+    return str(text).replace("$", r"\$")
 
 
 def paired_table(results: list[Paired], best_label: str) -> tuple[list[str], list[list[str]]]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +51,34 @@ def study_report(db: Path, out_dir: Path) -> dict[str, Any]:
             best = study.best_trial
             entry.update(best_trial=best.number, best_value=best.value, best_params=best.params)
             entry["importance"] = _importance(study) if len(done) >= 3 else {}
-            result["images"].append(_plot_history(study, done, out_dir / f"optuna_history_{study.study_name}.png"))
+            stem = safe_stem(study.study_name)
+            result["images"].append(_plot_history(study, done, out_dir / f"optuna_history_{stem}.png"))
             if entry["importance"]:
                 result["images"].append(_plot_importance(entry["importance"], study.study_name,
-                                                         out_dir / f"optuna_importance_{study.study_name}.png"))
+                                                         out_dir / f"optuna_importance_{stem}.png"))
         result["studies"].append(entry)
     return result
+
+
+def safe_stem(name: str) -> str:
+    """A file-name-safe form of a study name (``/``, ``..``, markup and spaces replaced).
+
+    A changed name gets a short hash of the original, so two studies never share a file.
+
+    Args:
+        name: The Optuna study name (user-chosen).
+
+    Returns:
+        Letters, digits, ``-``, ``_`` and ``.`` only, at most ~70 characters, never empty.
+    """
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:60]
+    if stem != name or not stem:
+        stem = f"{stem or 'study'}_{hashlib.sha1(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    return stem
+
+
+def _plain(text: str) -> str:
+    return str(text).replace("$", r"\$")  # a study name never switches on matplotlib's mathtext
 
 
 def _importance(study: Any) -> dict[str, float]:
@@ -74,7 +98,7 @@ def _plot_history(study: Any, done: list, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(numbers, values, s=18, label="trial")
     ax.step(numbers, best, where="post", color="C3", label="best so far")
-    ax.set(xlabel="trial", ylabel="objective", title=f"Optuna study {study.study_name}: history")
+    ax.set(xlabel="trial", ylabel="objective", title=_plain(f"Optuna study {study.study_name}: history"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -86,8 +110,8 @@ def _plot_history(study: Any, done: list, path: Path) -> Path:
 def _plot_importance(importance: dict[str, float], name: str, path: Path) -> Path:
     keys = sorted(importance, key=importance.get)
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(keys) + 1.5))
-    ax.barh(keys, [importance[k] for k in keys], color="C2")
-    ax.set(xlabel="importance (fANOVA)", title=f"Optuna study {name}: parameter importance")
+    ax.barh([_plain(k) for k in keys], [importance[k] for k in keys], color="C2")
+    ax.set(xlabel="importance (fANOVA)", title=_plain(f"Optuna study {name}: parameter importance"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
