@@ -255,6 +255,11 @@ def check_resumable(ckpt_path: Any, log_dir: str | Path, task_name: str, kind: s
     return path
 
 
+def is_segmenter(model: Any) -> bool:
+    """Whether a built module is a SegmenterModule (its ``KIND`` says so; no smp import needed to ask)."""
+    return getattr(model, "KIND", "classifier") == "segmenter"
+
+
 def kind_of_target(target: Any) -> str:
     """The kind a ``model._target_`` trains (the segmenter's class, else a classifier)."""
     return "segmenter" if str(target or "").endswith("SegmenterModule") else "classifier"

@@ -16,13 +16,14 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from visionsweep.analysis import plots
-from visionsweep.analysis.common import image_title, load_checkpoint, load_images, run_images, uint8_hwc
+from visionsweep.analysis.common import (backbone, image_probs, image_scores, image_title, load_checkpoint,
+                                         load_images, run_images, uint8_hwc)
 from visionsweep.analysis.features import feature_points
 from visionsweep.errors import ConfigError
 
 
 def _output_shapes(model: Any, x: torch.Tensor, names: list[str]) -> dict[str, tuple[int, ...]]:
-    """Output shape of each named module of ``model.net`` for one image."""
+    """Output shape of each named module of the model's backbone for one image."""
     shapes: dict[str, tuple[int, ...]] = {}
 
     def grab(name: str) -> Any:
@@ -30,7 +31,7 @@ def _output_shapes(model: Any, x: torch.Tensor, names: list[str]) -> dict[str, t
             shapes.setdefault(name, tuple(out.shape))
         return hook
 
-    handles = [model.net.get_submodule(n).register_forward_hook(grab(n)) for n in names]
+    handles = [backbone(model).get_submodule(n).register_forward_hook(grab(n)) for n in names]
     try:
         with torch.no_grad():
             model(x[:1])
@@ -47,14 +48,14 @@ def cam_layer(model: Any, x: torch.Tensor, name: str | None = None) -> tuple[str
     Raises:
         ConfigError: an unknown layer, or one whose output is not an NCHW map (e.g. ViT blocks).
     """
-    net = model.net
+    net = backbone(model)
     candidates = [name] if name else [p["module"] for p in feature_points(net)][::-1]
     for cand in candidates:
         try:
             net.get_submodule(cand)
         except AttributeError:
             raise ConfigError(f"see.layer='{cand}' is not a module of {model.hparams.backbone} "
-                              "(names as in model.net.named_modules(), e.g. layer4, stages.3)") from None
+                              "(names as in its timm backbone's named_modules(), e.g. layer4, stages.3)") from None
     shapes = _output_shapes(model, x, candidates)
     first = shapes.get(candidates[0], ())
     if len(first) != 4:
@@ -69,10 +70,13 @@ def cam_layer(model: Any, x: torch.Tensor, name: str | None = None) -> tuple[str
 
 
 def gradcam_maps(model: Any, layer: nn.Module, x: torch.Tensor, targets: list[int]) -> np.ndarray:
-    """(N, H, W) ReLU'd Grad-CAM maps for ``targets``, upsampled to the input size."""
+    """(N, H, W) ReLU'd Grad-CAM maps for ``targets``, upsampled to the input size.
+
+    A segmenter's class score is its logit averaged over the pixels (Seg-Grad-CAM over the whole image).
+    """
     from captum.attr import LayerAttribution, LayerGradCam
 
-    gc = LayerGradCam(model, layer)
+    gc = LayerGradCam(lambda inp: image_scores(model, inp), layer)
     with torch.enable_grad():
         attr = gc.attribute(x.float(), target=list(targets), relu_attributions=True)
     up = LayerAttribution.interpolate(attr.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
@@ -86,13 +90,13 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
     paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4))
     x = ck.prepare(load_images(paths))
     name, layer = cam_layer(ck.model, x, opts.get("layer"))
-    last = feature_points(ck.model.net)[-1]["module"]
+    last = feature_points(ck.backbone)[-1]["module"]
     if not opts.get("layer") and name != last:
         index.note(f"{last} gives a 1x1 map at {ck.hp.image_size} px, which cannot localise: used {name}, "
                    "the deepest stage with a map of at least 2x2")
     with torch.no_grad():
-        probs = ck.model(x).softmax(1)
-    preds = probs.argmax(1).tolist()
+        probs = image_probs(ck.model, x)
+    preds = ck.predicted(probs)
     chosen = [ck.class_index(c) for c in (opts.get("classes") or [])]
     columns = [("pred", preds)] + [(ck.classes[c], [c] * len(paths)) for c in chosen]
     maps = {title: gradcam_maps(ck.model, layer, x, targets) for title, targets in columns}

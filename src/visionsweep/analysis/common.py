@@ -1,4 +1,5 @@
-"""Inputs shared by the ``see`` modes: image paths, checkpoints with their run, model-ready tensors."""
+"""Inputs shared by the ``see`` modes: image paths, checkpoints (classifier or segmenter) with their run,
+model-ready tensors, and image-level scores of either kind of model."""
 
 from __future__ import annotations
 
@@ -50,12 +51,27 @@ def load_images(paths: list[Path]) -> list[np.ndarray]:
 
 @dataclass
 class Checkpoint:
-    """A loaded classifier with the training run it came from."""
+    """A loaded classifier or segmenter with the training run it came from."""
 
     model: Any
     path: Path
     run_dir: Path
     train_cfg: DictConfig | None
+    kind: str = "classifier"
+
+    @property
+    def segment(self) -> bool:
+        """Whether the model is a segmenter (class scores per pixel)."""
+        return self.kind == "segmenter"
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The timm network whose stages the model modes look at (see :func:`backbone`)."""
+        return backbone(self.model)
+
+    def predicted(self, probs: torch.Tensor) -> list[int]:
+        """Each image's predicted class (see :func:`predicted`)."""
+        return predicted(self.model, probs)
 
     @property
     def hp(self) -> Any:
@@ -95,30 +111,52 @@ class Checkpoint:
 
 
 def load_checkpoint(cfg: DictConfig) -> Checkpoint:
-    """Load ``cfg.ckpt_path`` (a path, or ``latest``) on the CPU, without hub weights.
+    """Load ``cfg.ckpt_path`` (a path, or ``latest``) through :mod:`visionsweep.checkpoints` (weights-only, CPU).
 
     Raises:
-        ConfigError: no ckpt_path, a missing file, or a file that is not a visionsweep checkpoint.
+        ConfigError: no ckpt_path, a missing file, or a file that is not a safe visionsweep checkpoint.
     """
-    from visionsweep.models.classifier import ClassifierModule
-    from visionsweep.utils.config import check_checkpoint, find_latest_checkpoint, run_dir_of
+    from visionsweep import checkpoints
 
     if not cfg.get("ckpt_path"):
         raise ConfigError(f"see={cfg.see.name} needs a trained model: "
                           "ckpt_path=<run>/checkpoints/<name>.ckpt (or ckpt_path=latest)")
-    ckpt = (find_latest_checkpoint(cfg.paths.log_dir, "train") if cfg.ckpt_path == "latest"
-            else check_checkpoint(cfg.ckpt_path))
-    try:
-        model = ClassifierModule.load_from_checkpoint(ckpt, map_location="cpu", pretrained=False,
-                                                      pretrained_file=None)
-    except (KeyError, RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"ckpt_path '{ckpt}' is not a visionsweep classifier checkpoint: {first}") from e
-    model.eval()
-    run_dir = run_dir_of(ckpt)
-    cfg_file = run_dir / "config.yaml"
-    train_cfg = OmegaConf.load(cfg_file) if cfg_file.is_file() else None
-    return Checkpoint(model, ckpt, run_dir, train_cfg)
+    loaded = checkpoints.load(cfg.ckpt_path, cfg.paths.log_dir)
+    return Checkpoint(loaded.model, loaded.path, loaded.run_dir, loaded.train_config(), loaded.kind)
+
+
+def backbone(model: Any) -> torch.nn.Module:
+    """The timm network with the stages (``feature_info``): a classifier's net, a segmenter's encoder."""
+    from visionsweep.checkpoints import is_segmenter
+
+    return model.net.encoder.model if is_segmenter(model) else model.net
+
+
+def image_scores(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """``N x classes`` scores to attribute: a classifier's logits, a segmenter's logits averaged over pixels."""
+    from visionsweep.checkpoints import is_segmenter
+
+    out = model(x)
+    return out.mean(dim=(2, 3)) if is_segmenter(model) else out
+
+
+def image_probs(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """``N x classes`` probabilities: a classifier's softmax, a segmenter's mean per-pixel softmax (class share)."""
+    from visionsweep.checkpoints import is_segmenter
+
+    out = model(x).softmax(dim=1)
+    return out.mean(dim=(2, 3)) if is_segmenter(model) else out
+
+
+def predicted(model: Any, probs: torch.Tensor) -> list[int]:
+    """The argmax class per image; for a segmenter the largest class other than ``background``
+    (which covers most of nearly every image, so would say nothing)."""
+    from visionsweep.checkpoints import is_segmenter
+
+    names = list(model.class_names)
+    if is_segmenter(model) and len(names) > 1 and names[0] == "background":
+        return (probs[:, 1:].argmax(1) + 1).tolist()
+    return probs.argmax(1).tolist()
 
 
 def run_images(ck: Checkpoint, cfg: DictConfig, limit: int) -> tuple[list[Path], list[int | None]]:
@@ -132,6 +170,8 @@ def run_images(ck: Checkpoint, cfg: DictConfig, limit: int) -> tuple[list[Path],
         labels = [ck.classes.index(p.parent.name) if p.parent.name in ck.classes else None for p in paths]
         return paths, labels
     dm = run_datamodule(ck, cfg)
+    if ck.segment:  # (image, mask) pairs: no image-level label
+        return [Path(p) for p, _ in dm.val_samples[:limit]], [None] * min(limit, len(dm.val_samples))
     samples, seen = [], set()
     for path, label in dm.val_samples:  # one per class first, then fill up in split order
         if label not in seen:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from visionsweep.analysis import plots
-from visionsweep.analysis.common import image_title, load_checkpoint, load_images, run_images, uint8_hwc
+from visionsweep.analysis.common import backbone, image_title, load_checkpoint, load_images, run_images, uint8_hwc
 from visionsweep.errors import ConfigError
 
 MAX_DEFAULT_LAYERS = 6
@@ -27,7 +27,8 @@ def feature_points(net: nn.Module) -> list[dict[str, Any]]:
     info = getattr(net, "feature_info", None)
     if not info:
         raise ConfigError(f"backbone {type(net).__name__} has no timm feature_info: see=features needs a timm model")
-    return [dict(i) for i in (info.info if hasattr(info, "info") else info)]
+    # a features-only net (a segmenter's encoder) keeps only its out_indices: get_dicts() lists those
+    return [dict(i) for i in (info.get_dicts() if hasattr(info, "get_dicts") else info)]
 
 
 def choose_layers(info: list[dict[str, Any]], layers: list[Any] | None) -> list[int]:
@@ -51,8 +52,13 @@ def choose_layers(info: list[dict[str, Any]], layers: list[Any] | None) -> list[
 
 @torch.no_grad()
 def activations(model: Any, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
-    """NCHW activations at the feature points ``indices`` for a uint8 batch ``x``."""
-    net, xn = model.net, model.normalize(x)
+    """NCHW activations at the feature points ``indices`` for a uint8 batch ``x`` (classifier or segmenter)."""
+    from visionsweep.checkpoints import is_segmenter
+
+    net, xn = backbone(model), model.pixels(x)
+    if is_segmenter(model):  # its encoder is a timm features-only net: one map per feature point
+        outs = net(xn)
+        return [outs[i] for i in indices]
     if hasattr(net, "forward_intermediates"):
         try:
             outs = net.forward_intermediates(xn, indices=list(indices), intermediates_only=True)
@@ -101,7 +107,7 @@ def run_features(cfg: DictConfig, index: plots.Index) -> None:
     opts = cfg.see
     paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4))
     x = ck.prepare(load_images(paths))
-    info = feature_points(ck.model.net)
+    info = feature_points(ck.backbone)
     layers = OmegaConf.to_container(opts.layers) if opts.get("layers") is not None else None
     indices = choose_layers(info, layers)
     acts = activations(ck.model, x, indices)
@@ -142,7 +148,7 @@ def run_features(cfg: DictConfig, index: plots.Index) -> None:
 def run_filters(cfg: DictConfig, index: plots.Index) -> None:
     """``see=filters``: the first conv layer's kernels as RGB tiles."""
     ck = load_checkpoint(cfg)
-    name, conv = first_conv(ck.model.net)
+    name, conv = first_conv(ck.backbone)
     tiles = filter_tiles(conv.weight)[: int(cfg.see.get("max_filters") or 64)]
     cols = min(8, len(tiles))
     rows = math.ceil(len(tiles) / cols)

@@ -124,6 +124,10 @@ def _top_losses_figure(dataset: Any, probs: np.ndarray, labels: np.ndarray, loss
 def run(cfg: DictConfig, index: plots.Index) -> None:
     """``see=errors``: confusion, per-class table, most-confused pairs and top losses on a split."""
     ck = load_checkpoint(cfg)
+    if ck.segment:
+        raise ConfigError(f"see=errors analyses image classes, but {ck.path} is a segmentation checkpoint: "
+                          f"python -m visionsweep.eval ckpt_path={ck.path} writes its per-class IoU and pixel "
+                          "confusion matrix (run.json → test_report)")
     dm = run_datamodule(ck, cfg)
     split = str(cfg.get("split") or "val")
     if split not in ("val", "test"):

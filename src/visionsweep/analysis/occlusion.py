@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from visionsweep.analysis import plots
-from visionsweep.analysis.common import image_title, load_checkpoint, load_images, run_images, uint8_hwc
+from visionsweep.analysis.common import (image_probs, image_title, load_checkpoint, load_images, predicted,
+                                         run_images, uint8_hwc)
 from visionsweep.errors import ConfigError
 
 
@@ -57,7 +58,8 @@ def occlusion_maps(model: Any, x: torch.Tensor, targets: list[int], window: int,
     peak. Implemented as Captum ``FeatureAblation`` over shifted grids of blocks, averaged.
 
     Args:
-        model: a ClassifierModule (uint8/float 0..255 NCHW in, logits out).
+        model: a ClassifierModule or SegmenterModule (uint8/float 0..255 NCHW in); a segmenter's class
+            probability is its mean per-pixel probability (the share of the image given to the class).
         x: uint8 NCHW batch.
         targets: class index per image.
         window: block side in pixels.
@@ -69,7 +71,7 @@ def occlusion_maps(model: Any, x: torch.Tensor, targets: list[int], window: int,
 
     inputs = x.float()
     h, w = inputs.shape[-2:]
-    ablate = FeatureAblation(lambda inp: model(inp).softmax(dim=1))
+    ablate = FeatureAblation(lambda inp: image_probs(model, inp))
     total = torch.zeros(inputs.shape[0], h, w)
     offsets = range(0, window, stride)
     ys, xs = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
@@ -87,7 +89,7 @@ def occlusion_maps(model: Any, x: torch.Tensor, targets: list[int], window: int,
 
 def pick_targets(ck: Any, probs: torch.Tensor, labels: list[int | None], target: Any) -> list[int]:
     """Class per image: predicted (``null``), true (``true``, else predicted), or a fixed class."""
-    preds = probs.argmax(1).tolist()
+    preds = predicted(ck.model, probs)
     if target is None or str(target) == "pred":
         return preds
     if str(target) == "true":
@@ -102,7 +104,7 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
     paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4))
     x = ck.prepare(load_images(paths))
     with torch.no_grad():
-        probs = ck.model(x).softmax(1)
+        probs = image_probs(ck.model, x)
     targets = pick_targets(ck, probs, labels, opts.get("target"))
     w, s = window_and_stride(int(ck.hp.image_size), opts.get("window"), opts.get("stride"))
     maps = occlusion_maps(ck.model, x, targets, w, s, baseline_value(opts.get("baseline", "mean"), ck.hp.mean),
@@ -113,7 +115,7 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
     for row, (path, label) in enumerate(zip(paths, labels)):
         t, heat = targets[row], maps[row]
         lim = max(abs(float(heat.min())), abs(float(heat.max())), 1e-6)
-        pred = int(probs[row].argmax())
+        pred = ck.predicted(probs[row:row + 1])[0]
         plots.show(axes[row, 0], views[row], image_title(ck, path, label))
         plots.show(axes[row, 1], heat, f"drop in p({ck.classes[t]})", cmap="RdBu_r", vmin=-lim, vmax=lim)
         plots.overlay(axes[row, 2], views[row], plots.to_display(np.clip(heat, 0, None)),

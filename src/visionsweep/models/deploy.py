@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from visionsweep.checkpoints import is_segmenter
 from visionsweep.models.normalize import PixelNormalize
 
 
@@ -33,11 +34,6 @@ class Deployable(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._padded(self.net, self.pixels, self.stride, x) if self.segment else self.net(self.pixels(x))
         return out.softmax(dim=1) if self.softmax else out
-
-
-def is_segmenter(model: nn.Module) -> bool:
-    """Whether ``model`` is a SegmenterModule (it says so in ``KIND``; no smp import needed to ask)."""
-    return getattr(model, "KIND", "classifier") == "segmenter"
 
 
 def sidecar(model: nn.Module, fmt: str, input_dtype: str, softmax: bool, ckpt: Path) -> dict[str, Any]:
