@@ -1,0 +1,33 @@
+"""Hydra callbacks of visionsweep (registered in conf/hydra/default.yaml).
+
+``SavedConfigDefaults``: Hydra saves a job's composed config as ``.hydra/config.yaml`` without the
+``hydra`` node, so ``--config-dir <job>/.hydra --config-name config`` used to compose Hydra's stock
+settings and write to ``outputs/<date>/``. Adding ``defaults: [{hydra: default}, _self_]`` to that
+file brings our run-dir layout (``runs/<task>/<stamp>/``) back on a re-run; the values are unchanged.
+"""
+# no `from __future__ import annotations`: Hydra execs plugin modules outside sys.modules
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = "defaults:\n- hydra: default\n- _self_\n"
+
+
+class SavedConfigDefaults(Callback):
+    """Make a job's saved ``.hydra/config.yaml`` compose our ``hydra: default`` when re-run."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.hydra.output_subdir:  # hydra.output_subdir=null: nothing saved
+            return
+        path = Path(config.hydra.runtime.output_dir) / config.hydra.output_subdir / "config.yaml"
+        try:
+            text = path.read_text()
+        except OSError:
+            return
+        if not text.startswith("defaults:"):
+            path.write_text(DEFAULTS + text)
