@@ -7,8 +7,10 @@ local state-dict file (``pretrained_file``), which is how offline machines and t
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ def resolve_input_config(
     std: tuple[float, ...] | None = None,
     crop_pct: float | None = None,
     interpolation: str | None = None,
+    check_size: bool = True,
 ) -> InputConfig:
     """timm's data config for ``name``, with any value given here taking precedence.
 
@@ -67,12 +70,19 @@ def resolve_input_config(
         std: per-channel std; None takes the backbone's.
         crop_pct: eval centre-crop fraction; None takes the backbone's.
         interpolation: resize interpolation; None takes the backbone's.
+        check_size: refuse an ``image_size`` the model cannot take or cannot use whole
+            (:func:`check_input_size`); a segmenter that pads its input to the stride can skip it.
 
     Returns:
         The resolved :class:`InputConfig`.
+
+    Raises:
+        ConfigError: Unknown backbone, or an input size the backbone cannot use.
     """
     check_backbone(name)
     cfg = timm.data.resolve_data_config({}, pretrained_cfg=_pretrained_cfg(name))
+    if image_size and check_size:
+        check_input_size(name, int(image_size), int(cfg["input_size"][-1]))
     return InputConfig(
         image_size=int(image_size or cfg["input_size"][-1]),
         mean=tuple(float(v) for v in (mean or cfg["mean"])),
@@ -80,6 +90,98 @@ def resolve_input_config(
         crop_pct=float(crop_pct or cfg.get("crop_pct", 0.875)),
         interpolation=str(interpolation or cfg.get("interpolation", "bilinear")),
     )
+
+
+def check_input_size(name: str, size: int, default: int = 224) -> None:
+    """Refuse an input side the backbone fails on, or whose last pixels its first layer never sees.
+
+    Checked on a copy of the model on PyTorch's meta device (shapes only: no weights, no compute,
+    milliseconds), before anything is built or trained:
+
+    * too small: the forward pass fails (VGG's five 2x2 pools need 32 px);
+    * not used whole: the stem's windows stop short of the image's edge (a ViT's 16x16 patches on
+      30 px see pixels 0-15 only; a ConvNeXt's 4x4 stem drops the last rows of 34 px).
+
+    A model that cannot be built on the meta device (rare custom layers) is not checked.
+
+    Args:
+        name: timm model name.
+        size: ``data.image_size``.
+        default: the backbone's own input side (known to work).
+
+    Raises:
+        ConfigError: Naming the size, the model and a size that works.
+    """
+    ok, stem = _probe(name, size)
+    if not ok:
+        if not _probe(name, default)[0]:
+            log.debug("input size check of %s skipped: the model does not run on the meta device", name)
+            return
+        lo, hi = size, default  # lo fails, hi works: the smallest working side in between
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _probe(name, mid)[0] else (mid, hi)
+        raise ConfigError(f"data.image_size={size} is too small for {name} (needs ≥ {hi}): "
+                          f"set data.image_size={hi} or more")
+    if stem is None or _reach(stem, size) >= size - 1:
+        return
+    kernel, stride, padding, dilation = stem
+    fits = [m for m in range(max(1, size - stride), size + stride + 1) if _reach(stem, m) >= m - 1]
+    best = min(fits, key=lambda m: (abs(m - size), -m), default=None)
+    hint = f" (try {best})" if best else ""
+    unseen = size - 1 - _reach(stem, size)
+    if kernel == stride and padding == 0 and dilation == 1:
+        raise ConfigError(f"data.image_size={size} must be a multiple of {stride} for {name}{hint}: its "
+                          f"{kernel}x{kernel} patches never see the last {unseen} rows and columns")
+    raise ConfigError(f"data.image_size={size} does not fit {name}{hint}: its first layer ({kernel}x{kernel}, "
+                      f"stride {stride}) never sees the last {unseen} rows and columns")
+
+
+def _reach(stem: tuple[int, int, int, int], size: int) -> int:
+    """Index of the last input row the stem's windows touch (floor-mode output, as PyTorch computes)."""
+    kernel, stride, padding, dilation = stem
+    span = dilation * (kernel - 1)
+    out = (size + 2 * padding - span - 1) // stride + 1
+    return (out - 1) * stride - padding + span
+
+
+@functools.lru_cache(maxsize=128)
+def _probe(name: str, size: int) -> tuple[bool, tuple[int, int, int, int] | None]:
+    """Run ``name`` on a meta ``1x3xSxS`` input: (it works, the first conv/pool's k, s, p, d along H)."""
+    stem: list[tuple[int, int, int, int]] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if stem:
+            return
+        pad = module.padding
+        if isinstance(pad, str) or "Same" in type(module).__name__ or getattr(module, "ceil_mode", False):
+            stem.append((1, 1, 0, 1))  # "same" padding, ceil mode: the windows always reach the edge
+            return
+        first = lambda v: int(v[0] if isinstance(v, (tuple, list)) else v)  # noqa: E731
+        stem.append((first(module.kernel_size), first(module.stride), first(pad),
+                     first(getattr(module, "dilation", 1))))
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            try:
+                model = timm.create_model(name, num_classes=2, img_size=size)
+            except TypeError as e:  # CNNs take any size and have no img_size argument
+                if "img_size" not in str(e):
+                    raise
+                model = timm.create_model(name, num_classes=2)
+    except Exception as e:  # noqa: BLE001 - unknown to the meta device: not checked here
+        log.debug("meta copy of %s at %d px: %s", name, size, e)
+        return False, None
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty(1, 3, size, size, device="meta"))
+    except Exception:  # noqa: BLE001 - "Output size is too small", "Kernel size can't be greater" ...
+        return False, None
+    return True, stem[0] if stem else None
 
 
 def _pretrained_cfg(name: str) -> dict:

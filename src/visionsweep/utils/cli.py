@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -93,20 +94,75 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def expand_home(argv: list[str]) -> list[str]:
+    """``key=~/x`` (and ``key=~``) with the home folder written out, as a shell would have done.
+
+    Hydra's override lexer rejects an unquoted ``~``, so ``data.root=~/photos`` (what users type, and
+    what the README shows) would fail; any override value that starts with ``~`` is expanded, as are
+    the items of a sweep list (``data.root=~/a,~/b``). The result is quoted when needed (a home with
+    spaces). A ``~`` elsewhere (``~key`` deletes a key in Hydra) is left as it is.
+
+    Args:
+        argv: Command-line arguments after the program name.
+
+    Returns:
+        The arguments, expanded.
+    """
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key and not key.startswith(("-", "~")) and value.startswith("~"):
+            items = value.split(",") if not re.search(r"[\[\](){}'\"]", value) else [value]
+            value = ",".join(_quoted(os.path.expanduser(v)) if v.startswith("~") else v for v in items)
+        out.append(f"{key}{sep}{value}" if sep else arg)
+    return out
+
+
+def _quoted(value: str) -> str:
+    if re.fullmatch(r"[\w./@:+-]*", value) and "~" not in value:
+        return value  # a plain path: Hydra takes it unquoted
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def yaml_error_message(exc: BaseException) -> str | None:
+    """``'<file>' line N: <problem>`` for a YAML syntax error anywhere in ``exc``'s chain, else None."""
+    import yaml
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, yaml.MarkedYAMLError):
+            mark = seen.problem_mark or seen.context_mark
+            where = f"'{mark.name}' line {mark.line + 1}" if mark is not None else "a config file"
+            what = " ".join(f"{seen.problem or ''} ({seen.context})".split()) if seen.context else seen.problem
+            return f"YAML syntax error in {where}: {what or type(seen).__name__}: fix the file"
+        if isinstance(seen, yaml.YAMLError):
+            return f"YAML error in a config file: {_first_line(seen)}: fix the file"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def precheck(config_name: str, argv: list[str] | None = None) -> None:
     """Compose ``config_name`` with the command line's overrides and fail in one line if that fails.
 
-    Skipped for Hydra's own flags (``--help``, ``--cfg``, ``--config-dir``...) and for sweeps it
-    cannot expand (Optuna ranges): Hydra reports those itself.
+    First expands ``~`` in override values (:func:`expand_home`), in ``sys.argv`` itself (or in
+    ``argv``, in place) so that Hydra parses the expanded values too. Skipped for Hydra's own flags
+    (``--help``, ``--cfg``...) and for sweeps it cannot expand (Optuna ranges): Hydra reports those
+    itself. With ``--config-dir`` / ``--config-name`` only YAML syntax errors are reported here.
     """
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if argv is None:
+        sys.argv[1:] = expand_home(sys.argv[1:])
+    else:
+        argv[:] = expand_home(argv)
     args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if any([args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.config_dir,
-            args.config_name, args.experimental_rerun]):
+    if any([args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.experimental_rerun]):
+        return
+    if args.config_dir or args.config_name:
+        _precheck_yaml(args.config_dir, args.config_name or config_name, args.overrides)
         return
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
@@ -123,7 +179,40 @@ def precheck(config_name: str, argv: list[str] | None = None) -> None:
             try:
                 compose(config_name, overrides=list(overrides))
             except Exception as e:
-                fail(_describe_compose_error(e, overrides))
+                fail(yaml_error_message(e) or _describe_compose_error(e, overrides))
+
+
+def _precheck_yaml(config_dir: str | None, config_name: str, overrides: list[str]) -> None:
+    """Compose as Hydra will (``config_dir`` first on the search path); fail only on YAML syntax errors.
+
+    Other errors are left to Hydra: a config dir may hold a saved run config that our own root
+    configs' checks do not apply to.
+    """
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    search_path = create_config_search_path(str(CONF_DIR))
+    if config_dir:
+        if not Path(config_dir).is_dir():
+            fail(f"--config-dir '{config_dir}' is not a folder: give the folder that holds the configs")
+        search_path.prepend(provider="command-line", path=f"file://{Path(config_dir).resolve()}")
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        sweep = any(o.is_sweep_override() for o in parsed)
+    except Exception:
+        return  # Hydra reports a bad override itself
+    try:
+        hydra = Hydra.create_main_hydra2(task_name=config_name, config_search_path=search_path)
+        hydra.compose_config(config_name, list(overrides), run_mode=RunMode.MULTIRUN if sweep else RunMode.RUN)
+    except Exception as e:
+        message = yaml_error_message(e)
+        if message:
+            fail(message)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def _first_line(e: BaseException) -> str:
