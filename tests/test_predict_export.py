@@ -68,8 +68,8 @@ def test_predict_cli_reports_a_bad_input_in_one_line(ckpt, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_round_trip(ckpt, tmp_path, fmt):
+    from visionsweep import checkpoints
     from visionsweep.export import export
-    from visionsweep.predict import load_classifier
 
     info = export(compose_cfg(tmp_path, [f"ckpt_path={ckpt}", f"format={fmt}"], config_name="export"))
     path = Path(info["path"])
@@ -78,7 +78,7 @@ def test_export_round_trip(ckpt, tmp_path, fmt):
     assert side["input"]["shape"] == ["N", 3, 32, 32] and side["preprocessing"]["center_crop"] == 32
     assert info["max_abs_diff"] <= 1e-4
     # independent check: a batch size the export never saw, against the checkpoint's own forward
-    model, _ = load_classifier(ckpt)
+    model = checkpoints.load(ckpt, kind="classifier").model
     x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         ref = model(x)
@@ -93,14 +93,14 @@ def test_export_round_trip(ckpt, tmp_path, fmt):
 
 
 def test_export_state_dict_is_a_pretrained_file(ckpt, tmp_path):
+    from visionsweep import checkpoints
     from visionsweep.export import export
     from visionsweep.models.classifier import ClassifierModule
-    from visionsweep.predict import load_classifier
 
     out = tmp_path / "w.safetensors"
     export(compose_cfg(tmp_path, [f"ckpt_path={ckpt}", "format=state_dict", f"output={out}"],
                        config_name="export"))
-    trained, _ = load_classifier(ckpt)
+    trained = checkpoints.load(ckpt, kind="classifier").model
     fresh = ClassifierModule("resnet18", 5, pretrained_file=str(out), image_size=32)
     assert torch.equal(fresh.net.layer3[0].conv1.weight, trained.net.layer3[0].conv1.weight)
     assert fresh.net.fc.out_features == 5

@@ -86,7 +86,8 @@ def test_eval_reproduces_test_miou(trained, tmp_path):
 
 def test_any_size_round_trips_to_the_original_size(trained, tmp_path):
     from visionsweep.data.segmentation import pad_collate
-    from visionsweep.models.segmenter import SegmenterModule, load_segmenter, predict_folder
+    from visionsweep import checkpoints
+    from visionsweep.models.segmenter import SegmenterModule, predict_folder
 
     model = SegmenterModule("resnet18", 3, decoder_channels=[16, 16, 8, 8, 8]).eval()
     assert model.stride == 32
@@ -96,9 +97,9 @@ def test_any_size_round_trips_to_the_original_size(trained, tmp_path):
                         (torch.ones(3, 6, 4, dtype=torch.uint8), torch.zeros(6, 4, dtype=torch.long))], 255)
     assert x.shape == (2, 3, 6, 7) and y[0, 5].eq(255).all() and y[1, :, 4:].eq(255).all() and x[1, :, :, 4:].eq(0).all()
     best = json.loads((trained[0] / "run.json").read_text())["best_checkpoint"]
-    torch.save({"hyper_parameters": {"backbone": "resnet18", "num_classes": 3}}, tmp_path / "classifier.ckpt")
-    assert load_segmenter(tmp_path / "classifier.ckpt") is None  # predict dispatches on this
-    trained_model = load_segmenter(best)
+    loaded = checkpoints.load(best)  # predict dispatches on the kind the checkpoint records
+    assert loaded.kind == "segmenter"
+    trained_model = loaded.model
     (tmp_path / "in").mkdir()
     sizes = {"a": (70, 50), "b": (33, 47)}  # (width, height), neither divisible by the stride
     for name, size in sizes.items():
