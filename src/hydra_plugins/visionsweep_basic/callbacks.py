@@ -31,3 +31,28 @@ class SavedConfigDefaults(Callback):
             return
         if not text.startswith("defaults:"):
             path.write_text(DEFAULTS + text)
+
+
+class ThreadBudget(Callback):
+    """Give each job its thread budget (``threads``: auto or an integer) in the process that runs it.
+
+    Runs in the job's own process (in-process for the basic launcher, in the worker for joblib,
+    submitit or Ray) before the task function, whichever launcher started it.
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from visionsweep import parallel
+        from visionsweep.errors import ConfigError
+        from visionsweep.utils.cli import fail
+
+        multirun = str(config.hydra.mode).endswith("MULTIRUN")
+        launcher = config.hydra.launcher if multirun else None
+        try:
+            n = parallel.resolve_threads(config.get("threads", "auto"), launcher)
+        except ConfigError as e:
+            if not multirun:
+                fail(str(e))
+            log.error("%s", e)  # the job fails on the same value and records it; the sweep goes on
+            return
+        parallel.apply_threads(n, parallel.concurrent_jobs(launcher))
+        log.info("threads: %d (threads=%s)", n, config.get("threads", "auto"))
