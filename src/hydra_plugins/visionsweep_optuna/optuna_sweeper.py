@@ -80,6 +80,22 @@ def make_sampler(name: str, seed: int | None) -> Any:
     return getattr(optuna.samplers, SAMPLERS[name])(seed=seed)
 
 
+def mark_interrupted(study: Any) -> list[int]:
+    """Mark the trials left RUNNING by a sweep that died as FAIL with user attr ``interrupted``.
+
+    Returns:
+        Their trial numbers (they do not count toward ``n_trials``, so as many are asked again).
+    """
+    import optuna
+
+    stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        optuna.trial.Trial(study, t._trial_id).set_user_attr("interrupted", True)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        log.warning("trial %d was interrupted: marked failed, a new trial takes its place", t.number)
+    return [t.number for t in stale]
+
+
 class OptunaSweeper(Sweeper):
     """Ask Optuna for parameters, launch one Hydra job per trial, tell it the job's return value.
 
@@ -125,15 +141,17 @@ class OptunaSweeper(Sweeper):
             study_name=self.study_name or sweep_dir.name, storage=storage, direction=self.direction,
             sampler=make_sampler(self.sampler_cfg.name, self.sampler_cfg.seed), load_if_exists=True)
         study.set_user_attr("sweep_dir", str(sweep_dir))
-        done = len(study.trials)
-        if done and self.sampler_cfg.seed is not None:
+        mark_interrupted(study)
+        done = sum(not t.user_attrs.get("interrupted") for t in study.trials)  # interrupted: asked again
+        if study.trials and self.sampler_cfg.seed is not None:
             # a resumed study: the same seed would replay the first trials' parameters
-            study.sampler = make_sampler(self.sampler_cfg.name, int(self.sampler_cfg.seed) + done)
+            study.sampler = make_sampler(self.sampler_cfg.name, int(self.sampler_cfg.seed) + len(study.trials))
         log.info("Optuna study %s (%s): %d of %d trials done; space: %s", study.study_name, storage,
                  done, self.n_trials, ", ".join(space))
         returns = []
-        for job_idx in range(done, self.n_trials):
+        for _ in range(done, self.n_trials):
             trial = study.ask(space)
+            job_idx = trial.number  # job dir = trial number: a re-asked trial never reuses a dir
             overrides = fixed + [f"{k}={v}" for k, v in trial.params.items()]
             self.validate_batch_is_legal([overrides])
             [result] = self.launcher.launch([overrides], initial_job_idx=job_idx)
