@@ -1,0 +1,301 @@
+"""Loggers that make the dashboards compare the jobs of a sweep: TensorBoard's HParams tab and MLflow.
+
+Both learn a job's labels (arch, aug, seed) from their config node (``conf/logger/*.yaml``
+interpolates them) and its overrides from Hydra, so nothing else has to call them:
+
+* :class:`SweepTensorBoardLogger` writes the HParams plugin's session info (arch, aug, seed and every
+  override that varies in the sweep) into the same event file as the scalars, and keeps that one file
+  open across ``trainer.fit`` and ``trainer.test`` (Lightning's logger closes its writer at the end of
+  fit, and the test metrics then start a second event file).
+* :class:`SweepMLFlowLogger` puts the jobs of a sweep in one experiment (``<task>-<sweep stamp>``),
+  names each run ``<arch>-<aug>-seed<seed>[-job<n>]``, logs the job's overrides as params next to the
+  model's arguments and tags it ``arch``/``aug``/``seed``/``run_dir``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import logging
+import time
+import weakref
+from argparse import Namespace
+from pathlib import Path
+from typing import Any, Iterator
+
+from lightning_fabric.utilities.logger import _convert_params, _flatten_dict  # part of pytorch-lightning
+from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities import rank_zero_only
+
+from visionsweep.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MLFLOW_MISSING = "logger=mlflow needs mlflow: pip install -e '.[dashboards]'"
+_PLAIN = (bool, int, float, str)
+
+
+def _plain(value: Any) -> bool | int | float | str:
+    """A value every dashboard can show: scalars as they are, anything else as text."""
+    return value if isinstance(value, _PLAIN) else str(value)
+
+
+def _parse(lines: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides(list(lines))
+    except Exception:  # an override Hydra already accepted; never fail a job over its labels
+        return []
+
+
+def job_overrides() -> dict[str, Any]:
+    """The job's own overrides (``HydraConfig.get().overrides.task``) as ``{key: value}``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    out: dict[str, Any] = {}
+    for o in _parse(list(HydraConfig.get().overrides.task)):
+        value = o.value()
+        out[o.key_or_group] = None if value is None else _plain(value)
+    return out
+
+
+def varying_keys() -> list[str]:
+    """Keys that take several values in this job's sweep ([] outside a multirun).
+
+    They are the sweeper's ``params`` (a grid, or Optuna's search space) plus the sweep overrides of the
+    command line (``seed=1,2,3``), which only the sweep's ``multirun.yaml`` still holds: a job sees its
+    own values only.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from visionsweep.utils.cli import is_multirun
+
+    if not is_multirun():
+        return []
+    hc = HydraConfig.get()
+    keys = [str(k) for k in (hc.sweeper.get("params") or {})]
+    saved = Path(hc.sweep.dir) / "multirun.yaml"
+    if saved.is_file():
+        task = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task", default=[]) or []
+        keys += [o.key_or_group for o in _parse(list(task)) if o.is_sweep_override()]
+    return list(dict.fromkeys(keys))
+
+
+def job_params(arch: Any, aug: Any, seed: Any, all_overrides: bool = False) -> dict[str, Any]:
+    """A job's hyper-parameters for a dashboard: arch, aug, seed and its overrides.
+
+    Args:
+        arch: The backbone name (``model.backbone``).
+        aug: The augmentation preset (``augmentation.name``).
+        seed: The job's seed.
+        all_overrides: Every override of the job (MLflow params); else only those that vary in its
+            sweep (TensorBoard's HParams columns, where constants are noise).
+
+    Returns:
+        ``{"arch": …, "aug": …, "seed": …, "<override key>": value, …}`` with plain values.
+    """
+    overrides = job_overrides()
+    keys = list(overrides) if all_overrides else [k for k in varying_keys() if k in overrides]
+    params: dict[str, Any] = {"arch": _plain(arch), "aug": _plain(aug), "seed": _plain(seed)}
+    for key in keys:
+        if key != "seed" and overrides[key] is not None:  # seed is already there, as the job's value
+            params[key] = overrides[key]
+    return params
+
+
+def sweep_names(task: str, arch: Any, aug: Any, seed: Any) -> tuple[str, str]:
+    """``(experiment, run name)``: one experiment per sweep, runs named by what they compare."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from visionsweep.utils.cli import is_multirun
+
+    run = f"{arch}-{aug}-seed{seed}"
+    if not is_multirun():
+        return task, run
+    hc = HydraConfig.get()
+    return f"{task}-{Path(hc.sweep.dir).name}", f"{run}-job{hc.job.num}"
+
+
+# --------------------------------------------------------------------------------------- TensorBoard
+
+# writers kept open after a finalize (a test may still follow); closed when the next job's logger
+# starts or at exit, so a long in-process sweep does not hold one open file per job
+_open_writers: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_writers() -> None:
+    for writer in list(_open_writers):
+        writer.close()
+    _open_writers.clear()
+
+
+class SweepTensorBoardLogger(TensorBoardLogger):
+    """TensorBoardLogger whose event file feeds the HParams tab and holds the test metrics too.
+
+    Args:
+        arch: The backbone name, an HParams column.
+        aug: The augmentation preset, an HParams column.
+        seed: The job's seed, an HParams column.
+        *args: Passed to :class:`~pytorch_lightning.loggers.TensorBoardLogger`.
+        **kwargs: Passed to :class:`~pytorch_lightning.loggers.TensorBoardLogger`
+            (``default_hp_metric`` defaults to False: no ``hp_metric=-1`` placeholder scalar).
+    """
+
+    def __init__(self, *args: Any, arch: Any = None, aug: Any = None, seed: Any = None,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("default_hp_metric", False)
+        super().__init__(*args, **kwargs)
+        _close_open_writers()  # a new job: the previous one's test phase is over
+        self.job = job_params(arch, aug, seed)
+        self._session_started = self._session_ended = False
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, metrics: dict[str, Any] | None = None,
+                        step: int | None = None) -> None:
+        """Record the model's arguments plus the job's labels (hparams.yaml) and start the session."""
+        super().log_hyperparams({**_convert_params(params), **self.job}, metrics, step)
+        self._start_session()
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log scalars (starting the session first if no hyper-parameters were logged)."""
+        self._start_session()
+        super().log_metrics(metrics, step)
+
+    def _start_session(self) -> None:
+        # Only the session start info, no experiment summary: TensorBoard then takes its metric
+        # columns from the run's scalar tags (val/acc, test/acc, …, their last values: the final
+        # metrics) and its hparam columns from all the sessions together.
+        if self._session_started:
+            return
+        from tensorboard.plugins.hparams.summary import session_start_pb
+
+        self.experiment._get_file_writer().add_summary(session_start_pb(self.job))
+        self._session_started = True
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Flush without closing: ``trainer.test`` after ``trainer.fit`` logs into the same event file."""
+        if self._experiment is None:
+            return
+        if not self._session_ended and self._session_started:
+            from tensorboard.plugins.hparams import api_pb2
+            from tensorboard.plugins.hparams.summary import session_end_pb
+
+            ok = status in ("success", "finished")
+            end = session_end_pb(api_pb2.STATUS_SUCCESS if ok else api_pb2.STATUS_FAILURE)
+            self.experiment._get_file_writer().add_summary(end)
+            self._session_ended = True
+        self.experiment.flush()
+        _open_writers.add(self.experiment)
+        if status == "success":
+            self.save()  # hparams.yaml
+
+
+# ------------------------------------------------------------------------------------------ MLflow
+
+def _require_mlflow() -> None:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise ConfigError(MLFLOW_MISSING) from None
+
+
+class SweepMLFlowLogger(MLFlowLogger):
+    """MLFlowLogger: one experiment per sweep, runs named and tagged by arch / aug / seed.
+
+    Args:
+        arch: The backbone name (tag and param ``arch``).
+        aug: The augmentation preset (tag and param ``aug``).
+        seed: The job's seed (tag and param ``seed``).
+        run_dir: The job's run dir (tag ``run_dir`` and the run's description).
+        task: The task name, first part of the experiment name.
+        labels: Free-form tags of the run (``tags`` of the config), joined in tag ``tags``.
+        experiment_name: None: ``<task>-<sweep stamp>`` in a sweep, ``<task>`` for a single run.
+        run_name: None: ``<arch>-<aug>-seed<seed>[-job<n>]``.
+        **kwargs: Passed to :class:`~pytorch_lightning.loggers.MLFlowLogger`.
+
+    Raises:
+        ConfigError: mlflow is not installed (one line naming the install command).
+    """
+
+    def __init__(self, arch: Any = None, aug: Any = None, seed: Any = None, run_dir: str | None = None,
+                 task: str = "train", labels: Any = None, experiment_name: str | None = None,
+                 run_name: str | None = None, **kwargs: Any) -> None:
+        _require_mlflow()
+        experiment, run = sweep_names(task, arch, aug, seed)
+        tags = {"arch": str(arch), "aug": str(aug), "seed": str(seed), **dict(kwargs.pop("tags", None) or {})}
+        if run_dir:
+            tags.update({"run_dir": str(run_dir), "mlflow.note.content": f"Run dir: `{run_dir}`"})
+        if labels:
+            tags["tags"] = ",".join(str(t) for t in labels)
+        with _store_lock(kwargs.get("tracking_uri")):  # MlflowClient may create the store's tables
+            super().__init__(experiment_name=experiment_name or experiment, run_name=run_name or run,
+                             tags=tags, **kwargs)
+        self.job = job_params(arch, aug, seed, all_overrides=True)
+        self._logged: dict[str, str] = {}
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """The MlflowClient, with the sweep's experiment made first (its jobs may start together)."""
+        if not self._initialized and self._experiment_id is None and self._run_id is None:
+            self._experiment_id = _ensure_experiment(
+                self._mlflow_client, self._tracking_uri, self._experiment_name, self._artifact_location)
+        return super().experiment
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
+        """Log the model's arguments and the job's overrides, each key once.
+
+        MLflow refuses to change a param, and Lightning logs the model's arguments again at test.
+        """
+        flat = _flatten_dict({**_convert_params(params), **self.job})
+        new = {k: v for k, v in flat.items() if k not in self._logged}
+        if new:
+            super().log_hyperparams(new)
+            self._logged.update({k: str(v) for k, v in new.items()})
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        """Log metrics; the job's params go first if Lightning logged no hyper-parameters."""
+        if not self._logged:
+            self.log_hyperparams({})
+        super().log_metrics(metrics, step)
+
+
+@contextlib.contextmanager
+def _store_lock(tracking_uri: str | None) -> Iterator[None]:
+    """Hold a file lock next to a sqlite store: its creation (schema migrations) and the sweep's
+    experiment are made by whichever job of a parallel launcher comes first, never by two at once."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's close
+
+
+def _ensure_experiment(client: Any, tracking_uri: str, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created if it does not exist yet."""
+    with _store_lock(tracking_uri):
+        for attempt in range(3):
+            expt = client.get_experiment_by_name(name)
+            if expt is not None and expt.lifecycle_stage != "deleted":
+                return expt.experiment_id
+            try:
+                return client.create_experiment(name=name, artifact_location=artifact_location)
+            except Exception:  # made meanwhile by a process that takes no lock (a server, a notebook)
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
+    raise AssertionError("unreachable")
