@@ -98,9 +98,12 @@ def build_loggers(cfg: DictConfig, output_dir: str | Path) -> list[Logger]:
         _label_wandb_run(cfg)
     # the run dir already holds .hydra/: Lightning's "not empty, logs will be deleted" is noise here
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
+    from visionsweep.utils.safe_io import AtomicCSVLogger, make_csv_atomic
+
+    # metrics.csv is written whole under a temporary name, then renamed: never a torn row
+    loggers = [make_csv_atomic(instantiate(node)) for node in (cfg.get("logger") or {}).values() if node]
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
-        loggers.insert(0, CSVLogger(save_dir=str(output_dir), name="", version=""))
+        loggers.insert(0, AtomicCSVLogger(save_dir=str(output_dir), name="", version=""))
     return loggers
 
 
@@ -132,9 +135,43 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 
 def build_trainer(cfg: DictConfig, output_dir: str | Path,
                   extra_callbacks: list[pl.Callback] | None = None, **kwargs: Any) -> pl.Trainer:
-    """The Lightning Trainer of ``cfg.trainer`` with loggers and callbacks."""
-    return instantiate(cfg.trainer, callbacks=build_callbacks(cfg) + list(extra_callbacks or []),
-                       logger=build_loggers(cfg, output_dir), **kwargs)
+    """The Lightning Trainer of ``cfg.trainer`` with loggers and callbacks.
+
+    Always added: :class:`~visionsweep.callbacks.run_state.RunState` (random states and the run's plan
+    in every checkpoint, so a resume equals the uninterrupted run) and
+    :class:`~visionsweep.utils.safe_io.AtomicCheckpointIO` (checkpoints written whole or not at all),
+    unless ``trainer.plugins`` already brings a CheckpointIO.
+    """
+    from pytorch_lightning.plugins.io import CheckpointIO
+
+    from visionsweep.callbacks.run_state import RunState
+    from visionsweep.utils.safe_io import AtomicCheckpointIO
+
+    callbacks = build_callbacks(cfg) + list(extra_callbacks or [])
+    if not any(isinstance(cb, RunState) for cb in callbacks):
+        callbacks.append(RunState())
+    plugins = kwargs.pop("plugins", None) or instantiate(cfg.trainer.get("plugins")) or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, output_dir),
+                       plugins=plugins, **kwargs)
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Build ``cfg.optimizer`` on a dummy parameter: a bad value (``optimizer.lr=-1``) stops the run in
+    one line naming the key, before anything is written.
+
+    Raises:
+        ConfigError: The optimizer rejects its arguments.
+    """
+    if not cfg.get("optimizer"):
+        return
+    import torch
+
+    from visionsweep.models.classifier import build_optimizer
+
+    build_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True), [torch.nn.Parameter(torch.zeros(1))])
 
 
 def count_params(model: Any) -> dict[str, int]:

@@ -17,3 +17,26 @@ class ConfigError(VisionSweepError):
 
 class DataError(VisionSweepError):
     """The data set on disk is wrong (missing folder, no images, unreadable file, ...)."""
+
+
+class DiskFullError(VisionSweepError):
+    """A write ran out of space: the message names the file (nothing half-written is left under it).
+
+    Args:
+        path: The file (or folder) being written; a complete message of this class is kept as it is
+            (entry points rebuild errors as ``type(e)(str(e))``).
+    """
+
+    PREFIX = "no space left on device writing "
+
+    def __init__(self, path: object) -> None:
+        text = str(path)
+        if text.startswith(self.PREFIX):
+            super().__init__(text)
+            self.path = text[len(self.PREFIX):].split(": free some space")[0]
+            return
+        self.path = text
+        super().__init__(f"{self.PREFIX}{text}: free some space or write the run elsewhere (hydra.run.dir=...)")
+
+    def __reduce__(self) -> tuple:  # one-argument pickling (DataLoader workers, multiprocessing)
+        return (type(self), (self.path,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -13,6 +14,10 @@ from typing import Any
 
 import torch
 
+from visionsweep.errors import DiskFullError
+from visionsweep.utils.atomic import atomic_write, remove_tmp_files
+
+log = logging.getLogger("visionsweep.runinfo")
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "timm", "torchmetrics", "albumentations",
             "hydra-core", "omegaconf", "numpy", "opencv-python-headless", "wandb")
 
@@ -83,17 +88,47 @@ class RunRecord:
         }
         self.save()
 
+    @classmethod
+    def unsaved(cls, run_dir: str | Path, **fields: Any) -> RunRecord:
+        """A record not written yet (e.g. to :meth:`fail` on a disk too full for the usual first write)."""
+        record = cls.__new__(cls)
+        record.path = Path(run_dir) / "run.json"
+        record.data = {"status": "running", "argv": sys.argv, **fields}
+        return record
+
     def update(self, **fields: Any) -> None:
         """Merge ``fields`` in and save."""
         self.data.update(fields)
         self.save()
 
     def save(self) -> None:
-        """Write run.json (temp file + rename: never half-written)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(to_jsonable(self.data), indent=2, default=str))
-        os.replace(tmp, self.path)
+        """Write run.json (temp file + rename: never half-written).
+
+        Raises:
+            DiskFullError: No space left (run.json keeps its previous content; no temp file is left).
+        """
+        atomic_write(self.path, json.dumps(to_jsonable(self.data), indent=2, default=str))
+
+    def fail(self, error: str) -> None:
+        """Record ``status: failed`` with ``error``, even on a full disk.
+
+        There, our own partial ``*.tmp`` files under the run dir are removed first (they hold the space
+        the failed write took), then the full record is tried, then a minimal one; if even that cannot
+        be written the failure is only logged, since run.json is never written in place.
+        """
+        self.data.update(status="failed", error=error)
+        try:
+            return self.save()
+        except DiskFullError:
+            remove_tmp_files(self.path.parent)
+        for data in (self.data, {k: self.data.get(k) for k in ("status", "error", "task", "argv", "overrides")}):
+            try:
+                atomic_write(self.path, json.dumps(to_jsonable(data), indent=2, default=str))
+                return None
+            except DiskFullError:
+                continue
+        log.error("could not record the failure in %s: no space left", self.path)
+        return None
 
 
 def load(run_dir: str | Path) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from visionsweep import builders, runinfo, tune
+from visionsweep.errors import DiskFullError
+from visionsweep.utils.atomic import atomic_write, disk_full_cause
 from visionsweep.utils.cli import guarded, is_multirun, precheck, user_error
 from visionsweep.utils.config import print_config_tree, resume_checkpoint
 
@@ -31,6 +33,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     record = None
     try:
         cfg.seed = builders.as_int(cfg.seed, "seed", 0)
+        builders.check_optimizer(cfg)  # optimizer.lr=-1: one line, before anything is written
         pl.seed_everything(cfg.seed, workers=True)
         resume = resume_checkpoint(cfg)
         inp = builders.resolve_inputs(cfg)
@@ -38,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("data: %s", dm.describe())
         model = builders.build_model(cfg, dm, inp)
         model, lr_found = tune.lr_find(cfg, model, dm, out, rebuild=lambda: builders.build_model(cfg, dm, inp))
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         record = runinfo.RunRecord(
             out, task=cfg.task_name, overrides=_overrides(), seed=cfg.seed, backbone=cfg.model.backbone,
             augmentation=cfg.augmentation.get("name"), resumed_from=resume, input=inp.__dict__,
@@ -65,17 +68,44 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             train_images_per_s=runinfo.images_per_s(metrics, trainer, dm, epochs, fit_s),
             perf=runinfo.read_json(out / "perf.json"),
             test_report=getattr(model, "test_report", None) or None)
+        _drop_last_checkpoint(trainer)
         _print_summary(metrics, fit_s, out)
         return metrics
     except BaseException as e:
-        if record is not None:
-            err = user_error(e) if isinstance(e, Exception) else None
-            record.update(status="failed", error=str(err or f"{type(e).__name__}: {e}"))
-        elif user_error(e) is not None and not is_multirun():
+        full = _disk_full(e, out)
+        err = full or (user_error(e) if isinstance(e, Exception) else None)
+        if record is not None or full is not None:  # a full disk: say "failed" even before run.json existed
+            record = record or runinfo.RunRecord.unsaved(out, task=cfg.get("task_name"), overrides=_overrides())
+            record.fail(str(err or f"{type(e).__name__}: {e}"))
+        elif err is not None and not is_multirun():
             _remove_if_only_hydra_files(out)  # a bad path or value leaves no half-made run dir
+        if full is not None and full is not e:
+            raise full  # (its __cause__ is the OSError's chain; Python keeps the context chain acyclic)
         raise
     finally:
         builders.finish_wandb()
+
+
+def _disk_full(e: BaseException, out: Path) -> DiskFullError | None:
+    """``e`` as a DiskFullError naming the file (ENOSPC anywhere in its chain), else None."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, DiskFullError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    cause = disk_full_cause(e)
+    if cause is None:
+        return None
+    full = DiskFullError(cause.filename or f"into {out}")
+    full.__cause__ = e
+    return full
+
+
+def _drop_last_checkpoint(trainer: pl.Trainer) -> None:
+    """A finished sweep job drops its last.ckpt (RunCheckpoint's keep_last policy)."""
+    drop = getattr(trainer.checkpoint_callback, "drop_last", None)
+    if callable(drop):
+        drop(trainer, is_multirun())
 
 
 def _overrides() -> list[str]:

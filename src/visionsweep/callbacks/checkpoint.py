@@ -5,17 +5,26 @@ A resnet34 checkpoint with AdamW's moments is 3x its weights (255 MB vs 85 MB; v
 random states, and only from the last checkpoint, and only until the job has finished; eval, predict,
 export and ``see`` read weights and hyper-parameters. So the best checkpoint is weights-only, and a
 finished job drops its last checkpoint unless ``keep_last`` says otherwise (``auto``: kept by a
-single run, which ``ckpt_path=latest`` may continue with more epochs; dropped by sweep jobs).
+single run, which ``ckpt_path=latest`` may continue; dropped by sweep jobs).
+
+A run resumed into a new run dir keeps competing with the best of the run it resumes: that file is
+linked (or copied) into the new ``checkpoints/`` and keeps its score, so "best" (and the test run on
+it) is the same as in an uninterrupted run. Lightning itself forgets the scores when the dir changes
+and, with ``fast_dev_run``, still writes ``last.ckpt`` at the end of fit; neither happens here.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
+
+from visionsweep.utils.atomic import atomic_open, tmp_path
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +74,45 @@ class RunCheckpoint(ModelCheckpoint):
         log.info("finished: dropped %s (best kept as weights only; keep it with "
                  "callbacks.model_checkpoint.keep_last=true)", last)
         return last
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.fast_dev_run:  # Lightning's on_train_end writes last.ckpt even then
+            super().on_train_end(trainer, pl_module)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old_dir = state_dict.get("dirpath")
+        if not old_dir or not self.dirpath or Path(old_dir).resolve() == Path(self.dirpath).resolve():
+            return super().load_state_dict(state_dict)
+        # resumed into another run dir: adopt the old top-k files and their scores
+        adopted = {}
+        for path, score in (state_dict.get("best_k_models") or {}).items():
+            new = self._adopt(Path(path))
+            if new is not None:
+                adopted[path] = new
+        best_k = {adopted[p]: s for p, s in (state_dict.get("best_k_models") or {}).items() if p in adopted}
+        best = adopted.get(state_dict.get("best_model_path") or "")
+        super().load_state_dict({
+            **state_dict, "dirpath": self.dirpath, "best_k_models": best_k, "best_model_path": best or "",
+            "best_model_score": state_dict.get("best_model_score") if best else None,
+            "kth_best_model_path": adopted.get(state_dict.get("kth_best_model_path") or "", ""),
+            "last_model_path": ""})
+        if adopted:
+            log.info("resumed into %s: the best checkpoint so far, %s, is linked there", self.dirpath,
+                     Path(best or next(iter(best_k))).name)
+
+    def _adopt(self, src: Path) -> str | None:
+        """Hard-link (else copy, atomically) a checkpoint of the resumed run into this run's dirpath."""
+        if not src.is_file():
+            return None
+        dst = Path(self.dirpath) / src.name
+        tmp = tmp_path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            with atomic_open(dst, "wb") as out, src.open("rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+        return str(dst)

@@ -82,6 +82,8 @@ class FineTune(pl.Callback):
         frozen_div: the frozen phase starts at peak / frozen_div (fastai's fit_one_cycle: 25).
     """
 
+    plans_by_run_length = True  # its schedules follow the run's total steps: a resume must keep them
+
     def __init__(self, freeze_epochs: int = 1, lr_mult: float = 100.0, train_bn: bool = True,
                  pct_start: float = 0.3, div: float = 5.0, div_final: float = 1e5,
                  frozen_pct_start: float = 0.99, frozen_div: float = 25.0) -> None:

@@ -23,6 +23,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from visionsweep.utils.atomic import atomic_write
+
 log = logging.getLogger("visionsweep.perf")
 
 
@@ -167,8 +169,4 @@ class ThroughputMonitor(pl.Callback):
     def _write(self, trainer: pl.Trainer) -> None:
         if not self.filename or trainer.sanity_checking:
             return
-        path = Path(trainer.default_root_dir) / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=2))
-        os.replace(tmp, path)
+        atomic_write(Path(trainer.default_root_dir) / self.filename, json.dumps(self.summary(), indent=2))

@@ -7,13 +7,16 @@ only use what this class defines.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from visionsweep.errors import ConfigError
+from visionsweep.errors import ConfigError, DataError
+
+log = logging.getLogger("visionsweep.data")
 
 
 def resolve_workers(num_workers: int | str) -> int:
@@ -95,7 +98,21 @@ class SplitDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training loader (``train_transform``)."""
+        """Shuffled training loader (``train_transform``); a last batch of one image is left out.
+
+        Raises:
+            DataError: The training split has fewer than 2 samples (BatchNorm needs 2 per batch).
+        """
+        n, batch = len(self.train_samples), int(getattr(self, "batch_size", 0) or 0)
+        if n < 2:
+            raise DataError(f"the training split has {n} sample(s): training needs at least 2 "
+                            "(BatchNorm cannot learn from one); add images or lower data.val_fraction / "
+                            "data.test_fraction")
+        if batch > 1 and n % batch == 1 and not getattr(self, "_said_single", False):
+            self._said_single = True  # once: Lightning asks for the loader more than once
+            log.info("train: %d samples in batches of %d: the last batch would hold 1 sample, which "
+                     "BatchNorm cannot train on, so it is left out each epoch (a different one each "
+                     "time, the order is shuffled)", n, batch)
         return self._loader("train", self.train_transform, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, get_worker_info
 
 from visionsweep.data.dataset import collate_images
 
@@ -168,6 +168,28 @@ class SlotCollate:
         return SlotBatch(self.pool.id, slot, (len(batch), h, w, c), labels, generation)
 
 
+class NoSingleBatchSampler(BatchSampler):
+    """``BatchSampler`` that leaves out a trailing partial batch of exactly one sample.
+
+    BatchNorm cannot train on one sample when a layer's map is 1 x 1 ("Expected more than 1 value per
+    channel when training"), which a last batch of one (161 images in batches of 32) hits after a whole
+    epoch. Shuffled, the image left out differs each epoch. Every other batch is as BatchSampler makes it.
+    """
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pending = None
+        for batch in super().__iter__():
+            if pending is not None:
+                yield pending
+            pending = batch
+        if pending is not None and (len(pending) != 1 or self.batch_size == 1 or self.drop_last):
+            yield pending  # (drop_last: BatchSampler already left out any partial batch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else n // self.batch_size + (n % self.batch_size > 1)
+
+
 class SlotDataLoader(DataLoader):
     """A DataLoader of uint8 image batches whose workers hand batches over through reused slots.
 
@@ -177,14 +199,28 @@ class SlotDataLoader(DataLoader):
     draws the dataset's epoch seed (``start_epoch``, :mod:`visionsweep.data.seeding`), which makes the
     augmentation independent of the number of workers and the batch size.
 
+    A shuffled (training) loader leaves out a last batch of one sample (:class:`NoSingleBatchSampler`):
+    BatchNorm cannot train on it.
+
     Args:
-        *args: DataLoader arguments.
+        *args: DataLoader arguments (``dataset`` first).
         sample_shape: ``(C, H, W)`` of every sample (the pipelines' fixed output), sizing the slots.
+        drop_single: Leave out a trailing batch of one sample; None: when ``shuffle`` is set.
         **kwargs: DataLoader keyword arguments (``collate_fn`` is set here).
     """
 
-    def __init__(self, *args: Any, sample_shape: tuple[int, int, int] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sample_shape: tuple[int, int, int] | None = None,
+                 drop_single: bool | None = None, **kwargs: Any) -> None:
         self.sample_shape = sample_shape
+        if drop_single is None:
+            drop_single = bool(kwargs.get("shuffle"))
+        if drop_single and kwargs.get("batch_sampler") is None and kwargs.get("sampler") is None \
+                and kwargs.get("batch_size", 1) is not None:
+            dataset = args[0] if args else kwargs["dataset"]
+            sampler = RandomSampler(dataset, generator=kwargs.get("generator")) if kwargs.pop("shuffle", False) \
+                else SequentialSampler(dataset)
+            kwargs["batch_sampler"] = NoSingleBatchSampler(sampler, int(kwargs.pop("batch_size", 1)),
+                                                           bool(kwargs.pop("drop_last", False)))
         if kwargs.get("collate_fn") is None or isinstance(kwargs["collate_fn"], SlotCollate):
             kwargs["collate_fn"] = collate_images  # (Lightning re-instantiating passes the old SlotCollate)
         super().__init__(*args, **kwargs)
@@ -200,6 +236,11 @@ class SlotDataLoader(DataLoader):
     def __iter__(self) -> Iterator:
         if hasattr(self.dataset, "start_epoch"):  # before any index of the epoch reaches a worker
             self.dataset.start_epoch(self.generator)
+        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
+            # a fresh iterator draws its workers' base seed from the generator, a reused one does not:
+            # draw it anyway, so that every epoch takes the same count of numbers (a resumed run starts
+            # with fresh workers where the uninterrupted one reused them, and must shuffle the same)
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         if not isinstance(self.collate_fn, SlotCollate):
             return super().__iter__()
         if self._iterator is None:  # no worker of this loader is alive: nothing can be in a slot

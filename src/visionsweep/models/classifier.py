@@ -49,6 +49,33 @@ def _group_label(names: list[str]) -> str:
     return "+".join(sorted(first))
 
 
+_OPTIMIZER_KEYS = {"learning rate": "lr", "weight_decay": "weight_decay", "beta parameter": "betas",
+                   "epsilon": "eps", "momentum": "momentum", "dampening": "dampening", "nesterov": "nesterov",
+                   "alpha": "alpha", "lr_decay": "lr_decay", "rho": "rho"}
+
+
+def build_optimizer(opt_cfg: dict[str, Any], params: Any) -> torch.optim.Optimizer:
+    """The ``optimizer`` config (``_target_`` + arguments) made for ``params``.
+
+    Args:
+        opt_cfg: The ``optimizer`` group as a dict.
+        params: Parameters or parameter groups.
+
+    Raises:
+        ConfigError: A value the optimizer rejects (``optimizer.lr=-1``), named as the config key.
+    """
+    cfg = {**opt_cfg, "_partial_": True}
+    try:
+        return hydra.utils.instantiate(cfg)(params=params)
+    except (ValueError, TypeError) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, (ValueError, TypeError)) else e
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        key = next((k for word, k in _OPTIMIZER_KEYS.items() if word in text.lower()), None)
+        if key is not None and key in opt_cfg:
+            raise ConfigError(f"optimizer.{key}={opt_cfg[key]}: {text} ({opt_cfg.get('_target_')})") from None
+        raise ConfigError(f"optimizer ({opt_cfg.get('_target_')}): {text}") from None
+
+
 class ClassifierModule(pl.LightningModule):
     """A timm backbone trained with cross-entropy; logs ``train/*``, ``val/*`` and ``test/*``.
 
@@ -152,10 +179,26 @@ class ClassifierModule(pl.LightningModule):
         return self.mixup(x, y)
 
     def on_train_start(self) -> None:
-        # the sanity check's val numbers must not count as a "best"
+        # the sanity check's val numbers must not count as a "best"; a resumed run's best so far does
         self.val_loss.reset()
         self.val_acc.reset()
         self.val_acc_best.reset()
+        restored = getattr(self, "_restored_acc_best", None)
+        if restored is not None:
+            self.val_acc_best.update(torch.tensor(restored, device=self.device))
+            self._restored_acc_best = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # torchmetrics states are not in the state_dict: keep the best val/acc so far for a resume
+        # (plain strings and floats: loadable weights-only)
+        best = self.val_acc_best.max_value
+        mark = checkpoint.setdefault("visionsweep", {})
+        mark.setdefault("kind", "classifier")
+        if self.val_acc_best.update_called and torch.isfinite(best):
+            mark["val_acc_best"] = float(best)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_acc_best = (checkpoint.get("visionsweep") or {}).get("val_acc_best")
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -211,7 +254,9 @@ class ClassifierModule(pl.LightningModule):
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
         total = getattr(scheduler, "total_steps", None)
-        if total is not None and scheduler.last_epoch + 1 >= total:
+        # OneCycleLR allows total_steps calls to step() (last_epoch counts them); the last training
+        # batch makes the last one, so only a call beyond that is a run longer than planned
+        if total is not None and scheduler.last_epoch >= total:
             # a resumed run given more epochs than its one-cycle was planned for: hold the final lr
             if not getattr(self, "_warned_cycle_end", False):
                 self._warned_cycle_end = True
@@ -251,8 +296,7 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt_cfg = dict(self.hparams.optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-3})
-        opt_cfg["_partial_"] = True
-        optimizer = hydra.utils.instantiate(opt_cfg)(params=self.param_groups())
+        optimizer = build_optimizer(opt_cfg, self.param_groups())
         for group in optimizer.param_groups:
             group["base_lr"] = group["lr"]  # the configured lr, for schedules that callbacks set
         if not self.hparams.scheduler:

@@ -1,0 +1,96 @@
+"""Writes that are complete or absent: a temporary ``<name>.tmp`` beside the target, renamed when done.
+
+A kill, a crash or a full disk then never leaves a truncated file under a valid name: readers see the
+old content or the new one. A full disk (``ENOSPC``/``EDQUOT``) becomes :class:`DiskFullError` naming the
+target, after our partial temporary file is removed (which also gives the space back, so the run can
+still record that it failed). Used for run.json, config.yaml and perf.json; :mod:`visionsweep.utils.safe_io`
+applies it to every checkpoint and to metrics.csv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from visionsweep.errors import DiskFullError
+
+TMP_SUFFIX = ".tmp"
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def disk_full_cause(exc: BaseException | None) -> OSError | None:
+    """The "no space left" OSError inside ``exc`` (itself, or its causes / contexts), or None.
+
+    torch.save reports a failed write as a RuntimeError whose context is the OSError, hence the walk.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def tmp_path(path: str | Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: ``<path>.tmp``."""
+    path = Path(path)
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", fsync: bool = True, **kwargs: Any) -> Iterator[IO]:
+    """Open ``<path>.tmp`` for writing; on success flush, fsync and rename it to ``path``.
+
+    Args:
+        path: The final file.
+        mode: ``"w"`` (text) or ``"wb"`` (binary).
+        fsync: Push the data to the device before the rename (so a power cut cannot leave the new
+            name on empty blocks); off for small files rewritten often.
+        **kwargs: ``open`` arguments (``newline``, ``encoding``...).
+
+    Raises:
+        DiskFullError: The device is full; nothing was left behind, ``path`` kept its old content.
+    """
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        _remove(tmp)
+        if disk_full_cause(e) is not None and not isinstance(e, DiskFullError):
+            raise DiskFullError(path) from e
+        raise
+
+
+def atomic_write(path: str | Path, data: str | bytes, fsync: bool = False) -> None:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically (see :func:`atomic_open`)."""
+    binary = isinstance(data, (bytes, bytearray, memoryview))
+    with atomic_open(path, "wb" if binary else "w", fsync=fsync,
+                     **({} if binary else {"encoding": "utf-8"})) as f:
+        f.write(data)
+
+
+def remove_tmp_files(folder: str | Path) -> list[Path]:
+    """Remove the ``*.tmp`` files we may have left under ``folder`` (after a failure); returns them."""
+    removed = []
+    for p in Path(folder).rglob(f"*{TMP_SUFFIX}"):
+        if p.is_file():
+            _remove(p)
+            removed.append(p)
+    return removed

@@ -1,0 +1,124 @@
+"""Lightning's writers made atomic: checkpoints (:class:`AtomicCheckpointIO`) and the CSV logger.
+
+Both write ``<name>.tmp`` and rename it when complete (:mod:`visionsweep.utils.atomic`), so a kill or a
+full disk never leaves a truncated checkpoint or a torn metrics.csv under its real name.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.core.saving import save_hparams_to_yaml
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from visionsweep.errors import DiskFullError
+from visionsweep.utils.atomic import atomic_open, atomic_write, disk_full_cause, tmp_path
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` writing each checkpoint to ``<name>.tmp`` and renaming it.
+
+    ``torch.save`` streams straight into the temporary file (Lightning's own writer first builds the
+    whole checkpoint in memory); it is fsynced before the rename. Remote paths (``s3://`` ...) keep
+    Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` to ``path``: complete under its name, or not there at all.
+
+        Args:
+            checkpoint: The state Lightning dumped.
+            path: Target file.
+            storage_options: Not supported (as in ``TorchCheckpointIO``).
+
+        Raises:
+            DiskFullError: No space left; the temporary file is removed, an older ``path`` is untouched.
+        """
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"storage_options are not supported by {type(self).__name__}")
+        import torch
+
+        with atomic_open(str(path).removeprefix("file://"), "wb", fsync=True) as f:
+            torch.save(checkpoint, f)
+
+
+class AtomicExperimentWriter(ExperimentWriter):
+    """Lightning's CSV ``ExperimentWriter`` rewriting metrics.csv whole, atomically, on each save.
+
+    Lightning appends to the file (and rewrites it in place when a column appears), so a kill or a full
+    disk can leave a torn row. The rows are few: keeping them all and writing the complete file to
+    ``metrics.csv.tmp``, then renaming it, costs little.
+    """
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir=log_dir)
+        self._rows: list[dict[str, Any]] = []
+
+    def save(self) -> None:
+        """Write every row recorded so far (under the header of all keys seen)."""
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        self._rows.extend(self.metrics)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(self._rows)
+        atomic_write(self.metrics_file_path, buf.getvalue())
+        self.metrics = []
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        """Record hparams and write hparams.yaml atomically."""
+        self.hparams.update(params)
+        target = Path(self.log_dir) / self.NAME_HPARAMS_FILE
+        try:
+            save_hparams_to_yaml(tmp_path(target), self.hparams)
+            os.replace(tmp_path(target), target)
+        except BaseException as e:
+            tmp_path(target).unlink(missing_ok=True)
+            if disk_full_cause(e) is not None:
+                raise DiskFullError(target) from e
+            raise
+
+
+class AtomicCSVLogger(CSVLogger):
+    """``CSVLogger`` whose metrics.csv and hparams.yaml are written whole (same arguments as CSVLogger)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AtomicExperimentWriter:
+        """The writer (made on first use)."""
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AtomicExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def finalize(self, status: str) -> None:
+        """Save what is left; after a failure, a second write error is logged, not raised: Lightning
+        finalizes loggers while the first error propagates, and that one names the file that failed."""
+        try:
+            super().finalize(status)
+        except (OSError, DiskFullError) as e:
+            if status != "failed":
+                raise
+            log.warning("metrics.csv not updated after the failure: %s", e)
+
+
+def make_csv_atomic(logger: Any) -> Any:
+    """A plain Lightning ``CSVLogger`` (``conf/logger/csv.yaml``) becomes an :class:`AtomicCSVLogger` in
+    place (its state is the same; only the writer differs); other loggers are returned as they are."""
+    if type(logger) is CSVLogger and logger._experiment is None:
+        logger.__class__ = AtomicCSVLogger
+    return logger
