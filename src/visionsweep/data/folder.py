@@ -29,6 +29,7 @@ from visionsweep.data.cache import (
     train_short_side,
 )
 from visionsweep.data.dataset import ImageFolderDataset
+from visionsweep.data.images import bad_image_message
 from visionsweep.data.splits import (
     SPLITS,
     Sample,
@@ -269,6 +270,8 @@ class FolderDataModule(SplitDataModule):
                 raise DataError(
                     f"image '{path}' disappeared after the data set was scanned: restore it or re-run"
                 ) from None
+            except OSError as e:  # a symlink loop with data.verify_images=false, ...
+                raise DataError(bad_image_message(path, f"{type(e).__name__}: {e.strerror or e}")) from None
         entries.sort()
         digest = hashlib.sha256()
         for rel, size in entries:
