@@ -8,15 +8,15 @@ ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train eval predict export pretrain sweep report see bench cache test test-all clean
+.PHONY: help install train eval predict export pretrain sweep report see bench cache test test-scaling test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
-	@echo "setting up $(VENV) (once; ~2 min: torch, lightning, timm, hydra, albumentations, wandb)"
+	@echo "setting up $(VENV) (once; ~2-3 min: torch, lightning, timm, hydra + launchers, ray, albumentations, wandb)"
 	$(PYTHON) -m venv $(VENV)
-	set -o pipefail; $(PY) -m pip install --quiet -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	set -o pipefail; $(PY) -m pip install --quiet -e '.[dev,ray]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with its dependencies
@@ -47,7 +47,7 @@ report: $(STAMP)  ## comparison report of the newest sweep (or ARGS="runs/train/
 see: $(STAMP)  ## pictures of what a CNN sees: make see ARGS="see=kernels" (kernels, augment, batch, features, occlusion, gradcam, errors)
 	$(PY) -m visionsweep.see $(ARGS)
 
-bench: $(STAMP)  ## speed ratios measured side by side (framework vs hand-written loop, loaders, cache)
+bench: $(STAMP)  ## speed ratios measured side by side (framework vs hand-written loop, loaders, cache, sweep sequential vs joblib)
 	$(PY) benchmarks/bench.py $(ARGS)
 
 cache: $(STAMP)  ## pre-fill the decoded-sample cache: make cache ARGS="data=folder data.root=/photos model=resnet34"
@@ -55,6 +55,9 @@ cache: $(STAMP)  ## pre-fill the decoded-sample cache: make cache ARGS="data=fol
 
 test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores)
 	$(PY) -m pytest $(ARGS)
+
+test-scaling: $(STAMP)  ## launcher (joblib, submitit, ray) and resume sweeps end to end (a few minutes)
+	$(PY) -m pytest -m scaling $(ARGS)
 
 test-all: $(STAMP)  ## run every test, slow ones included
 	$(PY) -m pytest -m "" $(ARGS)

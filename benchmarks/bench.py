@@ -12,6 +12,9 @@ figures) and the lines are also written to ``--out`` (default ``runs/bench/<time
    Loaders (2., 3.) use batch 128 and are timed in interleaved passes; each side's median pass counts.
 4. ``startup``: ``python -m visionsweep.train`` start -> first training step, seconds; ``ratio`` is that
    over a bare ``import torch, pytorch_lightning, timm, albumentations, hydra`` (what any run pays).
+6. ``sweep_joblib_ratio``: the same 4 small jobs (digits, ``threads=1``) as one sweep run sequentially vs
+   ``hydra/launcher=joblib hydra.launcher.n_jobs=2``: wall-clock ratio of the two commands (goal >= 1.5 on
+   2 cores) and ``identical``: whether every job's metrics match. Job size: ``--sweep-*`` flags.
 5. GPU only (or ``--e2e-device cpu``): ``e2e_<model>``: end-to-end training img/s from the JPEG folder
    (data.cache=memory, workers = cores, bf16, channels_last) vs model-only img/s on device-resident
    batches, for resnet34 and vgg19 at 224 px. Goal >= 0.90 for resnet34 on H100-class hardware.
@@ -38,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("step", "loader", "cache", "startup", "e2e")
+SECTIONS = ("step", "loader", "cache", "startup", "sweep", "e2e")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -293,6 +296,37 @@ def bench_startup(a, root: Path, out: Path | None) -> dict:
                  "bare_imports_s": round(imports, 2), "device": "cpu"}, out)
 
 
+# ---------------------------------------------------------------------------- 6. sweep: sequential vs joblib
+def bench_sweep(a, out: Path | None) -> dict:
+    """The same 4-job sweep run by the basic launcher and by joblib (n_jobs=2), threads=1 for both."""
+    from visionsweep.data.builtin import export_digits
+    from visionsweep.parallel import node_cores
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    keys = ("train/loss", "val/loss", "val/acc", "val/acc_best", "test/acc")
+    with tempfile.TemporaryDirectory() as tmp:
+        digits = export_digits(Path(tmp) / "digits")
+        args = [sys.executable, "-m", "visionsweep.train", "-m", f"data.root={digits}", "data=digits",
+                f"model={a.sweep_model}", f"data.image_size={a.sweep_size}", "augmentation=light", "logger=csv",
+                f"trainer.max_epochs={a.sweep_epochs}", f"trainer.limit_train_batches={a.sweep_batches}",
+                "trainer.enable_progress_bar=false", "data.verify_images=false", "seed=1,2,3,4", "+threads=1"]
+        seconds, metrics = {}, {}
+        for name, extra in (("sequential", []), ("joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])):
+            sweep = Path(tmp) / name
+            start = time.time()
+            proc = subprocess.run(args + extra + [f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True,
+                                  text=True, env=env)
+            seconds[name] = time.time() - start
+            if proc.returncode != 0:
+                raise RuntimeError(f"{name} sweep failed: {proc.stderr[-2000:]}")
+            runs = [json.loads((sweep / str(i) / "run.json").read_text()) for i in range(4)]
+            metrics[name] = [{k: r.get("metrics", {}).get(k) for k in keys} for r in runs]
+    return emit({"name": "sweep_joblib_ratio", "ratio": round(seconds["sequential"] / seconds["joblib"], 2),
+                 "goal": 1.5, "identical": metrics["sequential"] == metrics["joblib"],
+                 "sequential_s": round(seconds["sequential"], 1), "joblib_s": round(seconds["joblib"], 1),
+                 "jobs": 4, "n_jobs": 2, "threads": 1, "cores": node_cores(), "device": "cpu"}, out)
+
+
 # ---------------------------------------------------------------------------- 5. end-to-end (GPU)
 def model_only_rate(model_name: str, a, device: str, size: int, batch: int) -> float:
     return hand_loop_rate(model_name, _device_batches(a.e2e_warmup + a.e2e_steps, batch, size, device),
@@ -380,6 +414,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-device", default="cuda" if cuda else None, help="run the end-to-end section here "
                    "(default: cuda when available, else skipped; 'cpu' runs it on the CPU)")
     p.add_argument("--e2e-models", default="resnet34,vgg19")
+    p.add_argument("--sweep-model", default="resnet10t", help="sweep section: model of the 4 jobs")
+    p.add_argument("--sweep-size", type=int, default=32, help="sweep section: image side")
+    p.add_argument("--sweep-epochs", type=int, default=1, help="sweep section: epochs per job")
+    p.add_argument("--sweep-batches", type=int, default=45, help="sweep section: train batches per epoch (of 32)")
     p.add_argument("--e2e-size", type=int, default=224)
     p.add_argument("--e2e-batch-size", type=int, default=256)
     p.add_argument("--e2e-images", type=int, default=3000)
@@ -422,6 +460,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             records += bench_loaders(a, root, out, loader="loader" not in skip, cache="cache" not in skip)
         if "startup" not in skip:
             records.append(bench_startup(a, root, out))
+    if "sweep" not in skip:
+        records.append(bench_sweep(a, out))
     if "e2e" not in skip and a.e2e_device:
         records += bench_e2e(a, out)
     elif "e2e" not in skip:

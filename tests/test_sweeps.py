@@ -55,13 +55,15 @@ def test_report_of_the_sweep_lists_failures(grid):
     assert md.count("data.val_fraction=1.5 is outside") == 2
 
 
-def test_a_job_rerun_from_its_saved_config_gives_identical_metrics(grid, tmp_path):
+def test_a_job_rerun_from_its_saved_config_gives_identical_metrics_in_our_run_dir_layout(grid, tmp_path):
     job = next(j for j in _jobs(grid) if json.loads((j / "run.json").read_text())["status"] == "ok")
     before = json.loads((job / "run.json").read_text())["metrics"]
-    proc = run_cli("train", "--config-dir", str(job / ".hydra"), "--config-name", "config",
-                   f"hydra.run.dir={tmp_path / 'again'}")
+    # the README's command as is, started from another dir: runs/train/<stamp>/ there, not outputs/<date>/
+    proc = run_cli("train", "--config-dir", str(job / ".hydra"), "--config-name", "config", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    after = json.loads((tmp_path / "again" / "run.json").read_text())["metrics"]
+    assert not (tmp_path / "outputs").exists()
+    [again] = list((tmp_path / "runs" / "train").iterdir())
+    after = json.loads((again / "run.json").read_text())["metrics"]
     for key in ("val/loss", "val/acc", "val/acc_best", "test/acc", "train/loss"):
         assert after[key] == before[key], key
 
@@ -77,14 +79,18 @@ def test_optuna_study_is_stored_in_the_sweep_dir_and_resumes(tmp_path, digits_ro
     assert len(study.trials) == 1 and study.best_value > 0
     params = study.trials[0].params
     assert 1e-4 <= params["optimizer.lr"] <= 3e-2 and params["augmentation"] in ("none", "light", "basic")
-    # resume: the same sweep dir with a larger total runs only the new trial, as job 1
+    # a sweep that died mid-trial leaves it RUNNING in the study (as job 1)
+    study.ask()
+    # resume: the same sweep dir with a larger total marks that trial interrupted and asks a new one (job 2)
     again = run_cli("train", *args, "hydra.sweeper.n_trials=2", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     study = optuna.load_study(study_name="optuna_lr", storage=f"sqlite:///{sweep / 'optuna.db'}")
-    assert len(study.trials) == 2 and (sweep / "1" / "run.json").is_file()
-    assert study.trials[1].params != study.trials[0].params
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE"] and study.trials[1].user_attrs == {"interrupted": True}
+    assert (sweep / "2" / "run.json").is_file()
+    assert study.trials[2].params != study.trials[0].params
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert results["n_trials"] == 2 and set(results["best_params"]) == set(params)
+    assert results["n_complete"] == 2 and set(results["best_params"]) == set(params)
     report = run_cli("report", str(sweep))
     assert report.returncode == 0, report.stderr[-2000:]
     assert (sweep / "optuna_history_optuna_lr.png").is_file()
