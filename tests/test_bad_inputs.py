@@ -264,6 +264,18 @@ def test_a_split_without_validation_or_test_images_is_refused(tmp_path, counts, 
         assert word in str(info.value), (word, str(info.value))
 
 
+def test_an_empty_val_folder_or_val_csv_is_refused(tmp_path):
+    root = tmp_path / "presplit"
+    _classes(root / "train", {"a": 2, "b": 2})
+    (root / "val").mkdir()
+    with pytest.raises(DataError, match="val folder of .* holds no images"):
+        _dm(root).setup()
+    splits = _split_dir(tmp_path / "splits", {"train": [("train/a/0.png", "0", "a"), ("train/b/0.png", "1", "b")],
+                                              "val": []}, ("path", "label", "class"))
+    with pytest.raises(DataError, match=r"val\.csv' holds no images"):
+        _dm(root, split_dir=str(splits)).setup()
+
+
 def test_mask_values_outside_the_classes_are_refused_naming_the_mask(tmp_path):
     root = tmp_path / "seg"
     (root / "masks").mkdir(parents=True)

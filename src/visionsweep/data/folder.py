@@ -187,6 +187,10 @@ class FolderDataModule(SplitDataModule):
         scan.require_two_classes(classes, root)
         if not splits["train"]:
             raise DataError(f"no training images found under '{root}': check data.root / data.split_dir")
+        if not splits["val"] and source != "seeded":  # seeded: check_holdouts said it with the counts
+            where = f"'{self.split_dir / 'val.csv'}'" if source == "split_dir" else f"the val folder of '{root}'"
+            raise DataError(f"{where} holds no images: validation needs at least one (add images, or use a "
+                            "seeded split: a root of class folders)")
         self._classes, self._splits, self._split_source = list(classes), splits, source
         self._write_outputs()
 
