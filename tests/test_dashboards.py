@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -64,7 +65,8 @@ def serve(tmp_path) -> Iterator:
     def start(cmd: list[str], ready: str, timeout: float = 90) -> None:
         log = open(tmp_path / f"server{len(procs)}.log", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                                start_new_session=True)  # its own group: workers it spawns go with it
         procs.append(proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -80,12 +82,15 @@ def serve(tmp_path) -> Iterator:
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)  # the group this fixture started, nothing else
+                proc.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def test_mlflow_server_shows_the_sweep_as_one_experiment(sweep, serve, tmp_path):

@@ -51,8 +51,12 @@ def _parse(lines: list[str]) -> list[Any]:
         return []
 
 
-def job_overrides() -> dict[str, Any]:
-    """The job's own overrides (``HydraConfig.get().overrides.task``) as ``{key: value}``."""
+def job_overrides(as_text: bool = False) -> dict[str, Any]:
+    """The job's own overrides (``HydraConfig.get().overrides.task``) as ``{key: value}``.
+
+    Args:
+        as_text: Values as typed on the command line (``false``, ``1e-3``); else parsed (bool, float…).
+    """
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -60,6 +64,8 @@ def job_overrides() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for o in _parse(list(HydraConfig.get().overrides.task)):
         value = o.value()
+        if as_text and value is not None:
+            value = o.input_line.split("=", 1)[1]  # Hydra's own str() would turn false into False
         out[o.key_or_group] = None if value is None else _plain(value)
     return out
 
@@ -94,13 +100,13 @@ def job_params(arch: Any, aug: Any, seed: Any, all_overrides: bool = False) -> d
         arch: The backbone name (``model.backbone``).
         aug: The augmentation preset (``augmentation.name``).
         seed: The job's seed.
-        all_overrides: Every override of the job (MLflow params); else only those that vary in its
-            sweep (TensorBoard's HParams columns, where constants are noise).
+        all_overrides: Every override of the job, as typed (MLflow params); else only those that vary
+            in its sweep, parsed (TensorBoard's HParams columns, where constants are noise).
 
     Returns:
         ``{"arch": …, "aug": …, "seed": …, "<override key>": value, …}`` with plain values.
     """
-    overrides = job_overrides()
+    overrides = job_overrides(as_text=all_overrides)
     keys = list(overrides) if all_overrides else [k for k in varying_keys() if k in overrides]
     params: dict[str, Any] = {"arch": _plain(arch), "aug": _plain(aug), "seed": _plain(seed)}
     for key in keys:
@@ -175,10 +181,29 @@ class SweepTensorBoardLogger(TensorBoardLogger):
         # metrics) and its hparam columns from all the sessions together.
         if self._session_started:
             return
-        from tensorboard.plugins.hparams.summary import session_start_pb
+        from tensorboard.plugins.hparams import metadata, plugin_data_pb2
 
-        self.experiment._get_file_writer().add_summary(session_start_pb(self.job))
+        start = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+        for key, value in self.job.items():
+            if isinstance(value, bool):
+                start.hparams[key].bool_value = value
+            elif isinstance(value, (int, float)):
+                start.hparams[key].number_value = value
+            elif value is not None:
+                start.hparams[key].string_value = str(value)
+        self._write_plugin_data(metadata.SESSION_START_INFO_TAG,
+                                plugin_data_pb2.HParamsPluginData(session_start_info=start))
         self._session_started = True
+
+    def _write_plugin_data(self, tag: str, data: Any) -> None:
+        """One HParams plugin summary into the scalars' event file (no TensorFlow needed)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.plugins.hparams import metadata
+
+        data.version = metadata.PLUGIN_DATA_VERSION
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+            plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString()))
+        self.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, metadata=meta)]))
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -186,12 +211,13 @@ class SweepTensorBoardLogger(TensorBoardLogger):
         if self._experiment is None:
             return
         if not self._session_ended and self._session_started:
-            from tensorboard.plugins.hparams import api_pb2
-            from tensorboard.plugins.hparams.summary import session_end_pb
+            from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
             ok = status in ("success", "finished")
-            end = session_end_pb(api_pb2.STATUS_SUCCESS if ok else api_pb2.STATUS_FAILURE)
-            self.experiment._get_file_writer().add_summary(end)
+            end = plugin_data_pb2.SessionEndInfo(
+                status=api_pb2.STATUS_SUCCESS if ok else api_pb2.STATUS_FAILURE, end_time_secs=time.time())
+            self._write_plugin_data(metadata.SESSION_END_INFO_TAG,
+                                    plugin_data_pb2.HParamsPluginData(session_end_info=end))
             self._session_ended = True
         self.experiment.flush()
         _open_writers.add(self.experiment)
