@@ -309,7 +309,7 @@ def bench_sweep(a, out: Path | None) -> dict:
         args = [sys.executable, "-m", "visionsweep.train", "-m", f"data.root={digits}", "data=digits",
                 f"model={a.sweep_model}", f"data.image_size={a.sweep_size}", "augmentation=light", "logger=csv",
                 f"trainer.max_epochs={a.sweep_epochs}", f"trainer.limit_train_batches={a.sweep_batches}",
-                "trainer.enable_progress_bar=false", "data.verify_images=false", "seed=1,2,3,4", "+threads=1"]
+                "trainer.enable_progress_bar=false", "data.verify_images=false", "seed=1,2,3,4", "++threads=1"]
         seconds, metrics = {}, {}
         for name, extra in (("sequential", []), ("joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])):
             sweep = Path(tmp) / name

@@ -92,7 +92,7 @@ def test_config_hash_ignores_where_and_how_a_job_runs():
 # ---------------------------------------------------------------------------- launchers, end to end
 def _sweep_args(digits_root: Path, sweep: Path, *extra: str, seeds: str = "1,2,3,4") -> list[str]:
     return ["-m", "experiment=smoke_sweep", *TINY, f"data.root={digits_root}", "augmentation=light",
-            f"seed={seeds}", "+threads=1", *extra, f"hydra.sweep.dir={sweep}"]
+            f"seed={seeds}", "++threads=1", *extra, f"hydra.sweep.dir={sweep}"]
 
 
 def _metrics(sweep: Path) -> list[dict]:

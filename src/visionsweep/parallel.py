@@ -134,3 +134,13 @@ def apply_threads(n: int, concurrent: int = 1) -> int:
         pass
     os.environ.update(launch_env(n, concurrent))
     return n
+
+
+def launcher_config() -> Any:
+    """``hydra.launcher`` inside a job of a multirun, else None (a single run: one job on this node)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return HydraConfig.get().launcher
+    return None

@@ -46,7 +46,7 @@ class ThreadBudget(Callback):
         from visionsweep.utils.cli import fail
 
         multirun = str(config.hydra.mode).endswith("MULTIRUN")
-        launcher = config.hydra.launcher if multirun else None
+        launcher = config.hydra.launcher if multirun else None  # HydraConfig is not set yet here
         try:
             n = parallel.resolve_threads(config.get("threads", "auto"), launcher)
         except ConfigError as e:
