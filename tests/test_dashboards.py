@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import run_cli
+from conftest import CONF, compose_cfg, run_cli
 from test_sweeps import TINY
 
 pytest.importorskip("mlflow", reason="the dashboards extra is not installed: pip install -e '.[dashboards]'")
@@ -29,6 +29,76 @@ pytest.importorskip("optuna_dashboard", reason="the dashboards extra is not inst
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def multirun_job(tmp_path) -> Iterator[Path]:
+    """Hydra's state inside job 3 of a sweep over data.val_fraction (CLI) and model (sweeper params)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    sweep_dir = tmp_path / "2026-12-01_10-00-00_000000"
+    sweep_dir.mkdir()
+    cli = ["data.val_fraction=0.1,0.2", "trainer.enable_progress_bar=false"]
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": cli}}}), sweep_dir / "multirun.yaml")
+    job = ["data.val_fraction=0.2", "trainer.enable_progress_bar=false", "model=resnet18", "seed=7"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=job, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode, cfg.hydra.sweep.dir, cfg.hydra.job.num = RunMode.MULTIRUN, str(sweep_dir), 3
+        cfg.hydra.sweeper.params = {"model": "resnet18,resnet10t"}
+        cfg.hydra.runtime.output_dir = str(sweep_dir / "3")
+    HydraConfig.instance().set_config(cfg)
+    yield sweep_dir
+    HydraConfig.instance().cfg = None  # later tests must not think they run inside a sweep
+
+
+def test_a_sweep_job_is_labelled_by_what_varies(multirun_job):
+    from visionsweep.dashboards import job_params, sweep_names, varying_keys
+
+    assert varying_keys() == ["model", "data.val_fraction"]
+    assert job_params("resnet18", "light", 7) == {
+        "arch": "resnet18", "aug": "light", "seed": 7, "model": "resnet18", "data.val_fraction": 0.2}
+    every = job_params("resnet18", "light", 7, all_overrides=True)
+    assert every["trainer.enable_progress_bar"] == "false" and every["data.val_fraction"] == "0.2"
+    assert sweep_names("train", "resnet18", "light", 7) == (
+        f"train-{multirun_job.name}", "resnet18-light-seed7-job3")
+
+
+def test_a_single_run_is_labelled_by_all_its_overrides(tmp_path):
+    import pytorch_lightning as pl
+    import yaml
+
+    from visionsweep.callbacks.hparams import JobHParams
+    from visionsweep.dashboards import job_params, sweep_names
+
+    compose_cfg(tmp_path, ["model=resnet10t", "seed=3"])
+    assert job_params("resnet10t", "light", 3) == {"arch": "resnet10t", "aug": "light", "seed": 3,
+                                                    "model": "resnet10t"}
+    assert sweep_names("train", "resnet10t", "light", 3) == ("train", "resnet10t-light-seed3")
+    # the callback hands them to the loggers that do not label themselves (csv → hparams.yaml)
+    csv = pl.loggers.CSVLogger(str(tmp_path), name="", version="")
+    trainer = pl.Trainer(logger=csv, max_epochs=1, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False)
+    JobHParams("resnet10t", "light", 3).on_fit_start(trainer, None)
+    csv.save()
+    saved = yaml.safe_load((tmp_path / "hparams.yaml").read_text())
+    assert saved["arch"] == "resnet10t" and saved["aug"] == "light" and saved["seed"] == 3
+    assert saved["model"] == "resnet10t" and "seed" in saved
+
+
+def test_logger_mlflow_without_mlflow_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    from visionsweep import builders
+    from visionsweep.errors import ConfigError
+
+    cfg = compose_cfg(tmp_path, ["logger=mlflow", f"paths.log_dir={tmp_path}"])
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow → ImportError
+    with pytest.raises(ConfigError) as err:
+        builders.build_loggers(cfg, tmp_path)
+    assert str(err.value) == "logger=mlflow needs mlflow: pip install -e '.[dashboards]'"
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.fixture(scope="module")

@@ -100,14 +100,19 @@ def job_params(arch: Any, aug: Any, seed: Any, all_overrides: bool = False) -> d
         arch: The backbone name (``model.backbone``).
         aug: The augmentation preset (``augmentation.name``).
         seed: The job's seed.
-        all_overrides: Every override of the job, as typed (MLflow params); else only those that vary
-            in its sweep, parsed (TensorBoard's HParams columns, where constants are noise).
+        all_overrides: Every override of the job, as typed (MLflow params); else, in a sweep, only
+            those that vary in it, parsed (TensorBoard's HParams columns, where constants are noise),
+            and every override of a single run.
 
     Returns:
         ``{"arch": …, "aug": …, "seed": …, "<override key>": value, …}`` with plain values.
     """
+    from visionsweep.utils.cli import is_multirun
+
     overrides = job_overrides(as_text=all_overrides)
-    keys = list(overrides) if all_overrides else [k for k in varying_keys() if k in overrides]
+    # a single run's overrides are what it was asked to differ in from the defaults: all of them count
+    every = all_overrides or not is_multirun()
+    keys = list(overrides) if every else [k for k in varying_keys() if k in overrides]
     params: dict[str, Any] = {"arch": _plain(arch), "aug": _plain(aug), "seed": _plain(seed)}
     for key in keys:
         if key != "seed" and overrides[key] is not None:  # seed is already there, as the job's value
