@@ -89,6 +89,26 @@ def test_config_hash_ignores_where_and_how_a_job_runs():
     assert config_hash({"a": "${paths.output_dir}/x"}) == config_hash(OmegaConf.create({"a": "${paths.output_dir}/x"}))
 
 
+def test_the_ledger_reads_each_job_dir_of_a_sweep(tmp_path):
+    from visionsweep import ledger
+
+    runs = {"0": {"status": "ok", "config_hash": "abc"}, "1": {"status": "running"},
+            "2": {"status": "failed", "error": "KeyboardInterrupt: "}, "3": {"status": "failed", "error": "bad"}}
+    for num, run in runs.items():
+        (tmp_path / num / "checkpoints").mkdir(parents=True)
+        (tmp_path / num / "run.json").write_text(json.dumps(run))
+    (tmp_path / "1" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (tmp_path / "4").mkdir()  # started, no run.json yet
+    (tmp_path / ".submitit").mkdir()
+    entries = ledger.read(tmp_path)
+    assert sorted(entries) == [0, 1, 2, 3, 4]
+    assert entries[0].status == "ok" and entries[0].config_hash == "abc" and entries[4].status == "missing"
+    assert entries[1].last_ckpt == tmp_path / "1" / "checkpoints" / "last.ckpt" and entries[0].last_ckpt is None
+    assert [entries[n].interrupted for n in range(5)] == [False, True, True, False, False]
+    view = json.loads(ledger.write(tmp_path, {0: "skip", 1: "resume"}).read_text())
+    assert view["0"] == {"status": "ok", "config_hash": "abc", "action": "skip"} and view["3"]["action"] is None
+
+
 # ---------------------------------------------------------------------------- launchers, end to end
 def _sweep_args(digits_root: Path, sweep: Path, *extra: str, seeds: str = "1,2,3,4") -> list[str]:
     return ["-m", "experiment=smoke_sweep", *TINY, f"data.root={digits_root}", "augmentation=light",

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 # keys that never change what a job computes: where it writes, which launcher, its thread budget
 EXCLUDED = ("hydra", "paths", "ckpt_path", "threads")
 LEDGER_FILE = "ledger.json"
+# errors a job records when it is stopped from outside rather than failing by itself
+INTERRUPTS = ("KeyboardInterrupt", "SystemExit", "Interrupted", "SIGTERM")
 
 
 def _plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -75,12 +77,21 @@ class JobEntry:
         status: ok | failed | pruned | running | missing (no run.json yet).
         config_hash: the hash its run.json recorded (None for runs from before hashes).
         last_ckpt: its checkpoints/last.ckpt when there is one.
+        error: the error its run.json recorded, if any.
     """
 
     num: int
     status: str
     config_hash: str | None
     last_ckpt: Path | None
+    error: str | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        """The job was stopped from outside: killed (still ``running``), Ctrl-C or SIGTERM."""
+        if self.status in ("running", "interrupted"):
+            return True
+        return self.status == "failed" and str(self.error or "").startswith(INTERRUPTS)
 
 
 def job_entry(job_dir: Path, num: int) -> JobEntry:
@@ -91,7 +102,7 @@ def job_entry(job_dir: Path, num: int) -> JobEntry:
         run = {}
     last = job_dir / "checkpoints" / "last.ckpt"
     return JobEntry(num, str(run.get("status") or "missing"), run.get("config_hash"),
-                    last if last.is_file() else None)
+                    last if last.is_file() else None, run.get("error"))
 
 
 def saved_config(job_dir: Path) -> dict[str, Any] | None:

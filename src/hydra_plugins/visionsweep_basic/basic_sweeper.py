@@ -4,7 +4,7 @@ Re-running the identical sweep command (same ``hydra.sweep.dir``) resumes the sw
 run.json is read first (visionsweep.ledger) and
   * ok / pruned with the same config hash → skipped: not launched at all, since a launcher rewrites
     ``.hydra/*`` and the log of every job it starts, and the dir stays byte-for-byte as it was;
-  * running (the sweep died under it) → launched with ``ckpt_path=<job>/checkpoints/last.ckpt``;
+  * running (the sweep died under it; or stopped by Ctrl-C / SIGTERM) → launched with ``ckpt_path=<job>/checkpoints/last.ckpt``;
   * failed, missing, or running without a checkpoint → launched from scratch.
 A sweep dir holding a different sweep (other overrides, or a job whose config differs) is refused in
 one line naming the first difference. Jobs keep their numbers: consecutive pending jobs of a batch go
@@ -146,7 +146,7 @@ class VisionSweepBasicSweeper(BasicSweeper):
             self._check_same_config(sweep_dir / str(num), entry, overrides)
             if entry.status in ("ok", "pruned"):
                 plan.append((num, "skip", overrides))
-            elif entry.status == "running" and entry.last_ckpt is not None:
+            elif entry.interrupted and entry.last_ckpt is not None:
                 log.info("job %d was interrupted: resuming from %s", num, entry.last_ckpt)
                 plan.append((num, "resume", with_checkpoint(overrides, entry.last_ckpt)))
             else:
