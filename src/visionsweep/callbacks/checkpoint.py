@@ -10,7 +10,8 @@ single run, which ``ckpt_path=latest`` may continue; dropped by sweep jobs).
 A run resumed into a new run dir keeps competing with the best of the run it resumes: that file is
 linked (or copied) into the new ``checkpoints/`` and keeps its score, so "best" (and the test run on
 it) is the same as in an uninterrupted run. Lightning itself forgets the scores when the dir changes
-and, with ``fast_dev_run``, still writes ``last.ckpt`` at the end of fit; neither happens here.
+and, with ``fast_dev_run``, still writes ``last.ckpt`` at the end of fit; neither happens here. And
+``last.ckpt`` is the last epoch's, always (Lightning 2.6 only rewrites it when a top-k file is saved).
 """
 
 from __future__ import annotations
@@ -74,6 +75,24 @@ class RunCheckpoint(ModelCheckpoint):
         log.info("finished: dropped %s (best kept as weights only; keep it with "
                  "callbacks.model_checkpoint.keep_last=true)", last)
         return last
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def _ensure_last(self, trainer: pl.Trainer) -> None:
+        """Write last.ckpt at every epoch-end save point: Lightning 2.6 writes it only when a top-k file
+        was saved in the same step, so after an epoch that did not improve, last.ckpt was an older epoch
+        and a resume from it re-trained epochs (with other random draws)."""
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer) and self._every_n_epochs >= 1
+                and (trainer.current_epoch + 1) % self._every_n_epochs == 0):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.fast_dev_run:  # Lightning's on_train_end writes last.ckpt even then
