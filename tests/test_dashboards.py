@@ -198,10 +198,10 @@ def test_mlflow_server_shows_the_sweep_as_one_experiment(sweep, serve, tmp_path)
         pytest.skip("headless Chromium not installed (Debian: apt-get install chromium): no screenshot")
     shot = tmp_path / "mlflow_runs.png"
     page = f"{url}/#/experiments/{ours[0]['experiment_id']}/runs"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000",
-                    f"--screenshot={shot}", "--window-size=1280,900", page],
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000"]  # let the app render
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,900", page],
                    capture_output=True, timeout=120, check=True)
     from PIL import Image
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
-import logging
 import time
 import weakref
 from argparse import Namespace
@@ -30,8 +29,6 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 from visionsweep.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 MLFLOW_MISSING = "logger=mlflow needs mlflow: pip install -e '.[dashboards]'"
 _PLAIN = (bool, int, float, str)
