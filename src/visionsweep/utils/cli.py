@@ -125,7 +125,14 @@ def _quoted(value: str) -> str:
 
 
 def yaml_error_message(exc: BaseException) -> str | None:
-    """``'<file>' line N: <problem>`` for a YAML syntax error anywhere in ``exc``'s chain, else None."""
+    """A one-line message naming file and line of a YAML syntax error in ``exc``'s chain, else None.
+
+    Args:
+        exc: What composing (or loading a config) raised; Hydra passes PyYAML's error through.
+
+    Returns:
+        E.g. ``YAML syntax error in '/x/experiment/bad.yaml' line 3: expected ',' or ']' ...: fix the file``.
+    """
     import yaml
 
     seen: BaseException | None = exc
