@@ -236,7 +236,7 @@ def test_real_checkpoints_dispatch_on_what_they_hold(tmp_path, classifier, segme
     assert seg.kind == "segmenter" and isinstance(seg.model, SegmenterModule)
     assert seg.train_config().model._target_.endswith("SegmenterModule") and seg.run_dir == segmenter.parents[1]
     raw = torch.load(segmenter, weights_only=True)
-    assert raw["visionsweep"] == {"kind": "segmenter"}  # the marker the segmenter writes
+    assert raw["visionsweep"]["kind"] == "segmenter"  # the marker the segmenter writes
     del raw["visionsweep"]  # older checkpoints: the hyper-parameters tell
     torch.save(raw, tmp_path / "unmarked.ckpt")
     assert checkpoints.load(tmp_path / "unmarked.ckpt").kind == "segmenter"

@@ -68,34 +68,41 @@ def _debug_override(overrides: Any) -> bool:
     """Whether a list of Hydra overrides selects a debug preset (``debug=fast``, ``+debug=limit``...)."""
     for item in overrides if isinstance(overrides, list) else []:
         m = re.match(r"^[+~]*debug=(.*)$", str(item).strip())
-        if m and m.group(1).strip().lower() not in ("", "null", "none"):
+        if m and _chosen(m.group(1)):
             return True
     return False
 
 
+def _chosen(value: Any) -> bool:
+    """Whether a config-group choice is set (not missing, null or none)."""
+    return value is not None and str(value).strip().lower() not in ("", "null", "none")
+
+
 def is_debug_run(run_dir: str | Path) -> bool:
-    """Whether a run dir was a ``debug=...`` run, as its run.json or its .hydra/ files record it."""
+    """Whether a run dir was a ``debug=...`` run, as its run.json or its .hydra/ files record it.
+
+    ``.hydra/hydra.yaml`` also tells when an experiment chose the debug preset in its defaults.
+    """
     import yaml
 
     run_dir = Path(run_dir)
     try:
         run = json.loads((run_dir / "run.json").read_text())
-        if isinstance(run, dict) and (run.get("debug") or _debug_override(run.get("overrides"))):
+        if isinstance(run, dict) and (_chosen(run.get("debug")) and run.get("debug") is not False
+                                      or _debug_override(run.get("overrides"))):
             return True
     except (OSError, ValueError):
         pass
+    loaded = {}
     for name in ("overrides.yaml", "hydra.yaml"):
         try:
-            data = yaml.safe_load((run_dir / ".hydra" / name).read_text())
+            loaded[name] = yaml.safe_load((run_dir / ".hydra" / name).read_text())
         except (OSError, yaml.YAMLError):
-            continue
-        if name == "overrides.yaml" and _debug_override(data):
-            return True
-        choices = ((data or {}).get("hydra", {}) or {}).get("runtime", {}).get("choices", {}) \
-            if isinstance(data, dict) else {}
-        if name == "hydra.yaml" and str((choices or {}).get("debug") or "null").lower() not in ("null", "none"):
-            return True
-    return False
+            loaded[name] = None
+    choices: Any = loaded["hydra.yaml"]
+    for key in ("hydra", "runtime", "choices"):
+        choices = choices.get(key) if isinstance(choices, dict) else None
+    return _debug_override(loaded["overrides.yaml"]) or (isinstance(choices, dict) and _chosen(choices.get("debug")))
 
 
 def find_latest(log_dir: str | Path, task_name: str = "train") -> Path:
@@ -209,6 +216,7 @@ def build(ck: dict[str, Any], kind: str, path: str | Path = "checkpoint") -> Any
     except (TypeError, ValueError, VisionSweepError) as e:
         raise unsafe(path, f"its hyper_parameters do not build a {kind}: {_first_line(e)}") from None
     try:
+        model.on_load_checkpoint(ck)  # as Lightning's load_from_checkpoint does, before the weights
         model.load_state_dict(ck["state_dict"], strict=True)
     except RuntimeError as e:
         raise unsafe(path, f"its weights do not fit the {kind} its hyper_parameters describe: "

@@ -143,7 +143,7 @@ class SegmenterModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # what the checkpoint holds, for visionsweep.checkpoints (plain strings: weights-only loadable)
-        checkpoint["visionsweep"] = {"kind": self.KIND}
+        checkpoint.setdefault("visionsweep", {})["kind"] = self.KIND
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch
