@@ -313,7 +313,6 @@ def _pngs_ok(out: Path, result: dict) -> None:
 
 
 def test_see_model_modes_on_a_segmenter(segmenter, tmp_path):
-    from visionsweep.errors import ConfigError
     from visionsweep.see import see
 
     def run(name: str, *extra: str) -> dict:
@@ -334,8 +333,27 @@ def test_see_model_modes_on_a_segmenter(segmenter, tmp_path):
     assert all(r["target"] != "background" for r in occlusion["results"])  # the largest object class
     cam = run("gradcam", "see.classes=[circle]", "see.max_images=3")
     assert cam["layer"] == "layer2" and (cam["files"][0]["rows"], cam["files"][0]["cols"]) == (3, 3)
-    with pytest.raises(ConfigError, match="see=errors .* is a segmentation checkpoint.*visionsweep.eval"):
-        run("errors")
+
+
+def test_see_errors_on_a_segmenter_matches_eval(segmenter, tmp_path):
+    """The pixel confusion matrix is the one eval's torchmetrics gives on the same split."""
+    from visionsweep.eval import evaluate
+    from visionsweep.see import see
+
+    metrics = evaluate(compose_cfg(tmp_path / "eval", [f"ckpt_path={segmenter}", "split=val"], config_name="eval"))
+    report = json.loads((tmp_path / "eval" / "run.json").read_text())["test_report"]
+    out = tmp_path / "see"
+    result = see(compose_cfg(out, ["see=errors", f"ckpt_path={segmenter}", "see.top_k=3"], config_name="see"))
+    _pngs_ok(out, result)
+    assert result["split"] == "val" and result["confusion_matrix"] == report["confusion_matrix"]
+    assert result["miou"] == pytest.approx(metrics["val/miou"], abs=1e-5)
+    for name, row in report["per_class"].items():
+        if row["iou"] is not None:
+            assert result["per_class"][name]["iou"] == pytest.approx(row["iou"], abs=1e-5)
+            assert result["per_class"][name]["f1"] == pytest.approx(row["dice"], abs=1e-5)  # pixel F1 = Dice
+    losses = [g["loss"] for g in result["top_losses"]]
+    assert len(losses) == 3 and losses == sorted(losses, reverse=True)
+    assert [(f["rows"], f["cols"]) for f in result["files"] if f["file"] == "top_losses.png"] == [(3, 3)]
 
 
 def test_predict_a_segmenter_writes_masks(segmenter, tmp_path, shapes_root):

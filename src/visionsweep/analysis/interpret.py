@@ -2,7 +2,8 @@
 
 Confusion matrix (counts and row-normalised), per-class precision / recall / F1, the most confused
 pairs and a gallery of the highest-loss images. The split is the training run's own (its
-``splits/*.csv``), built exactly as ``visionsweep.eval`` builds it.
+``splits/*.csv``), built exactly as ``visionsweep.eval`` builds it. Segmentation checkpoints: the same
+over pixels, plus IoU (``segerrors.py``).
 """
 
 from __future__ import annotations
@@ -122,12 +123,9 @@ def _top_losses_figure(dataset: Any, probs: np.ndarray, labels: np.ndarray, loss
 
 
 def run(cfg: DictConfig, index: plots.Index) -> None:
-    """``see=errors``: confusion, per-class table, most-confused pairs and top losses on a split."""
+    """``see=errors``: confusion, per-class table, most-confused pairs and top losses on a split
+    (of pixels for a segmentation checkpoint)."""
     ck = load_checkpoint(cfg)
-    if ck.segment:
-        raise ConfigError(f"see=errors analyses image classes, but {ck.path} is a segmentation checkpoint: "
-                          f"python -m visionsweep.eval ckpt_path={ck.path} writes its per-class IoU and pixel "
-                          "confusion matrix (run.json → test_report)")
     dm = run_datamodule(ck, cfg)
     split = str(cfg.get("split") or "val")
     if split not in ("val", "test"):
@@ -138,6 +136,10 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
     if cfg.see.get("batch_size"):
         dm.batch_size = int(cfg.see.batch_size)
     loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    if ck.segment:  # pixels instead of images: analysis/segerrors.py
+        from visionsweep.analysis import segerrors
+
+        return segerrors.run(ck, loader, cfg, split, index)
     probs, labels, losses = predict(ck.model, loader)
     classes = ck.classes
     cm = confusion_matrix(labels, probs.argmax(1), len(classes))
