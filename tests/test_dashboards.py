@@ -43,14 +43,16 @@ def multirun_job(tmp_path) -> Iterator[Path]:
 
     sweep_dir = tmp_path / "2026-12-01_10-00-00_000000"
     sweep_dir.mkdir()
-    cli = ["data.val_fraction=0.1,0.2", "trainer.enable_progress_bar=false"]
+    cli = ["data.val_fraction=0.1,0.2", "trainer.enable_progress_bar=false", "scheduler=cosine"]
     OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": cli}}}), sweep_dir / "multirun.yaml")
-    job = ["data.val_fraction=0.2", "trainer.enable_progress_bar=false", "model=resnet18", "seed=7"]
+    job = ["data.val_fraction=0.2", "trainer.enable_progress_bar=false", "model=resnet18", "seed=7",
+           "scheduler=cosine", "augmentation=basic"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=job, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.mode, cfg.hydra.sweep.dir, cfg.hydra.job.num = RunMode.MULTIRUN, str(sweep_dir), 3
-        cfg.hydra.sweeper.params = {"model": "resnet18,resnet10t"}
+        # a grid over model, seed and scheduler, where the command line fixes the scheduler
+        cfg.hydra.sweeper.params = {"model": "resnet18,resnet10t", "seed": "7,8", "scheduler": "cosine,onecycle"}
         cfg.hydra.runtime.output_dir = str(sweep_dir / "3")
     HydraConfig.instance().set_config(cfg)
     yield sweep_dir
@@ -60,13 +62,15 @@ def multirun_job(tmp_path) -> Iterator[Path]:
 def test_a_sweep_job_is_labelled_by_what_varies(multirun_job):
     from visionsweep.dashboards import job_params, sweep_names, varying_keys
 
-    assert varying_keys() == ["model", "data.val_fraction"]
-    assert job_params("resnet18", "light", 7) == {
-        "arch": "resnet18", "aug": "light", "seed": 7, "model": "resnet18", "data.val_fraction": 0.2}
-    every = job_params("resnet18", "light", 7, all_overrides=True)
+    assert varying_keys() == ["model", "seed", "data.val_fraction"]
+    # model=resnet18 says what arch=resnet18 says: one column; the constant overrides are no column
+    assert job_params("resnet18", "basic", 7) == {
+        "arch": "resnet18", "aug": "basic", "seed": 7, "data.val_fraction": 0.2}
+    every = job_params("resnet18", "basic", 7, all_overrides=True)  # MLflow: every override, as typed
     assert every["trainer.enable_progress_bar"] == "false" and every["data.val_fraction"] == "0.2"
-    assert sweep_names("train", "resnet18", "light", 7) == (
-        f"train-{multirun_job.name}", "resnet18-light-seed7-job3")
+    assert every["model"] == "resnet18" and every["scheduler"] == "cosine" and every["seed"] == 7
+    assert sweep_names("train", "resnet18", "basic", 7) == (
+        f"train-{multirun_job.name}", "resnet18-basic-seed7-job3")
 
 
 def test_a_single_run_is_labelled_by_all_its_overrides(tmp_path):
@@ -76,9 +80,9 @@ def test_a_single_run_is_labelled_by_all_its_overrides(tmp_path):
     from visionsweep.callbacks.hparams import JobHParams
     from visionsweep.dashboards import job_params, sweep_names
 
-    compose_cfg(tmp_path, ["model=resnet10t", "seed=3"])
+    compose_cfg(tmp_path, ["model=resnet10t", "seed=3", "optimizer.lr=0.01"])
     assert job_params("resnet10t", "light", 3) == {"arch": "resnet10t", "aug": "light", "seed": 3,
-                                                    "model": "resnet10t"}
+                                                    "optimizer.lr": 0.01}
     assert sweep_names("train", "resnet10t", "light", 3) == ("train", "resnet10t-light-seed3")
     # the callback hands them to the loggers that do not label themselves (csv → hparams.yaml)
     csv = pl.loggers.CSVLogger(str(tmp_path), name="", version="")
@@ -88,7 +92,7 @@ def test_a_single_run_is_labelled_by_all_its_overrides(tmp_path):
     csv.save()
     saved = yaml.safe_load((tmp_path / "hparams.yaml").read_text())
     assert saved["arch"] == "resnet10t" and saved["aug"] == "light" and saved["seed"] == 3
-    assert saved["model"] == "resnet10t" and "seed" in saved
+    assert saved["optimizer.lr"] == 0.01
 
 
 def test_logger_mlflow_without_mlflow_is_one_line_naming_the_extra(tmp_path, monkeypatch):
@@ -237,7 +241,8 @@ def test_tensorboard_event_file_holds_scalars_test_metrics_and_hparams(sweep):
         hp = {k: v.string_value or v.number_value for k, v in start.hparams.items()}
         record = json.loads((job / "run.json").read_text())
         assert hp["arch"] == "resnet10t" and hp["seed"] == record["seed"]
-        assert {"aug", "optimizer.lr", "optimizer.weight_decay", "augmentation"} <= hp.keys()
+        assert {"aug", "optimizer.lr", "optimizer.weight_decay"} <= hp.keys()
+        assert hp["aug"] == record["augmentation"] and "augmentation" not in hp  # one column, not two
         assert "trainer.max_epochs" not in hp  # constant across the sweep: not a column
         assert metadata.SESSION_END_INFO_TAG in content
         assert "hp_metric" not in scalars
@@ -256,7 +261,7 @@ def test_tensorboard_serves_the_runs_and_their_hparams(sweep, serve):
     assert sorted(runs) == ["0/tensorboard", "1/tensorboard"]
     experiment = _http(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
     columns = {h["name"] for h in experiment["hparamInfos"]}
-    assert {"arch", "aug", "seed", "optimizer.lr", "augmentation"} <= columns
+    assert {"arch", "aug", "seed", "optimizer.lr", "optimizer.weight_decay"} <= columns
     assert {"val/acc", "test/acc"} <= {m["name"]["tag"] for m in experiment["metricInfos"]}
     groups = _http(f"{url}/data/plugin/hparams/session_groups",
                    {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],

@@ -82,12 +82,15 @@ def varying_keys() -> list[str]:
     if not is_multirun():
         return []
     hc = HydraConfig.get()
-    keys = [str(k) for k in (hc.sweeper.get("params") or {})]
+    params = hc.sweeper.get("params") or {}
+    lines = [f"{k}={v}" for k, v in params.items()]
     saved = Path(hc.sweep.dir) / "multirun.yaml"
-    if saved.is_file():
-        task = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task", default=[]) or []
-        keys += [o.key_or_group for o in _parse(list(task)) if o.is_sweep_override()]
-    return list(dict.fromkeys(keys))
+    if saved.is_file():  # after the sweeper's params: the command line wins, as in the sweepers
+        lines += list(OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task", default=[]) or [])
+    sweeps: dict[str, bool] = {}
+    for o in _parse(lines):
+        sweeps[o.key_or_group] = o.is_sweep_override()  # `model=resnet18` on the CLI fixes a grid key
+    return [key for key, is_sweep in sweeps.items() if is_sweep]
 
 
 def job_params(arch: Any, aug: Any, seed: Any, all_overrides: bool = False) -> dict[str, Any]:
@@ -112,8 +115,12 @@ def job_params(arch: Any, aug: Any, seed: Any, all_overrides: bool = False) -> d
     keys = list(overrides) if every else [k for k in varying_keys() if k in overrides]
     params: dict[str, Any] = {"arch": _plain(arch), "aug": _plain(aug), "seed": _plain(seed)}
     for key in keys:
-        if key != "seed" and overrides[key] is not None:  # seed is already there, as the job's value
-            params[key] = overrides[key]
+        if key == "seed" or overrides[key] is None:  # seed is there already, as the job's value
+            continue
+        same = {"model": "arch", "augmentation": "aug"}.get(key)
+        if not all_overrides and same and str(overrides[key]) == str(params[same]):
+            continue  # augmentation=light next to aug=light: one column is enough
+        params[key] = overrides[key]
     return params
 
 
