@@ -218,7 +218,9 @@ def test_negative_learning_rate_is_one_line_naming_the_key(tmp_path, shapes_root
 def test_debug_runs_write_no_checkpoint(tmp_path, shapes_root, preset):
     from visionsweep.train import train
 
-    extra = ["trainer.max_epochs=1", "trainer.limit_train_batches=1"] if preset == "limit" else []
+    # (early stopping reads the checkpoint callback's monitor, which the preset keeps)
+    extra = ["trainer.max_epochs=1", "trainer.limit_train_batches=1"] if preset == "limit" else \
+        ["callbacks=early_stopping"]
     cfg = compose_cfg(tmp_path, [*FAST, f"data.root={shapes_root}", f"debug={preset}", *extra])
     train(cfg)
     assert not list(tmp_path.rglob("*.ckpt")), list(tmp_path.rglob("*.ckpt"))

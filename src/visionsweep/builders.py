@@ -129,8 +129,13 @@ def _label_wandb_run(cfg: DictConfig) -> None:
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """Callbacks of ``cfg.callbacks`` (a mapping name → config)."""
-    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    """Callbacks of ``cfg.callbacks`` (a mapping name → config).
+
+    A node without ``_target_`` is skipped: it only adjusts a callback this config does not have
+    (``debug=fast`` turns off the ``model_checkpoint`` of ``callbacks=default``, also under ``callbacks=null``).
+    """
+    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values()
+            if node and (not isinstance(node, (dict, DictConfig)) or "_target_" in node)]
 
 
 def build_trainer(cfg: DictConfig, output_dir: str | Path,
