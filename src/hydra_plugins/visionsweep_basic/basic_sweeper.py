@@ -162,14 +162,14 @@ class VisionSweepBasicSweeper(BasicSweeper):
         composed = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(composed):
             del composed["hydra"]
-        old = ledger.saved_config(job_dir)
         if entry.config_hash is not None and entry.config_hash == ledger.config_hash(composed):
             return
+        # no hash (a run from before hashes, or one that failed early) or another one: Hydra's saved
+        # .hydra/config.yaml decides, and names the first difference
+        old = ledger.saved_config(job_dir)
         diff = ledger.first_difference(old, composed) if old is not None else None
-        if entry.config_hash is None and old is not None and diff is None:
-            return  # a run from before config hashes: its saved config is the same
-        if diff is None and entry.config_hash is not None and old is not None:
-            diff = "config hash"
+        if old is None and entry.config_hash is not None:
+            diff = f"config hash {entry.config_hash} -> {ledger.config_hash(composed)}"
         if diff is not None:
             raise ConfigError(f"hydra.sweep.dir={job_dir.parent}: job {job_dir.name} was run with another "
                               f"config ({diff}); use another hydra.sweep.dir or the original command")
