@@ -27,7 +27,31 @@ from visionsweep.errors import ConfigError
 log = logging.getLogger("visionsweep.tune")
 
 DEFAULTS = {"lr_find": False, "use_suggestion": False, "min_lr": 1e-7, "max_lr": 1.0, "num_training": 100,
-            "mode": "exponential", "early_stop_threshold": 4.0}
+            "mode": "exponential", "early_stop_threshold": 4.0, "suggest": "valley"}
+RULES = ("valley", "steepest")
+
+
+def valley(losses: list[float]) -> int:
+    """Index of fastai's ``valley`` suggestion: the longest stretch where the loss keeps falling.
+
+    The steepest-gradient rule (Lightning's ``suggestion()``) is easily fooled by noise on a flat
+    plateau far left of where the loss really falls (measured on digits: 3.3e-05, which trains to
+    chance). fastai's rule takes the longest decreasing subsequence of the (smoothed) loss and
+    returns a point part-way down it (at 1/3 + 1/6 of its length), inside the slope.
+
+    Args:
+        losses: the finder's smoothed losses, in lr order.
+    """
+    n = len(losses)
+    longest, start, end = [1] * n, 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+            if longest[end] < longest[i]:
+                end, start = i, i - longest[i]
+    third = (end - start) / 3
+    return start + int(third) + int(third / 2)
 
 
 def tune_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -78,12 +102,22 @@ def lr_find(cfg: DictConfig, model: pl.LightningModule, dm: pl.LightningDataModu
         update_attr=False)
     if finder is None:  # fast_dev_run
         return model, None
-    suggestion = finder.suggestion()
+    rule = str(opts["suggest"])
+    if rule not in RULES:
+        raise ConfigError(f"tune.suggest={rule}: choose from {', '.join(RULES)}")
+    lrs, losses = list(finder.results["lr"]), [float(v) for v in finder.results["loss"]]
+    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+    if rule == "valley" and len(finite) >= 3:
+        idx = finite[valley([losses[i] for i in finite])]
+        suggestion: float | None = float(lrs[idx])
+    else:
+        suggestion = finder.suggestion()
+        idx = getattr(finder, "_optimal_idx", None)
     suggestion = float(suggestion) if suggestion is not None and math.isfinite(suggestion) else None
     plot = out / "plots" / "lr_find.png"
     plot.parent.mkdir(parents=True, exist_ok=True)
-    _save_plot(finder, plot)
-    result = {"suggestion": suggestion, "configured_lr": float(cfg.optimizer.lr), "used": False,
+    _save_plot(lrs, losses, idx if suggestion is not None else None, rule, plot)
+    result = {"suggestion": suggestion, "rule": rule, "configured_lr": float(cfg.optimizer.lr), "used": False,
               "plot": str(plot), "min_lr": float(opts["min_lr"]), "max_lr": float(opts["max_lr"]),
               "steps": len(finder.results["lr"]), "body_frozen": finetune is not None}
     (out / "lr_find.json").write_text(json.dumps({**result, **finder.results}, indent=1))
@@ -111,15 +145,21 @@ def _finetune_callback(cfg: DictConfig) -> Any:
     return None
 
 
-def _save_plot(finder: Any, path: Path) -> None:
+def _save_plot(lrs: list[float], losses: list[float], idx: int | None, rule: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = finder.plot(suggest=True, show=False)
-    ax = fig.axes[0]
-    ax.set_title("learning-rate finder")
-    fig.set_size_inches(6, 4)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses, color="tab:blue")
+    if idx is not None:
+        ax.plot([lrs[idx]], [losses[idx]], "o", color="tab:red", markersize=9,
+                label=f"suggested lr {lrs[idx]:.2g} ({rule})")
+        ax.legend(loc="upper left")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title("learning-rate finder: pick an lr where the loss is still falling")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
