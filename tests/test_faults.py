@@ -68,7 +68,7 @@ def killed_and_full(tmp_path_factory, shapes_root) -> tuple[Path, Path, Path]:
     while not last.is_file() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert last.is_file(), "the run to kill wrote no last.ckpt"
-    time.sleep(0.5)  # into epoch 2 (index 1)
+    time.sleep(0.2)  # into epoch 2 (index 1): its two steps take longer than that on any CPU
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=60)
     _finish(uninterrupted)
@@ -80,7 +80,8 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(killed_and_full, shap
     saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["epoch"] < 2, "the kill came too late to test a resume"  # epoch 0 (or 1) done
     assert json.loads((killed / "run.json").read_text())["status"] == "running"  # it really died
-    _no_tmp_and_every_ckpt_loads(killed)
+    for ckpt in killed.rglob("*.ckpt"):  # (a kill during a write may leave a *.tmp, never a torn .ckpt)
+        torch.load(ckpt, map_location="cpu", weights_only=True)
 
     resumed = tmp_path / "resumed"
     _finish(_start(resumed, shapes_root, f"ckpt_path={last}"))
