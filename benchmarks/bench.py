@@ -414,7 +414,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-device", default="cuda" if cuda else None, help="run the end-to-end section here "
                    "(default: cuda when available, else skipped; 'cpu' runs it on the CPU)")
     p.add_argument("--e2e-models", default="resnet34,vgg19")
-    p.add_argument("--sweep-model", default="resnet10t", help="sweep section: model of the 4 jobs")
+    p.add_argument("--sweep-model", default="resnet18", help="sweep section: model of the 4 jobs")
     p.add_argument("--sweep-size", type=int, default=32, help="sweep section: image side")
     p.add_argument("--sweep-epochs", type=int, default=2, help="sweep section: epochs per job")
     p.add_argument("--sweep-batches", type=int, default=45, help="sweep section: train batches per epoch (of 32)")
