@@ -68,11 +68,14 @@ def test_eval_config_composes(tmp_path):
 def test_loggers_and_callbacks_instantiate(tmp_path):
     from visionsweep import builders
 
-    cfg = compose_cfg(tmp_path, ["logger=many", "callbacks=early_stopping"])
+    pytest.importorskip("mlflow", reason="logger=many includes MLflow: pip install -e '.[dashboards]'")
+    # paths.log_dir: the MLflow store (sqlite) is created as soon as its client is
+    cfg = compose_cfg(tmp_path, ["logger=many", "callbacks=early_stopping", f"paths.log_dir={tmp_path}"])
     names = {type(lg).__name__ for lg in builders.build_loggers(cfg, tmp_path)}
-    assert names == {"CSVLogger", "WandbLogger", "TensorBoardLogger"}
+    assert names == {"AtomicCSVLogger", "WandbLogger", "SweepTensorBoardLogger", "SweepMLFlowLogger"}
+    assert (tmp_path / "mlflow.db").is_file()
     callbacks = {type(cb).__name__ for cb in builders.build_callbacks(cfg)}
-    assert {"ModelCheckpoint", "EarlyStopping", "LearningRateMonitor"} <= callbacks
+    assert {"RunCheckpoint", "EarlyStopping", "LearningRateMonitor"} <= callbacks
 
 
 def test_default_run_dir_is_timestamped_under_runs(tmp_path):
