@@ -48,14 +48,66 @@ def test_predict_folder_writes_one_row_per_image(ckpt, digits_root, tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["n_images"] == len(images)
 
 
-def test_predict_single_image_with_tta(ckpt, digits_root, tmp_path):
-    image = next((digits_root / "7").glob("*.png"))
+def _run_dir_with(ckpt: Path, tmp: Path, preset: str) -> Path:
+    """A copy of the checkpoint in a run dir whose augmentation.json records ``preset``'s train pipeline."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from visionsweep import augment
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "augmentation" / f"{preset}.yaml"
+    cfg = OmegaConf.merge({"data": {"image_size": 32}}, {"aug": OmegaConf.load(conf)})
+    train_tf, eval_tf = augment.build_pipelines(cfg.aug, 32)
+    augment.save_pipelines(train_tf, eval_tf, tmp / preset / "augmentation.json")
+    (tmp / preset / "checkpoints").mkdir()
+    return Path(shutil.copy(ckpt, tmp / preset / "checkpoints" / "last.ckpt"))
+
+
+def test_tta_views_follow_the_training_pipeline(ckpt, digits_root, tmp_path):
+    """No flipped view unless training flipped; no zoomed crops unless it cropped or rescaled."""
+    from visionsweep import checkpoints
+    from visionsweep.inference import CROPS, predict_images
+
+    image = next((digits_root / "7").glob("*.png"))   # a 7 is not left-right symmetric
     plain, _ = _predict(tmp_path / "plain", ckpt, f"input={image}")
-    tta, path = _predict(tmp_path / "tta", ckpt, f"input={image}", "tta=true")
-    assert len(tta) == 1 and tta[0]["path"] == str(image)
-    probs = [v for k, v in tta[0].items() if k.startswith("prob_")]
-    assert sum(probs) == pytest.approx(1.0, abs=1e-4)
-    assert tta[0]["probability"] != plain[0]["probability"]  # other views were averaged in
+    # ckpt was trained with augmentation=none: TTA has nothing to add but the eval view
+    tta, _ = _predict(tmp_path / "none", ckpt, f"input={image}", "tta=true")
+    assert json.loads((tmp_path / "none" / "run.json").read_text())["tta_views"] == ["eval"]
+    assert tta[0]["probability"] == plain[0]["probability"]
+    model = checkpoints.load(ckpt, kind="classifier").model
+    flipped_too = predict_images(model, [image], tta=True)   # every view, flips included
+    for preset, flips in (("light", False), ("basic", True)):
+        rows, _ = _predict(tmp_path / f"p_{preset}", _run_dir_with(ckpt, tmp_path, preset), f"input={image}",
+                           "tta=true")
+        run = json.loads((tmp_path / f"p_{preset}" / "run.json").read_text())
+        views = ["eval", *CROPS]
+        assert run["tta_views"] == views + ([f"hflip({v})" for v in views] if flips else []), preset
+        # light: scale 0.9-1.1, so crops of the image resized 1.1x; basic: RandomResizedCrop, 1.15x
+        assert run["tta_zoom"] == pytest.approx(1.15 if flips else 1.1)
+        probs = [v for k, v in rows[0].items() if k.startswith("prob_")]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        expected = predict_images(model, [image], tta=True, views=run["tta_views"], zoom=run["tta_zoom"])[0]
+        assert probs == pytest.approx(expected.tolist(), abs=1e-5)
+        if not flips:   # the flip views, had they been averaged in, change the answer
+            assert (expected - flipped_too[0]).abs().max() > 1e-4
+
+
+def test_tta_views_of_each_preset():
+    from omegaconf import OmegaConf
+
+    from visionsweep import augment
+    from visionsweep.inference import tta_views
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "augmentation"
+    got = {}
+    for preset in ("none", "light", "basic", "strong"):
+        cfg = OmegaConf.merge({"data": {"image_size": 32}}, {"aug": OmegaConf.load(conf / f"{preset}.yaml")})
+        views, zoom = tta_views(augment.pipeline_to_dict(augment.build_pipelines(cfg.aug, 32)[0]))
+        got[preset] = (len(views), any(v.startswith("hflip") for v in views), zoom)
+    assert got == {"none": (1, False, 1.0), "light": (6, False, pytest.approx(1.1)),
+                   "basic": (12, True, 1.15), "strong": (12, True, 1.15)}
+    assert tta_views(None) == (["eval"], 1.0)   # nothing recorded: nothing justifies more
 
 
 @pytest.mark.slow  # a Python process per case: the in-process tests cover the messages

@@ -1,13 +1,26 @@
 """Inference with a classifier (loaded by :mod:`visionsweep.checkpoints`): list images, predict them
 (optionally with TTA).
 
-``tta=True`` averages the softmax over 12 views: the eval view, 4 corner + centre crops of the image
-resized 15 % larger, and the horizontal flip of each (fastai's ``tta`` uses augmented views too).
+Test-time augmentation averages the softmax over views the model met in training, and only those:
+averaging in a view the training pipeline never produced (a mirrored digit) lowers accuracy. The
+views come from the run's ``augmentation.json`` (or its ``config.yaml``), see :func:`tta_views`:
+
+- ``eval``: always (resize short side + centre crop, as validation);
+- five crops (centre + 4 corners) of the image resized larger: only when the pipeline randomly crops
+  or rescales (RandomResizedCrop, RandomCrop, Affine/ShiftScaleRotate with a scale or shift range...);
+  the zoom is 1.15, or the pipeline's largest scale when that is smaller;
+- the horizontal flip of each: only when the pipeline has a ``HorizontalFlip`` (or D4 /
+  SquareSymmetry) with p > 0.
+
+A checkpoint without a recorded pipeline gets the eval view alone (there is nothing to justify more).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +31,14 @@ from visionsweep.data.images import is_image_file
 from visionsweep.errors import DataError
 from visionsweep.models.classifier import ClassifierModule
 
-TTA_ZOOM = 1.15  # the crops of the TTA views come from the image resized this much larger
+log = logging.getLogger("visionsweep.inference")
+
+TTA_ZOOM = 1.15  # the crops of the TTA views come from the image resized this much larger (at most)
+CROPS = ("zoom_center", "zoom_top_left", "zoom_top_right", "zoom_bottom_left", "zoom_bottom_right")  # five_crop's order
+FLIPS = {"HorizontalFlip", "D4", "SquareSymmetry"}  # transforms that mirror left-right
+CROPPING = {"RandomResizedCrop", "RandomSizedCrop", "RandomCrop", "RandomSizedBBoxSafeCrop", "CropAndPad",
+            "RandomCropFromBorders", "RandomScale", "BBoxSafeRandomCrop", "CropNonEmptyMaskIfExists"}
+SCALING = {"Affine", "ShiftScaleRotate"}  # crop-like only when their scale / shift range is not 0
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -36,30 +56,115 @@ def list_images(path: str | Path) -> list[Path]:
     return found
 
 
+def _transforms(node: Any, parent_p: float = 1.0) -> list[tuple[str, dict[str, Any]]]:
+    """(class name, arguments) of every transform in an ``A.to_dict`` tree that can fire (p > 0 all the way up)."""
+    if not isinstance(node, dict):
+        return []
+    p = parent_p * float(node.get("p", 1.0) if node.get("p") is not None else 1.0)
+    name = str(node.get("__class_fullname__", "")).rsplit(".", 1)[-1]
+    out = [(name, node)] if p > 0 and name else []
+    for child in node.get("transforms") or []:
+        out += _transforms(child, p)
+    return out
+
+
+def _span(value: Any) -> tuple[float, float]:
+    """(low, high) of an albumentations range argument: a number, a pair, or an ``{x: [..], y: [..]}`` dict."""
+    if isinstance(value, dict):
+        spans = [_span(v) for v in value.values() if v is not None]
+        return (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else (0.0, 0.0)
+    if isinstance(value, (list, tuple)) and value:
+        return float(min(value)), float(max(value))
+    if isinstance(value, (int, float)):
+        return float(min(value, -value)), float(max(value, -value))  # a symmetric limit
+    return 0.0, 0.0
+
+
+def _zoom(name: str, args: dict[str, Any]) -> float | None:
+    """The TTA zoom one transform justifies (None: it neither crops nor rescales)."""
+    if name in CROPPING:
+        return TTA_ZOOM
+    if name == "Affine":
+        lo, hi = _span(args.get("scale"))
+        shift = max(abs(v) for v in _span(args.get("translate_percent")))
+        if hi > 1.0 or lo < 1.0 or shift > 0:
+            return min(TTA_ZOOM, max(hi, 1.0 + shift, 1.0 + (1.0 - lo)))
+    if name == "ShiftScaleRotate":
+        scale = max(abs(v) for v in _span(args.get("scale_limit")))
+        shift = max(abs(v) for v in _span(args.get("shift_limit")))
+        if scale > 0 or shift > 0:
+            return min(TTA_ZOOM, 1.0 + max(scale, shift))
+    return None
+
+
+def tta_views(train_pipeline: dict[str, Any] | None) -> tuple[list[str], float]:
+    """The TTA views a training pipeline justifies, and the zoom of its crops.
+
+    Args:
+        train_pipeline: the train pipeline as ``A.to_dict`` writes it (``augmentation.json``'s ``train``),
+            or None when the run recorded none.
+
+    Returns:
+        View names (``eval``, the five ``zoom_*`` crops, ``hflip(<view>)``) and the zoom (1.0 without crops).
+    """
+    found = _transforms((train_pipeline or {}).get("transform", train_pipeline or {}))
+    zooms = [z for z in (_zoom(n, a) for n, a in found) if z is not None]
+    zoom = max(zooms) if zooms else 1.0
+    views = ["eval"] + (list(CROPS) if zooms else [])
+    if any(n in FLIPS for n, _ in found):
+        views += [f"hflip({v})" for v in views]
+    return views, zoom
+
+
+def training_pipeline(run_dir: str | Path) -> dict[str, Any] | None:
+    """A training run's train pipeline (``A.to_dict`` form) from its ``augmentation.json``, else None."""
+    path = Path(run_dir) / "augmentation.json"
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    train = recorded.get("train") if isinstance(recorded, dict) else None
+    return train if isinstance(train, dict) else None
+
+
 def predict_images(model: ClassifierModule, paths: list[Path], tta: bool = False, batch_size: int = 32,
-                   device: str = "cpu") -> torch.Tensor:
-    """Class probabilities ``[len(paths), num_classes]`` with the checkpoint's eval preprocessing."""
+                   device: str = "cpu", views: list[str] | None = None, zoom: float = TTA_ZOOM) -> torch.Tensor:
+    """Class probabilities ``[len(paths), num_classes]`` with the checkpoint's eval preprocessing.
+
+    Args:
+        model: the classifier.
+        paths: image files.
+        tta: average over ``views`` (else the eval view alone).
+        batch_size: images per forward pass.
+        device: where the model runs.
+        views: names from :func:`tta_views`; None with ``tta``: every view (eval, 5 crops, their flips).
+        zoom: how much larger the image is resized before the five crops.
+    """
     hp = model.hparams
     size = int(hp.image_size)
+    views = (views or ["eval", *CROPS] + [f"hflip({v})" for v in ["eval", *CROPS]]) if tta else ["eval"]
+    unknown = [v for v in views if v.removeprefix("hflip(").removesuffix(")") not in ("eval", *CROPS)]
+    if unknown:
+        raise ValueError(f"unknown TTA view(s) {unknown}")
     plain = {"name": "predict", "train": [], "resize_first": True}  # train pipeline = the eval view
     eval_tf, _ = augment.build_pipelines(plain, size, hp.crop_pct, hp.interpolation)
     loaders = [DataLoader(ImageFolderDataset([(p, -1) for p in paths], eval_tf), batch_size=batch_size,
                           collate_fn=collate_images)]
-    if tta:
-        zoom_tf, _ = augment.build_pipelines(plain, round(size * TTA_ZOOM), 1.0, hp.interpolation)
+    crops = any("zoom_" in v for v in views)
+    if crops:
+        zoom_tf, _ = augment.build_pipelines(plain, max(size, round(size * zoom)), 1.0, hp.interpolation)
         loaders.append(DataLoader(ImageFolderDataset([(p, -1) for p in paths], zoom_tf),
                                   batch_size=batch_size, collate_fn=collate_images))
     model = model.to(device)
     out = []
     with torch.inference_mode():
         for batches in zip(*loaders):
-            views = [batches[0][0]]
-            if tta:
+            made = {"eval": batches[0][0]}
+            if crops:
                 from torchvision.transforms.v2.functional import five_crop
 
-                views += list(five_crop(batches[1][0], [size, size]))
-            if tta:
-                views += [v.flip(-1) for v in views]
-            probs = torch.stack([model(v.to(device)).softmax(dim=1) for v in views]).mean(dim=0)
+                made.update(zip(CROPS, five_crop(batches[1][0], [size, size])))
+            batch = [made[v] if v in made else made[v[len("hflip("):-1]].flip(-1) for v in views]
+            probs = torch.stack([model(v.to(device)).softmax(dim=1) for v in batch]).mean(dim=0)
             out.append(probs.cpu())
     return torch.cat(out)

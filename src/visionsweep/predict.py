@@ -5,8 +5,10 @@ nothing else is needed. Prints a table and writes ``predictions.csv`` (path, pre
 probability, then one probability column per class; a ``label`` column when images sit in folders
 named after classes) in the run dir ``runs/predict/<time>/``.
 
-``tta=true`` averages the softmax over 12 views: the eval view, 4 corner + centre crops of the image
-resized 15 % larger, and the horizontal flip of each (fastai's ``tta`` uses augmented views too).
+``tta=true`` averages the softmax over the views the training pipeline justifies (its run dir's
+``augmentation.json``): the eval view; 4 corner + centre crops of the image resized up to 15 % larger
+only if training cropped or rescaled; the horizontal flip of each only if training flipped. The views
+used are logged and written to run.json (``tta_views``); see :mod:`visionsweep.inference`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from omegaconf import DictConfig
 
 from visionsweep import checkpoints, runinfo
 from visionsweep.errors import ConfigError
-from visionsweep.inference import list_images, predict_images
+from visionsweep.inference import list_images, predict_images, training_pipeline, tta_views
 from visionsweep.utils.cli import guarded, precheck
 
 log = logging.getLogger("visionsweep.predict")
@@ -39,7 +41,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         return _predict_masks(cfg, loaded, device, out)
     model, ckpt = loaded.model, loaded.path
     paths = list_images(cfg.input)
-    probs = predict_images(model, paths, tta=bool(cfg.tta), batch_size=int(cfg.batch_size), device=device)
+    views, zoom = _views(bool(cfg.tta), loaded.run_dir)
+    probs = predict_images(model, paths, tta=bool(cfg.tta), batch_size=int(cfg.batch_size), device=device,
+                           views=views, zoom=zoom)
     names = list(model.class_names)
     rows = []
     for path, p in zip(paths, probs.tolist()):
@@ -57,9 +61,25 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     labelled = [r for r in rows if "label" in r]
     acc = sum(r["label"] == r["predicted"] for r in labelled) / len(labelled) if labelled else None
     runinfo.RunRecord(out, task="predict", checkpoint=str(ckpt), input=str(cfg.input), tta=bool(cfg.tta),
-                      n_images=len(rows), accuracy=acc, status="ok")
+                      tta_views=views, tta_zoom=zoom if zoom > 1 else None, n_images=len(rows), accuracy=acc,
+                      status="ok")
     _print_table(rows, int(cfg.get("show") or 20), out, acc)
     return rows
+
+
+def _views(tta: bool, run_dir: Path) -> tuple[list[str], float]:
+    """The TTA views the training run's pipeline justifies (just ``eval`` without tta), logged."""
+    if not tta:
+        return ["eval"], 1.0
+    pipeline = training_pipeline(run_dir)
+    views, zoom = tta_views(pipeline)
+    why = "no augmentation.json in the checkpoint's run dir" if pipeline is None else "its training pipeline"
+    log.info("tta: %d view(s) from %s: %s%s", len(views), why, ", ".join(views),
+             f" (crops of the image resized x{zoom:.2f})" if zoom > 1 else "")
+    if len(views) == 1:
+        log.warning("tta: training neither cropped/rescaled nor flipped, so the eval view is the only one; "
+                    "tta=true predicts as tta=false")
+    return views, zoom
 
 
 def _predict_masks(cfg: DictConfig, loaded: checkpoints.LoadedCheckpoint, device: str,
