@@ -47,3 +47,26 @@ def test_bad_fold_settings_name_the_key():
         check_fold(1, 0)
     with pytest.raises(DataError, match="class 'a' has 3 images .* data.folds=5"):
         kfold_split({"a": [Path(f"{i}") for i in range(3)], "b": [Path(f"b{i}") for i in range(9)]}, 5, 0, 0.0, 0)
+
+
+@pytest.mark.scaling  # a 3-job sweep through the CLI
+def test_three_fold_sweep_reports_one_row_over_disjoint_folds(digits_root, tmp_path):
+    import csv
+
+    from conftest import run_cli
+    from test_sweeps import TINY, _jobs
+
+    sweep = tmp_path / "kfold"
+    proc = run_cli("train", "-m", "experiment=kfold", *TINY, f"data.root={digits_root}", "data.folds=3",
+                   "data.fold=0,1,2", f"hydra.sweep.dir={sweep}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = _jobs(sweep)
+    assert len(jobs) == 3
+    read = lambda job, split: {r["path"] for r in csv.DictReader((job / "splits" / f"{split}.csv").open())}  # noqa: E731
+    vals = [read(j, "val") for j in jobs]
+    assert all(vals) and not (vals[0] & vals[1]) and not (vals[0] & vals[2]) and not (vals[1] & vals[2])
+    assert read(jobs[0], "test") == read(jobs[1], "test") == read(jobs[2], "test")
+    assert run_cli("report", str(sweep)).returncode == 0
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 1 and rows[0]["folds"] == "3"
+    assert "over folds" in (sweep / "summary.md").read_text()

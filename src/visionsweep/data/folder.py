@@ -41,6 +41,7 @@ from visionsweep.data.splits import (
     stratified_split,
     validate_fractions,
 )
+from visionsweep.data.folds import check_fold, kfold_split
 from visionsweep.data.transport import SlotDataLoader
 from visionsweep.errors import ConfigError, DataError
 
@@ -60,6 +61,9 @@ class FolderDataModule(SplitDataModule):
         test_fraction: Test share per class for the seeded split.
         split_seed: Seed of the split (independent of the training seed).
         split_dir: Folder with ``train.csv``/``val.csv``/``test.csv`` to re-use instead of splitting.
+        folds: k-fold cross-validation: K folds of the non-test images (null: the plain split);
+            see :mod:`visionsweep.data.folds`.
+        fold: The validation fold (0..K-1) of this job; sweep it: ``data.fold=0,1,2``.
         batch_size: Batch size of every loader.
         num_workers: DataLoader worker processes, or ``"auto"``: the cores this process may use
             (fastest, but the augmentation random streams then depend on the machine).
@@ -91,6 +95,8 @@ class FolderDataModule(SplitDataModule):
         test_fraction: float = 0.0,
         split_seed: int = 0,
         split_dir: str | None = None,
+        folds: int | None = None,
+        fold: int = 0,
         batch_size: int = 64,
         num_workers: int | str = 2,
         pin_memory: bool | None = None,
@@ -126,6 +132,7 @@ class FolderDataModule(SplitDataModule):
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.split_seed = int(split_seed)
         self.split_dir = Path(split_dir).expanduser() if split_dir else None
+        self.kfold = check_fold(folds, fold)  # (K, k) or None
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
@@ -171,6 +178,9 @@ class FolderDataModule(SplitDataModule):
             scan.check_root(root)
             folders = scan.find_split_folders(root)
             if folders is not None:
+                if self.kfold:
+                    raise ConfigError(f"data.folds={self.kfold[0]}: '{root}' is already split into "
+                                      f"{'/'.join(folders)} folders; k-fold needs one folder per class")
                 classes, splits = self._scan_split_folders(folders)
                 source = "folders"
             else:
@@ -178,9 +188,12 @@ class FolderDataModule(SplitDataModule):
                 scan.require_two_classes(list(per_class), root)
                 per_class = self._drop_bad_per_class(per_class)
                 classes = sorted(per_class)
-                splits = stratified_split(
-                    per_class, self.val_fraction, self.test_fraction, self.split_seed
-                )
+                if self.kfold:
+                    splits = kfold_split(per_class, *self.kfold, self.test_fraction, self.split_seed)
+                else:
+                    splits = stratified_split(
+                        per_class, self.val_fraction, self.test_fraction, self.split_seed
+                    )
                 check_holdouts({c: len(f) for c, f in per_class.items()}, splits, self.val_fraction,
                                self.test_fraction)
                 source = "seeded"
@@ -294,7 +307,8 @@ class FolderDataModule(SplitDataModule):
         if splits["test"]:
             counts += f" / {len(splits['test'])} test"
         how = {
-            "seeded": f"seeded split, seed {self.split_seed}",
+            "seeded": (f"fold {self.kfold[1]} of {self.kfold[0]}, split seed {self.split_seed}" if self.kfold
+                       else f"seeded split, seed {self.split_seed}"),
             "folders": "split folders",
             "split_dir": f"split from {self.split_dir}",
         }[self._split_source]

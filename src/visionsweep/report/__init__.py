@@ -55,11 +55,11 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     n_ok = len(jobs) - len(failed)
     intro = (f"{len(jobs)} jobs ({n_ok} ok, {len(failed)} failed) in {len(configs)} configurations; "
              f"ranked by **{metric}** ({'higher' if collect.higher_is_better(metric) else 'lower'} is "
-             f"better), mean ± 95% CI (Student t) over seeds.")
+             f"better), mean ± 95% CI (Student t) over {render.unit(configs)}.")
     md = [f"# {title or 'visionsweep report'}", "", intro, "", "## Summary", "",
           render.markdown_table(header, cells)]
     if pairs:
-        md += ["", f"## Paired comparison: {best} against each other configuration (same seeds)", "",
+        md += ["", f"## Paired comparison: {best} against each other configuration (same {render.unit(configs)})", "",
                render.markdown_table(p_header, p_cells)]
     f_header = ["job", "configuration", "seed", "error"]
     f_cells = [[str(j.path), j.label, str(j.seed), (j.error or j.status)[:300]] for j in failed]

@@ -1,7 +1,8 @@
 """Runs on disk → jobs → configurations: what the report is computed from.
 
 A job is one run dir (``run.json``, ``metrics.csv``, ``.hydra/``); a sweep dir holds numbered job dirs.
-Jobs that differ only in ``seed`` form one configuration, whose metrics are summarised over seeds.
+Jobs that differ only in ``seed`` (and, in a k-fold sweep, ``data.fold``) form one configuration, whose
+metrics are summarised over those replicates: seeds, or folds.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from visionsweep.report.stats import mean_ci
 
 METRIC_PREFERENCE = ("val/acc_best", "val/miou_best", "val/miou", "val/acc", "test/acc")
 LOWER_IS_BETTER = re.compile(r"loss|error|err$")
-SEED_KEYS = ("seed",)
+REPLICATE_KEYS = ("seed", "data.fold")  # what a configuration is summarised over
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Job:
     curves: dict[str, list[tuple[int, float]]]
     info: dict[str, Any]
     label: str = ""
+    fold: int | None = None  # k-fold sweeps: the validation fold (data.fold)
 
     def override_map(self) -> dict[str, str]:
         """``key → value`` of the job's command-line overrides."""
@@ -48,7 +50,7 @@ class Job:
 
 @dataclass
 class Configuration:
-    """Jobs that differ only by seed."""
+    """Jobs that differ only by seed (or fold)."""
 
     label: str
     arch: str
@@ -60,17 +62,23 @@ class Configuration:
         """Jobs that finished."""
         return [j for j in self.jobs if j.status == "ok"]
 
-    def values(self, metric: str) -> dict[int, float]:
-        """seed → final value of ``metric`` over finished jobs."""
+    @property
+    def unit(self) -> str:
+        """What the replicates are: ``folds`` in a k-fold sweep, else ``seeds``."""
+        return "folds" if any(j.fold is not None for j in self.jobs) else "seeds"
+
+    def values(self, metric: str) -> dict[tuple[int, int], float]:
+        """(seed, fold) → final value of ``metric`` over finished jobs (fold -1 outside k-fold)."""
         out = {}
         for i, job in enumerate(self.ok):
             value = job.metrics.get(metric)
             if value is not None and math.isfinite(value):
-                out[job.seed if job.seed is not None else -1 - i] = value
+                seed = job.seed if job.seed is not None else -1 - i
+                out[(seed, job.fold if job.fold is not None else -1)] = value
         return out
 
     def stat(self, metric: str) -> tuple[float, float]:
-        """Mean and 95 % CI half-width of ``metric`` over seeds."""
+        """Mean and 95 % CI half-width of ``metric`` over seeds (or folds)."""
         return mean_ci(list(self.values(metric).values()))
 
 
@@ -129,6 +137,8 @@ def load_job(job_dir: Path) -> Job:
     cfg = _load_yaml(job_dir / "config.yaml") or _load_yaml(job_dir / ".hydra" / "config.yaml") or {}
     omap = dict(o.split("=", 1) for o in overrides if "=" in o)
     seed = run.get("seed", omap.get("seed", cfg.get("seed")))
+    data = cfg.get("data") or {}
+    fold = omap.get("data.fold", data.get("fold") if data.get("folds") else None)
     status = run.get("status") or ("failed" if _failure_from_log(job_dir) else "unknown")
     error = run.get("error") or (_failure_from_log(job_dir) if status != "ok" else None)
     return Job(
@@ -139,13 +149,14 @@ def load_job(job_dir: Path) -> Job:
                          or omap.get("augmentation", "?")),
         metrics={k: float(v) for k, v in (run.get("metrics") or {}).items() if isinstance(v, (int, float))},
         curves=read_curves(job_dir / "metrics.csv"), info=run,
+        fold=int(fold) if fold is not None and str(fold).isdigit() else None,
     )
 
 
 def group_configurations(jobs: list[Job]) -> list[Configuration]:
-    """Group jobs into configurations by their overrides, seed excluded; label them by what varies."""
+    """Group jobs into configurations by their overrides, seed and fold excluded; label them by what varies."""
     maps = [j.override_map() for j in jobs]
-    keys = list(dict.fromkeys(k for m in maps for k in m if k not in SEED_KEYS))  # command-line order
+    keys = list(dict.fromkeys(k for m in maps for k in m if k not in REPLICATE_KEYS))  # command-line order
     varying = [k for k in keys if len({m.get(k) for m in maps}) > 1]
     groups: dict[str, Configuration] = {}
     for job, m in zip(jobs, maps):

@@ -35,7 +35,7 @@ def summary_rows(configs: list[Configuration], metric: str) -> list[dict[str, An
     rows = []
     for c in configs:
         row: dict[str, Any] = {"configuration": c.label, "arch": c.arch, "augmentation": c.augmentation,
-                               "seeds": len(c.values(metric)), "failed": len(c.jobs) - len(c.ok)}
+                               unit(configs): len(c.values(metric)), "failed": len(c.jobs) - len(c.ok)}
         for m in metrics:
             row[f"{m} mean"], row[f"{m} ci95"] = c.stat(m)
         epochs = [e for e in (best_epoch(j, metric) for j in c.ok) if e is not None]
@@ -48,6 +48,11 @@ def summary_rows(configs: list[Configuration], metric: str) -> list[dict[str, An
     sign = 1 if higher_is_better(metric) else -1
     return sorted(rows, key=lambda r: -sign * r[f"{metric} mean"] if not math.isnan(r[f"{metric} mean"])
                   else math.inf)
+
+
+def unit(configs: list[Configuration]) -> str:
+    """``folds`` when the report pools k-fold jobs, else ``seeds``."""
+    return "folds" if any(c.unit == "folds" for c in configs) else "seeds"
 
 
 def _mean(values: Any) -> float:
@@ -104,8 +109,8 @@ def comparisons(configs: list[Configuration], metric: str) -> list[Paired]:
         return []
     sign = 1 if higher_is_better(metric) else -1
     best = max(ranked, key=lambda c: sign * c.stat(metric)[0])
-    return [paired(best.values(metric), c.values(metric), c.label, higher_is_better=higher_is_better(metric))
-            for c in ranked if c is not best]
+    return [paired(best.values(metric), c.values(metric), c.label, higher_is_better=higher_is_better(metric),
+                   unit=unit(configs)) for c in ranked if c is not best]
 
 
 def plot_curves(configs: list[Configuration], metric: str, path: Path) -> Path | None:
@@ -129,7 +134,8 @@ def plot_curves(configs: list[Configuration], metric: str, path: Path) -> Path |
         plt.close(fig)
         return None
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel=plain(key), title=plain(f"{key} per epoch (mean over seeds, shaded: seed range)"))
+    ax.set(xlabel="epoch", ylabel=plain(key),
+           title=plain(f"{key} per epoch (mean over {unit(configs)}, shaded: their range)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
@@ -159,7 +165,7 @@ def plot_bars(configs: list[Configuration], metric: str, path: Path) -> Path | N
     else:
         ax.set_ylim(lo - pad, top)
     ax.set_xticks(x, [plain(c.label) for c in ranked], rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel=plain(metric), title=plain(f"{metric}: mean ± 95% CI over seeds (dots: seeds)"))
+    ax.set(ylabel=plain(metric), title=plain(f"{metric}: mean ± 95% CI over {unit(configs)} (dots: {unit(configs)})"))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -185,7 +191,7 @@ def plot_heatmap(configs: list[Configuration], metric: str, path: Path) -> Path 
                         color="black" if bright else "white")
     ax.set_xticks(range(len(augs)), [plain(a) for a in augs])
     ax.set_yticks(range(len(archs)), [plain(a) for a in archs])
-    ax.set(xlabel="augmentation", ylabel="architecture", title=plain(f"{metric} (mean over seeds)"))
+    ax.set(xlabel="augmentation", ylabel="architecture", title=plain(f"{metric} (mean over {unit(configs)})"))
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
 
@@ -238,8 +244,8 @@ def plain(text: str) -> str:
 
 def paired_table(results: list[Paired], best_label: str) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the paired comparison."""
-    header = [f"{best_label} vs", "shared seeds", "mean difference ± 95% CI", "wins", "p (paired t)",
-              "verdict"]
+    shared = f"shared {results[0].unit}" if results else "shared seeds"
+    header = [f"{best_label} vs", shared, "mean difference ± 95% CI", "wins", "p (paired t)", "verdict"]
     cells = [[r.other, str(len(r.seeds)), fmt(r.mean, r.ci), f"{r.wins}/{len(r.seeds)}",
               "—" if math.isnan(r.p_value) else f"{r.p_value:.3g}", r.verdict] for r in results]
     return header, cells

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -40,6 +41,7 @@ class Paired:
     ci: float
     wins: int
     p_value: float
+    unit: str = "seeds"  # or "folds"
 
     @property
     def holds(self) -> bool:
@@ -50,16 +52,16 @@ class Paired:
     def verdict(self) -> str:
         """A short human reading of the comparison."""
         if not self.seeds:
-            return "no shared seeds"
+            return f"no shared {self.unit}"
         if len(self.seeds) == 1:
-            return "one shared seed: not conclusive"
+            return f"one shared {self.unit[:-1]}: not conclusive"
         if self.holds:
-            return f"better on all {len(self.seeds)} seeds"
-        return f"better on {self.wins} of {len(self.seeds)} seeds (not conclusive)"
+            return f"better on all {len(self.seeds)} {self.unit}"
+        return f"better on {self.wins} of {len(self.seeds)} {self.unit} (not conclusive)"
 
 
-def paired(best: Mapping[int, float], other: Mapping[int, float], other_label: str,
-           confidence: float = 0.95, higher_is_better: bool = True) -> Paired:
+def paired(best: Mapping[Any, float], other: Mapping[Any, float], other_label: str,
+           confidence: float = 0.95, higher_is_better: bool = True, unit: str = "seeds") -> Paired:
     """Compare two configurations on the seeds they share (a paired design: same splits, same seeds).
 
     Args:
@@ -68,6 +70,7 @@ def paired(best: Mapping[int, float], other: Mapping[int, float], other_label: s
         other_label: name of the other configuration.
         confidence: level of the CI of the mean difference.
         higher_is_better: direction of the metric.
+        unit: what the shared keys are (``seeds`` or ``folds``), for the verdict.
 
     Returns:
         The :class:`Paired` comparison (differences are oriented so that positive favours ``best``).
@@ -79,4 +82,4 @@ def paired(best: Mapping[int, float], other: Mapping[int, float], other_label: s
     p = math.nan
     if len(diffs) >= 2 and np.std(diffs) > 0:
         p = float(stats.ttest_1samp(diffs, 0.0).pvalue)
-    return Paired(other_label, seeds, diffs, mean, ci, sum(d > 0 for d in diffs), p)
+    return Paired(other_label, seeds, diffs, mean, ci, sum(d > 0 for d in diffs), p, unit)
