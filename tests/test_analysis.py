@@ -139,3 +139,73 @@ def test_vit_features_and_occlusion_work_and_gradcam_says_why_not(vit):
     assert first_conv(vit.net)[0] == "patch_embed.proj"
     with pytest.raises(ConfigError, match="gradcam does not apply to vit_tiny_patch16_224.*see=occlusion"):
         cam_layer(vit, x)
+
+
+def _mean_gradient(img: np.ndarray) -> float:
+    gy, gx = np.gradient(np.asarray(img, dtype=np.float64))
+    return float(np.hypot(gx, gy).mean())
+
+
+def test_sharpen_is_shown_sharper_and_edges_centred_on_zero():
+    rng = np.random.default_rng(4)
+    img = np.clip(ndimage.gaussian_filter(rng.random((64, 64)), 2) * 3 - 1, 0, 1)  # smooth blobs + flat areas
+    img[:, :8] = 0.4   # a flat strip: sharpening must leave its brightness alone
+    sharpen = np.array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]], dtype=float)
+    shown, style, how = kernels.display(kernels.convolve(img, sharpen, "reflect"), sharpen)
+    assert (style["vmin"], style["vmax"]) == (0.0, 1.0) and style["cmap"] == "gray" and "clipped" in how
+    assert _mean_gradient(shown) > 1.2 * _mean_gradient(img)   # what the viewer sees is sharper
+    np.testing.assert_allclose(shown[2:-2, 1:6], 0.4, atol=1e-9)   # same grey, not rescaled
+    # the seed's un-normalised all-ones blur keeps the brightness once divided by its sum
+    ones = np.ones((3, 3))
+    blurred, _, _ = kernels.display(kernels.convolve(img, ones, "reflect"), ones)
+    assert blurred.mean() == pytest.approx(img.mean(), abs=0.01) and _mean_gradient(blurred) < _mean_gradient(img)
+    edges, style, _ = kernels.display(kernels.convolve(img, kernels.KERNELS["vertical_edge"], "reflect"),
+                                      kernels.KERNELS["vertical_edge"])
+    assert style["vmin"] == -style["vmax"] > -np.inf and style["cmap"] == "RdBu_r"   # 0 in the middle
+    assert style["vmax"] <= np.abs(edges).max()
+
+
+def test_occlusion_and_gradcam_figures_have_colour_bars_and_name_their_class():
+    from visionsweep.analysis.cam import cam_figure
+    from visionsweep.analysis.occlusion import occlusion_figure
+
+    rng = np.random.default_rng(5)
+    views = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    maps = rng.normal(size=(2, 16, 16)).astype(np.float32)
+    fig = occlusion_figure(views, maps, ["a", "b"], ["cat", "dog"], ["cat", "cat"], [0.9, 0.6])
+    assert len(fig.axes) == 2 * 3 + 2   # a colour bar per drop map
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "occlusion: drop in p(cat)" in titles and "occlusion: drop in p(dog)" in titles
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 2 and bars[0].get_ylim() == pytest.approx((-np.abs(maps[0]).max(), np.abs(maps[0]).max()))
+    probs = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
+    fig = cam_figure(views, ["a", "b"], [([0, 1], np.abs(maps)), ([1, 1], np.abs(maps))], ["cat", "dog"], probs)
+    assert len(fig.axes) == 2 * 3 + 4
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles.count("Grad-CAM for class cat\np=0.70 (predicted)") == 1
+    assert sum(t.startswith("Grad-CAM for class dog") for t in titles) == 3
+    plt = pytest.importorskip("matplotlib.pyplot")
+    plt.close("all")
+
+
+def test_top_loss_titles_say_predicted_actual_and_loss():
+    from visionsweep.analysis.interpret import top_loss_title
+
+    for pred, actual in (("3", "8"), ("triangle", "circle")):
+        title = top_loss_title(pred, actual, 2.3456, 0.91)
+        assert f"pred {pred} / actual {actual} /" in title and "loss 2.35" in title and "p(pred) 0.91" in title
+        assert all(len(line) <= 32 for line in title.splitlines())   # fits its cell
+
+
+def test_background_baseline_is_each_images_border_colour():
+    from visionsweep.analysis.occlusion import baseline_value
+
+    x = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    x[0, :, 4:12, 4:12] = 255     # a white digit on black
+    x[1] = 200                    # a light photo
+    x[1, :, 6:10, 6:10] = 10
+    fill = baseline_value("background", (0.5,) * 3, x)
+    assert fill.shape == (2, 3, 1, 1) and fill[0].flatten().tolist() == [0.0] * 3
+    assert fill[1].flatten().tolist() == [200.0] * 3
+    with pytest.raises(ConfigError, match="see.baseline=pink"):
+        baseline_value("pink", (0.5,) * 3)

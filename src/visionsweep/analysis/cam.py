@@ -83,11 +83,37 @@ def gradcam_maps(model: Any, layer: nn.Module, x: torch.Tensor, targets: list[in
     return up[:, 0].numpy()
 
 
+def cam_figure(views: np.ndarray, titles: list[str], columns: list[tuple[list[int], np.ndarray]],
+               classes: list[str], probs: torch.Tensor) -> Any:
+    """Rows = images; columns = input | one Grad-CAM overlay (with its colour bar) per explained class.
+
+    Args:
+        views: uint8 NHWC images as the model saw them.
+        titles: one per image.
+        columns: per CAM column, the class index per image and the (N, H, W) maps.
+        classes: class names.
+        probs: (N, classes) probabilities, shown as ``p=`` of the explained class.
+
+    Returns:
+        The figure (``N * (1 + len(columns))`` cells plus a colour bar per CAM).
+    """
+    fig, axes = plots.grid(len(views), 1 + len(columns))
+    for row in range(len(views)):
+        plots.show(axes[row, 0], views[row], titles[row])
+        for col, (targets, maps) in enumerate(columns, start=1):
+            c, heat = targets[row], maps[row]
+            # one scale per map (CAM magnitudes are not comparable across images), starting at 0 = no evidence
+            bar = plots.overlay(axes[row, col], views[row], heat, f"Grad-CAM for class {classes[c]}\n"
+                                f"p={float(probs[row, c]):.2f}{' (predicted)' if col == 1 else ''}", vmax=max(float(heat.max()), 1e-12))
+            plots.colorbar(axes[row, col], bar)
+    return fig
+
+
 def run(cfg: DictConfig, index: plots.Index) -> None:
     """``see=gradcam``: rows = images; columns = input | CAM of the prediction | CAM of each chosen class."""
     ck = load_checkpoint(cfg)
     opts = cfg.see
-    paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4))
+    paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4), index)
     x = ck.prepare(load_images(paths))
     name, layer = cam_layer(ck.model, x, opts.get("layer"))
     last = feature_points(ck.backbone)[-1]["module"]
@@ -98,18 +124,10 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
         probs = image_probs(ck.model, x)
     preds = ck.predicted(probs)
     chosen = [ck.class_index(c) for c in (opts.get("classes") or [])]
-    columns = [("pred", preds)] + [(ck.classes[c], [c] * len(paths)) for c in chosen]
-    maps = {title: gradcam_maps(ck.model, layer, x, targets) for title, targets in columns}
-    views = uint8_hwc(x)
-    fig, axes = plots.grid(len(paths), 1 + len(columns))
-    for row, (path, label) in enumerate(zip(paths, labels)):
-        plots.show(axes[row, 0], views[row], image_title(ck, path, label))
-        for col, (title, targets) in enumerate(columns, start=1):
-            c = targets[row]
-            head = f"pred {ck.classes[c]}" if title == "pred" else ck.classes[c]
-            plots.overlay(axes[row, col], views[row], plots.to_display(maps[title][row]),
-                          f"{head} p={float(probs[row, c]):.2f}")
-    index.save(fig, "gradcam", f"Grad-CAM on {name} (predicted class and {len(chosen)} chosen)",
-               layer=name)
+    targets = [preds] + [[c] * len(paths) for c in chosen]
+    columns = [(t, gradcam_maps(ck.model, layer, x, t)) for t in targets]
+    fig = cam_figure(uint8_hwc(x), [image_title(ck, p, y) for p, y in zip(paths, labels)], columns, ck.classes,
+                     probs)
+    index.save(fig, "gradcam", f"Grad-CAM on {name}: the predicted class and {len(chosen)} chosen", layer=name)
     index.data.update(checkpoint=str(ck.path), layer=name, images=[str(p) for p in paths],
                       predicted=[ck.classes[p] for p in preds])

@@ -159,8 +159,23 @@ def predicted(model: Any, probs: torch.Tensor) -> list[int]:
     return probs.argmax(1).tolist()
 
 
-def run_images(ck: Checkpoint, cfg: DictConfig, limit: int) -> tuple[list[Path], list[int | None]]:
-    """Images for a model mode: ``image=`` if given, else the first of each class in the run's val split.
+POOL = 512  # val images scored when picking confident examples (enough for every class, still quick)
+
+
+def run_images(ck: Checkpoint, cfg: DictConfig, limit: int,
+               index: Any = None) -> tuple[list[Path], list[int | None]]:
+    """Images for a model mode: ``image=`` if given, else from the checkpoint run's val split.
+
+    Without ``image=``, ``see.pick`` chooses: ``confident`` (default of occlusion / gradcam) takes, class by
+    class in turn, the correctly classified val images the model is surest of, so a map explains evidence
+    the model really uses; ``first`` takes the first image of each class in split order. A note saying how
+    they were chosen goes to ``index``.
+
+    Args:
+        ck: the checkpoint.
+        cfg: the see config (``image``, ``see.pick``).
+        limit: at most this many images.
+        index: where the note goes (None: nowhere).
 
     Returns:
         The paths and their true labels (None where unknown; a parent folder named after a class counts).
@@ -172,14 +187,32 @@ def run_images(ck: Checkpoint, cfg: DictConfig, limit: int) -> tuple[list[Path],
     dm = run_datamodule(ck, cfg)
     if ck.segment:  # (image, mask) pairs: no image-level label
         return [Path(p) for p, _ in dm.val_samples[:limit]], [None] * min(limit, len(dm.val_samples))
+    pool = [(Path(p), int(y)) for p, y in dm.val_samples]
+    pick = str(cfg.see.get("pick") or "first")
+    if pick not in ("first", "confident"):
+        raise ConfigError(f"see.pick={pick}: use confident or first")
+    if pick == "confident":
+        pool = pool[:POOL]
+        with torch.no_grad():
+            probs = torch.cat([image_probs(ck.model, ck.prepare(load_images([p for p, _ in pool[i:i + 64]])))
+                               for i in range(0, len(pool), 64)])
+        right = [k for k, (_, y) in enumerate(pool) if int(probs[k].argmax()) == y]
+        right.sort(key=lambda k: -float(probs[k, pool[k][1]]))
+        wrong = sorted(set(range(len(pool))) - set(right))
+        pool = [pool[k] for k in right + wrong]  # surest correct first; the rest only if a class has none right
+        if index is not None:
+            index.note(f"no image= given: the {limit} val images (of {len(probs)} scored) the model classifies "
+                       "correctly with the highest probability, one class at a time")
+    elif index is not None:
+        index.note("no image= given: the first val image of each class")
     samples, seen = [], set()
-    for path, label in dm.val_samples:  # one per class first, then fill up in split order
+    for path, label in pool:  # one per class first, then fill up in order
         if label not in seen:
             samples.append((path, label))
             seen.add(label)
-    samples += [s for s in dm.val_samples if s not in samples]
+    samples += [s for s in pool if s not in samples]
     samples = samples[:limit]
-    return [Path(p) for p, _ in samples], [int(y) for _, y in samples]
+    return [p for p, _ in samples], [y for _, y in samples]
 
 
 def run_datamodule(ck: Checkpoint, cfg: DictConfig) -> Any:

@@ -105,7 +105,7 @@ def run_features(cfg: DictConfig, index: plots.Index) -> None:
     """``see=features``: per layer, rows = images, columns = input | top-k channels; plus an overview."""
     ck = load_checkpoint(cfg)
     opts = cfg.see
-    paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4))
+    paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4), index)
     x = ck.prepare(load_images(paths))
     info = feature_points(ck.backbone)
     layers = OmegaConf.to_container(opts.layers) if opts.get("layers") is not None else None

@@ -100,7 +100,8 @@ def _table_figure(stats: dict[str, np.ndarray], classes: list[str], index: plots
 
 
 def _top_losses_figure(dataset: Any, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray,
-                       classes: list[str], k: int, index: plots.Index) -> list[dict[str, Any]]:
+                       classes: list[str], k: int, index: plots.Index) -> tuple[list[dict[str, Any]], Any]:
+    """A gallery of the ``k`` highest-loss images; returns their records and the (saved) figure."""
     order = np.argsort(-losses, kind="stable")[:k]
     cols = min(4, len(order))
     rows = math.ceil(len(order) / cols)
@@ -114,12 +115,21 @@ def _top_losses_figure(dataset: Any, probs: np.ndarray, labels: np.ndarray, loss
         image, _ = dataset[i]
         pred = int(probs[i].argmax())
         plots.show(ax, image.numpy().transpose(1, 2, 0),
-                   f"{classes[pred][:10]} / {classes[labels[i]][:10]}\nloss {losses[i]:.2f} p {probs[i, pred]:.2f}")
+                   top_loss_title(classes[pred], classes[int(labels[i])], float(losses[i]),
+                                  float(probs[i, pred])))
         gallery.append({"file": str(dataset.samples[i][0]), "predicted": classes[pred],
                         "actual": classes[int(labels[i])], "loss": round(float(losses[i]), 4),
                         "prob": round(float(probs[i, pred]), 4)})
-    index.save(fig, "top_losses", f"top {len(order)} losses (title: predicted / actual, loss, p(predicted))")
-    return gallery
+    index.save(fig, "top_losses", f"top {len(order)} losses (title: pred / actual / loss, p(pred))")
+    return gallery, fig
+
+
+def top_loss_title(pred: str, actual: str, loss: float, prob: float) -> str:
+    """``pred <p> / actual <a> / loss <l>`` (then p(pred)) over a top-losses cell, broken where it is too wide."""
+    head, tail = f"pred {pred[:10]} / actual {actual[:10]}", f"loss {loss:.2f}"
+    if len(head) + len(tail) <= 27:  # ~30 characters fit a 2.2-inch cell at 8 pt
+        return f"{head} / {tail}\np(pred) {prob:.2f}"
+    return f"{head} /\n{tail}, p(pred) {prob:.2f}"
 
 
 def run(cfg: DictConfig, index: plots.Index) -> None:
@@ -146,7 +156,7 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
     stats = per_class(cm)
     _confusion_figure(cm, classes, index)
     _table_figure(stats, classes, index)
-    gallery = _top_losses_figure(loader.dataset, probs, labels, losses, classes,
+    gallery, _ = _top_losses_figure(loader.dataset, probs, labels, losses, classes,
                                  int(cfg.see.get("top_k") or 16), index)
     pairs = most_confused(cm, classes, int(cfg.see.get("pairs") or 10))
     with (index.out_dir / "per_class.csv").open("w", newline="") as fh:

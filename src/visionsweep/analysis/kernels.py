@@ -98,15 +98,42 @@ def shrink(image: np.ndarray, max_side: int | None) -> np.ndarray:
     return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
+def display(result: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, dict[str, Any], str]:
+    """How to show a filtered gray image so it looks like what the kernel does.
+
+    Min-max rescaling every output (matplotlib's default) turns a sharpened photo into flat grey: its few
+    overshooting pixels stretch the range. So:
+
+    - a kernel whose weights sum to ~0 (edges, Laplacian) answers 0 on flat areas and has a sign: a
+      diverging map with 0 in the middle (white), limits at the 99.5th percentile of ``|result|``;
+    - any other kernel (blur, sharpen) keeps brightness once divided by its sum (so the seed's all-ones
+      blur works too): that, clipped to the image range 0..1, in gray.
+
+    Args:
+        result: the filtered image (input gray in 0..1).
+        kernel: the kernel that made it.
+
+    Returns:
+        The image to draw, ``imshow`` keyword arguments, and a short note for the title.
+    """
+    total = float(np.sum(kernel))
+    if abs(total) <= 1e-6 * max(1.0, float(np.abs(kernel).sum())):
+        lim = float(np.percentile(np.abs(result), 99.5)) or float(np.abs(result).max()) or 1.0
+        return result, {"cmap": "RdBu_r", "vmin": -lim, "vmax": lim}, "0 = white"
+    return np.clip(result / total, 0.0, 1.0), {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}, "clipped to 0..1"
+
+
 def kernel_grid(gray: np.ndarray, kernels: dict[str, np.ndarray], padding: str, index: plots.Index,
                 name: str, label: str) -> Path:
-    """One figure: a row per kernel, original | result."""
+    """One figure: a row per kernel, original | result (shown as :func:`display` says, with a colour bar)."""
     aspect = min(2.0, max(0.5, gray.shape[0] / gray.shape[1]))
     fig, axes = plots.grid(len(kernels), 2, panel=3.2, aspect=aspect)
     for row, (kname, kernel) in enumerate(kernels.items()):
         plots.show(axes[row, 0], gray, "original" if row == 0 else "", cmap="gray", vmin=0, vmax=1)
-        result = convolve(gray, kernel, padding)
-        plots.show(axes[row, 1], result, f"{kname} {kernel.shape[0]}x{kernel.shape[1]} ({padding})", cmap="gray")
+        shown, style, how = display(convolve(gray, kernel, padding), kernel)
+        image = plots.show(axes[row, 1], shown, f"{kname} {kernel.shape[0]}x{kernel.shape[1]} ({padding}; {how})",
+                           **style)
+        plots.colorbar(axes[row, 1], image)
     return index.save(fig, name, f"kernels on {label} ({padding} padding)",
                       kernels=list(kernels), padding=padding, image=label)
 

@@ -19,14 +19,25 @@ from visionsweep.analysis.common import (image_probs, image_title, load_checkpoi
 from visionsweep.errors import ConfigError
 
 
-def baseline_value(spec: Any, mean: tuple[float, ...]) -> torch.Tensor:
+def baseline_value(spec: Any, mean: tuple[float, ...], x: torch.Tensor | None = None) -> torch.Tensor:
     """Per-channel fill value of the block in uint8 units (the model takes 0..255 input).
 
     Args:
-        spec: ``mean`` (the backbone's mean colour: zero after normalisation), ``grey``, ``black``,
-            ``white`` or a number 0..255.
+        spec: ``background`` (each image's own border colour, the median of its edge pixels: hiding a
+            part then means "replace it by background", where a grey block on a black-background digit
+            would add a shape of its own), ``mean`` (the backbone's mean colour: zero after
+            normalisation), ``grey``, ``black``, ``white`` or a number 0..255.
         mean: the model's per-channel mean in 0..1.
+        x: the uint8 NCHW batch (needed for ``background``).
+
+    Returns:
+        ``(1, 3, 1, 1)``, or ``(N, 3, 1, 1)`` for ``background``.
     """
+    if str(spec) == "background":
+        if x is None:
+            raise ConfigError("see.baseline=background needs the images")
+        border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2).float()
+        return border.median(dim=2).values.view(x.shape[0], x.shape[1], 1, 1)
     named = {"mean": [255.0 * m for m in mean], "grey": [127.5] * 3, "gray": [127.5] * 3,
              "black": [0.0] * 3, "white": [255.0] * 3}
     if str(spec) in named:
@@ -35,7 +46,8 @@ def baseline_value(spec: Any, mean: tuple[float, ...]) -> torch.Tensor:
         try:
             values = [float(spec)] * 3
         except (TypeError, ValueError):
-            raise ConfigError(f"see.baseline={spec}: use mean, grey, black, white or a number 0..255") from None
+            raise ConfigError(f"see.baseline={spec}: use background, mean, grey, black, white or a number 0..255"
+                              ) from None
     return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1)
 
 
@@ -64,7 +76,7 @@ def occlusion_maps(model: Any, x: torch.Tensor, targets: list[int], window: int,
         targets: class index per image.
         window: block side in pixels.
         stride: block step in pixels.
-        baseline: (1, 3, 1, 1) fill value in 0..255.
+        baseline: (1, 3, 1, 1) or (N, 3, 1, 1) fill value in 0..255.
         per_eval: block positions evaluated per forward pass.
     """
     from captum.attr import FeatureAblation
@@ -97,34 +109,57 @@ def pick_targets(ck: Any, probs: torch.Tensor, labels: list[int | None], target:
     return [ck.class_index(target)] * len(preds)
 
 
+def occlusion_figure(views: np.ndarray, maps: np.ndarray, titles: list[str], explained: list[str],
+                     preds: list[str], pred_probs: list[float]) -> Any:
+    """Rows = images; columns = input | drop map with its colour bar | the drop over the input.
+
+    Args:
+        views: uint8 NHWC images as the model saw them.
+        maps: (N, H, W) drops in the explained class's probability.
+        titles: one per image (its true class and file).
+        explained: the class each map explains.
+        preds: the predicted class of each image.
+        pred_probs: the probability of that prediction.
+
+    Returns:
+        The figure (``3 * N`` cells plus ``N`` colour bars).
+    """
+    fig, axes = plots.grid(len(views), 3)
+    for row, heat in enumerate(maps):
+        lim = max(abs(float(heat.min())), abs(float(heat.max())), 1e-6)  # symmetric: white = no change
+        plots.show(axes[row, 0], views[row], titles[row])
+        shown = plots.show(axes[row, 1], heat, f"occlusion: drop in p({explained[row]})", cmap="RdBu_r",
+                           vmin=-lim, vmax=lim)
+        plots.colorbar(axes[row, 1], shown)
+        plots.overlay(axes[row, 2], views[row], np.clip(heat, 0, None), f"pred {preds[row]} {pred_probs[row]:.2f}",
+                      vmax=lim)
+    return fig
+
+
 def run(cfg: DictConfig, index: plots.Index) -> None:
     """``see=occlusion``: rows = images; columns = input | drop map | overlay."""
     ck = load_checkpoint(cfg)
     opts = cfg.see
-    paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4))
+    paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4), index)
     x = ck.prepare(load_images(paths))
     with torch.no_grad():
         probs = image_probs(ck.model, x)
     targets = pick_targets(ck, probs, labels, opts.get("target"))
     w, s = window_and_stride(int(ck.hp.image_size), opts.get("window"), opts.get("stride"))
-    maps = occlusion_maps(ck.model, x, targets, w, s, baseline_value(opts.get("baseline", "mean"), ck.hp.mean),
-                          opts.get("per_eval", 32))
-    views = uint8_hwc(x)
-    fig, axes = plots.grid(len(paths), 3)
+    fill = baseline_value(opts.get("baseline", "background"), ck.hp.mean, x)
+    maps = occlusion_maps(ck.model, x, targets, w, s, fill, opts.get("per_eval", 32))
+    preds = ck.predicted(probs)
+    fig = occlusion_figure(uint8_hwc(x), maps, [image_title(ck, p, y) for p, y in zip(paths, labels)],
+                           [ck.classes[t] for t in targets], [ck.classes[p] for p in preds],
+                           [float(probs[i, p]) for i, p in enumerate(preds)])
     results = []
-    for row, (path, label) in enumerate(zip(paths, labels)):
-        t, heat = targets[row], maps[row]
-        lim = max(abs(float(heat.min())), abs(float(heat.max())), 1e-6)
-        pred = ck.predicted(probs[row:row + 1])[0]
-        plots.show(axes[row, 0], views[row], image_title(ck, path, label))
-        plots.show(axes[row, 1], heat, f"drop in p({ck.classes[t]})", cmap="RdBu_r", vmin=-lim, vmax=lim)
-        plots.overlay(axes[row, 2], views[row], plots.to_display(np.clip(heat, 0, None)),
-                      f"pred {ck.classes[pred]} {float(probs[row, pred]):.2f}")
+    for row, (path, heat) in enumerate(zip(paths, maps)):
+        t, pred = targets[row], preds[row]
         peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
         results.append({"image": str(path), "target": ck.classes[t], "pred": ck.classes[pred],
                         "prob": round(float(probs[row, t]), 4), "peak_yx": [int(peak[0]), int(peak[1])],
                         "max_drop": round(float(heat.max()), 4)})
-    index.save(fig, "occlusion", f"occlusion: {w}px block, stride {s}, baseline {opts.get('baseline', 'mean')}",
-               window=w, stride=s)
+    index.save(fig, "occlusion", f"occlusion: drop in p(class) under a {w}px block, stride {s}, baseline "
+               f"{opts.get('baseline', 'background')}", window=w, stride=s)
     np.save(index.out_dir / "occlusion_maps.npy", maps)
     index.data.update(results=results, checkpoint=str(ck.path), maps="occlusion_maps.npy")

@@ -66,7 +66,6 @@ def run_augment(cfg: DictConfig, index: plots.Index) -> None:
     preset = cfg.augmentation.get("name") or "augmentation"
     index.save(fig, f"augment_{preset}", f"augmentation '{preset}': original | {m} train variants | eval view "
                f"({inp.image_size} px)", preset=preset, image_size=inp.image_size)
-    index.note("segmentation masks are not overlaid: this data module yields class labels only")
     index.data.update(preset=preset, images=[str(p) for p in paths])
 
 
