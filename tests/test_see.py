@@ -115,6 +115,34 @@ def test_occlusion_peak_lies_on_the_shape_of_a_trained_model(shapes_with_boxes, 
     assert len(hits) >= 10 and np.mean(hits) >= 0.7, hits
 
 
+def test_default_images_are_the_surest_correct_val_images(trained, tmp_path):
+    """Without image=, occlusion explains val images the model gets right, most confident first."""
+    import torch
+
+    from visionsweep.analysis.common import Checkpoint
+    from visionsweep.checkpoints import load
+
+    result = _see(tmp_path, "see=occlusion", f"ckpt_path={trained['ckpt']}", "see.max_images=3")
+    assert any("classifies correctly with the highest probability" in n for n in result["notes"])
+    val = [ln.split(",") for ln in (trained["run"] / "splits" / "val.csv").read_text().strip().splitlines()[1:]]
+    loaded = load(trained["ckpt"])
+    ck = Checkpoint(loaded.model, loaded.path, loaded.run_dir, None)
+    paths = [trained["root"] / row[0] for row in val]
+    with torch.no_grad():
+        probs = ck.model(ck.prepare([np.asarray(Image.open(p).convert("RGB")) for p in paths])).softmax(1)
+    surest: dict[str, float] = {}   # per class: the highest probability of a correctly classified val image
+    for row, p in zip(val, probs):
+        if int(p.argmax()) == int(row[1]):
+            surest[row[2]] = max(surest.get(row[2], 0.0), float(p.max()))
+    chosen = result["results"]
+    assert len(chosen) == 3 and {Path(r["image"]).name for r in chosen} <= {Path(row[0]).name for row in val}
+    for r in chosen:
+        true = Path(r["image"]).parent.name
+        if true in surest:   # the class has a correctly classified image: its surest one is shown
+            assert r["pred"] == r["target"] == true and r["prob"] == pytest.approx(surest[true], abs=1e-4)
+    assert len(surest) < 3 or {Path(r["image"]).parent.name for r in chosen} == set(surest)   # one per class
+
+
 def test_features_one_grid_per_stage_shrinking_like_feature_info(trained, tmp_path):
     import timm
 
@@ -135,8 +163,8 @@ def test_filters_and_gradcam(trained, shapes_with_boxes, tmp_path):
     folder, _ = shapes_with_boxes
     result = _see(tmp_path / "g", "see=gradcam", f"ckpt_path={trained['ckpt']}", f"image={folder / 'circle'}",
                   "see.classes=[square,triangle]")
-    assert result["layer"] == "layer3"   # layer4 is 1x1 at 32 px: the deepest stage with a 2x2 map
-    assert any("layer4 gives a 1x1 map" in n for n in result["notes"])
+    assert result["layer"] == "layer2"   # layer4 is 1x1, layer3 2x2 at 32 px: the deepest stage with a 4x4 map
+    assert any("layer4 gives a 1x1 map" in n and "at least 4x4" in n for n in result["notes"])
     assert (result["files"][0]["rows"], result["files"][0]["cols"]) == (4, 4)   # input, pred, 2 classes
 
 
@@ -161,6 +189,8 @@ def test_augment_and_batch_previews(trained, tmp_path):
     result = _see(tmp_path / "a", "see=augment", "augmentation=strong", "see.samples=3", "see.variants=4", *data)
     assert [(f["rows"], f["cols"]) for f in result["files"]] == [(3, 6)]
     assert result["files"][0]["file"] == "augment_strong.png"
+    words = " ".join([*result["notes"], *(f["title"] for f in result["files"])]).lower()
+    assert "mask" not in words   # class labels only: nothing about segmentation masks
     result = _see(tmp_path / "b", "see=batch", "data.batch_size=12", *data)
     assert result["batch_shape"] == [12, 3, SIZE, SIZE] and result["dtype"] == "torch.uint8"
     assert [(f["rows"], f["cols"]) for f in result["files"]] == [(2, 8)] and len(result["labels"]) == 12

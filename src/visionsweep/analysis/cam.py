@@ -21,6 +21,8 @@ from visionsweep.analysis.common import (backbone, image_probs, image_scores, im
 from visionsweep.analysis.features import feature_points
 from visionsweep.errors import ConfigError
 
+MIN_MAP = 4  # smallest map side Grad-CAM uses by default (ResNets at 224 px give 7x7)
+
 
 def _output_shapes(model: Any, x: torch.Tensor, names: list[str]) -> dict[str, tuple[int, ...]]:
     """Output shape of each named module of the model's backbone for one image."""
@@ -43,7 +45,8 @@ def _output_shapes(model: Any, x: torch.Tensor, names: list[str]) -> dict[str, t
 
 def cam_layer(model: Any, x: torch.Tensor, name: str | None = None) -> tuple[str, nn.Module]:
     """The layer Grad-CAM attributes to: ``name``, else the deepest timm feature point (stage) whose map
-    is at least 2x2 at this input size (a 1x1 map cannot localise anything); it must be spatial.
+    is at least ``MIN_MAP`` x ``MIN_MAP`` at this input size (a 1x1 map cannot localise anything, a 2x2 one
+    only names a quadrant); it must be spatial.
 
     Raises:
         ConfigError: an unknown layer, or one whose output is not an NCHW map (e.g. ViT blocks).
@@ -64,7 +67,7 @@ def cam_layer(model: Any, x: torch.Tensor, name: str | None = None) -> tuple[str
             f"see=gradcam does not apply to {model.hparams.backbone}: its layer '{candidates[0]}' gives {got} "
             "(tokens, not a conv feature map), and Grad-CAM needs a spatial conv stage; use see=occlusion "
             "or see=features, which work for transformers")
-    chosen = next((c for c in candidates if len(shapes.get(c, ())) == 4 and min(shapes[c][-2:]) >= 2),
+    chosen = next((c for c in candidates if len(shapes.get(c, ())) == 4 and min(shapes[c][-2:]) >= MIN_MAP),
                   candidates[0])
     return chosen, net.get_submodule(chosen)
 
@@ -103,8 +106,8 @@ def cam_figure(views: np.ndarray, titles: list[str], columns: list[tuple[list[in
         for col, (targets, maps) in enumerate(columns, start=1):
             c, heat = targets[row], maps[row]
             # one scale per map (CAM magnitudes are not comparable across images), starting at 0 = no evidence
-            bar = plots.overlay(axes[row, col], views[row], heat, f"Grad-CAM for class {classes[c]}\n"
-                                f"p={float(probs[row, c]):.2f}{' (predicted)' if col == 1 else ''}", vmax=max(float(heat.max()), 1e-12))
+            title = f"Grad-CAM for class {classes[c]}\np={float(probs[row, c]):.2f}" + (" (predicted)" * (col == 1))
+            bar = plots.overlay(axes[row, col], views[row], heat, title, vmax=max(float(heat.max()), 1e-12))
             plots.colorbar(axes[row, col], bar)
     return fig
 
@@ -118,8 +121,9 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
     name, layer = cam_layer(ck.model, x, opts.get("layer"))
     last = feature_points(ck.backbone)[-1]["module"]
     if not opts.get("layer") and name != last:
-        index.note(f"{last} gives a 1x1 map at {ck.hp.image_size} px, which cannot localise: used {name}, "
-                   "the deepest stage with a map of at least 2x2")
+        side = "x".join(map(str, _output_shapes(ck.model, x, [last])[last][-2:]))
+        index.note(f"{last} gives a {side} map at {ck.hp.image_size} px, too coarse to localise: used {name}, "
+                   f"the deepest stage with a map of at least {MIN_MAP}x{MIN_MAP}")
     with torch.no_grad():
         probs = image_probs(ck.model, x)
     preds = ck.predicted(probs)
