@@ -34,9 +34,13 @@ from visionsweep.data.splits import (
     SPLITS,
     Sample,
     atomic_write_text,
+    check_class_subset,
     check_holdouts,
+    check_train_per_class,
+    keep_per_class,
     read_split_dir,
     relative_posix,
+    select_classes,
     split_csv_text,
     stratified_split,
     validate_fractions,
@@ -64,6 +68,9 @@ class FolderDataModule(SplitDataModule):
         folds: k-fold cross-validation: K folds of the non-test images (null: the plain split);
             see :mod:`visionsweep.data.folds`.
         fold: The validation fold (0..K-1) of this job; sweep it: ``data.fold=0,1,2``.
+        classes: Class folder names to use (e.g. ``[7, 8, 9]``); the others are ignored. None: all.
+        train_per_class: Keep this many training images per class (drawn with ``split_seed``, so the
+            same images whatever the model seed); val and test are unchanged. None: all.
         batch_size: Batch size of every loader.
         num_workers: DataLoader worker processes, or ``"auto"``: the cores this process may use
             (fastest, but the augmentation random streams then depend on the machine).
@@ -97,6 +104,8 @@ class FolderDataModule(SplitDataModule):
         split_dir: str | None = None,
         folds: int | None = None,
         fold: int = 0,
+        classes: list[str | int] | None = None,
+        train_per_class: int | None = None,
         batch_size: int = 64,
         num_workers: int | str = 2,
         pin_memory: bool | None = None,
@@ -133,6 +142,8 @@ class FolderDataModule(SplitDataModule):
         self.split_seed = int(split_seed)
         self.split_dir = Path(split_dir).expanduser() if split_dir else None
         self.kfold = check_fold(folds, fold)  # (K, k) or None
+        self.class_subset = check_class_subset(classes)
+        self.train_per_class = check_train_per_class(train_per_class)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
@@ -185,6 +196,10 @@ class FolderDataModule(SplitDataModule):
                 source = "folders"
             else:
                 per_class, self.ignored_files = scan.scan_classes(root)
+                if self.class_subset:  # before the split (and the image check): other folders play no part
+                    found = sorted(per_class)
+                    select_classes(found, {}, self.class_subset, root)  # raises for an unknown name
+                    per_class = {c: per_class[c] for c in self.class_subset}
                 scan.require_two_classes(list(per_class), root)
                 per_class = self._drop_bad_per_class(per_class)
                 classes = sorted(per_class)
@@ -197,7 +212,13 @@ class FolderDataModule(SplitDataModule):
                 check_holdouts({c: len(f) for c, f in per_class.items()}, splits, self.val_fraction,
                                self.test_fraction)
                 source = "seeded"
+        if self.class_subset and source != "seeded":
+            classes, splits = select_classes(classes, splits, self.class_subset,
+                                             self.split_dir if source == "split_dir" else root)
         scan.require_two_classes(classes, root)
+        if self.train_per_class:
+            splits = {**splits, "train": keep_per_class(splits["train"], self.train_per_class, self.split_seed,
+                                                        classes)}
         if not splits["train"]:
             raise DataError(f"no training images found under '{root}': check data.root / data.split_dir")
         if not splits["val"] and source != "seeded":  # seeded: check_holdouts said it with the counts
@@ -312,8 +333,11 @@ class FolderDataModule(SplitDataModule):
             "folders": "split folders",
             "split_dir": f"split from {self.split_dir}",
         }[self._split_source]
+        if self.train_per_class:
+            how += f", {self.train_per_class} train images per class"
         extra = f", {len(self.bad_images)} bad images skipped" if self.bad_images else ""
-        return f"{name}: {self.num_classes} classes, {counts} ({how}){extra}"
+        chosen = f" ({', '.join(self.class_subset)})" if self.class_subset else ""
+        return f"{name}: {self.num_classes} classes{chosen}, {counts} ({how}){extra}"
 
     # ------------------------------------------------------------------ loaders
     def resize_rule(self, split: str) -> ResizeRule | None:

@@ -272,3 +272,88 @@ def read_split_dir(split_dir: Path, root: Path) -> tuple[list[str], dict[str, li
                 )
             out[split].append((path, label))
     return classes, out
+
+
+def check_class_subset(classes: Sequence[str | int] | str | None) -> list[str] | None:
+    """``data.classes`` as a sorted list of folder names, None to keep every class.
+
+    Args:
+        classes: Class folder names to keep (``[7,8,9]`` from the command line gives ints).
+
+    Raises:
+        ConfigError: Not a list, an empty name, a repeated name, or fewer than two names.
+    """
+    if classes is None:
+        return None
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise ConfigError(f"data.classes={classes}: give a list of class folder names, e.g. data.classes=[7,8,9]")
+    names = [str(c) for c in classes]
+    if any(not n or isinstance(c, (list, dict, float)) for n, c in zip(names, classes)):
+        raise ConfigError(f"data.classes={list(classes)}: each entry must be a class folder name, e.g. [7,8,9]")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.classes={names} names a class twice: list each class folder once")
+    if len(names) < 2:
+        raise ConfigError(f"data.classes={names}: classification needs at least two classes")
+    return sorted(names)
+
+
+def check_train_per_class(n: int | None) -> int | None:
+    """``data.train_per_class`` as an int ≥ 1, None to keep every training image.
+
+    Raises:
+        ConfigError: Not a whole number ≥ 1.
+    """
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"data.train_per_class={n}: give a whole number >= 1 (images kept per class), or null")
+    return n
+
+
+def select_classes(classes: Sequence[str], splits: dict[str, list[Sample]], wanted: Sequence[str],
+                   where: Path) -> tuple[list[str], dict[str, list[Sample]]]:
+    """Keep the samples of the ``wanted`` classes, relabelled by their sorted order.
+
+    Args:
+        classes: All class names (label ``i`` is ``classes[i]``).
+        splits: Sample lists of every split.
+        wanted: Class names to keep (``data.classes``).
+        where: The data root or split folder (for the message).
+
+    Raises:
+        DataError: A wanted class that is not among ``classes``.
+    """
+    missing = [c for c in wanted if c not in classes]
+    if missing:
+        raise DataError(f"data.classes: no class folder {', '.join(repr(c) for c in missing)} in '{where}' "
+                        f"(classes there: {', '.join(classes)})")
+    new = {classes.index(c): i for i, c in enumerate(sorted(wanted))}
+    return sorted(wanted), {s: [(p, new[y]) for p, y in v if y in new] for s, v in splits.items()}
+
+
+def keep_per_class(samples: list[Sample], n: int, seed: int, class_names: Sequence[str]) -> list[Sample]:
+    """``n`` samples of each label, drawn with ``seed`` (a private generator), sorted by path.
+
+    Only the training split is thinned: the same ``seed`` (``data.split_seed``) keeps the same images
+    whatever the model seed, which is what pairs the arms of a comparison over seeds.
+
+    Args:
+        samples: ``(path, label)`` of one split.
+        n: Samples kept per label.
+        seed: The split seed.
+        class_names: For the message.
+
+    Raises:
+        DataError: A class with fewer than ``n`` samples.
+    """
+    rng = np.random.default_rng([seed, 1])  # its own stream: the split's draws are unchanged
+    by_label: dict[int, list[Sample]] = {}
+    for sample in sorted(samples, key=lambda s: str(s[0])):
+        by_label.setdefault(sample[1], []).append(sample)
+    short = {class_names[y]: len(v) for y, v in sorted(by_label.items()) if len(v) < n}
+    if short:
+        counts = ", ".join(f"{c}: {k}" for c, k in short.items())
+        raise DataError(f"data.train_per_class={n} but the training split has fewer images ({counts}): "
+                        "lower data.train_per_class or data.val_fraction / data.test_fraction")
+    kept = [s for _, v in sorted(by_label.items()) for i in sorted(rng.permutation(len(v))[:n]) for s in [v[i]]]
+    return sorted(kept, key=lambda s: str(s[0]))
