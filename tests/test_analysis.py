@@ -209,3 +209,12 @@ def test_background_baseline_is_each_images_border_colour():
     assert fill[1].flatten().tolist() == [200.0] * 3
     with pytest.raises(ConfigError, match="see.baseline=pink"):
         baseline_value("pink", (0.5,) * 3)
+
+
+def test_one_pixel_feature_maps_say_their_value_and_get_a_layer_wide_scale():
+    from visionsweep.analysis.features import _map_title, _one_pixel_scale
+
+    act = torch.tensor([[[4.1]], [[0.5]], [[0.0]]])   # a 1x1 stage: one number per channel
+    assert _map_title("ch 0", act[0]) == "ch 0 = 4.10 (1x1)"
+    assert _one_pixel_scale(act) == {"vmin": 0.0, "vmax": pytest.approx(4.1)}   # 0.5 is not drawn as the top colour
+    assert _map_title("ch 0", torch.ones(2, 2)) == "ch 0" and _one_pixel_scale(torch.ones(3, 2, 2)) == {}

@@ -101,6 +101,18 @@ def filter_tiles(weight: torch.Tensor) -> np.ndarray:
     return (w - lo) / np.maximum(hi - lo, 1e-12)
 
 
+def _map_title(title: str, heat: torch.Tensor) -> str:
+    """A cell title; a 1x1 map (one colour whatever its value) also gets its value written out."""
+    return f"{title} = {float(heat.flatten()[0]):.2f} (1x1)" if heat.numel() == 1 else title
+
+
+def _one_pixel_scale(act: torch.Tensor) -> dict[str, float]:
+    """Colour limits for a 1x1 map: 0 .. the layer's largest value (one value alone would get the lowest colour)."""
+    if act.shape[-2:].numel() != 1:
+        return {}
+    return {"vmin": min(0.0, float(act.min())), "vmax": max(float(act.max()), 1e-6)}
+
+
 def run_features(cfg: DictConfig, index: plots.Index) -> None:
     """``see=features``: per layer, rows = images, columns = input | top-k channels; plus an overview."""
     ck = load_checkpoint(cfg)
@@ -127,7 +139,8 @@ def run_features(cfg: DictConfig, index: plots.Index) -> None:
             for col in range(k):
                 ax = axes[row, col + 1]
                 if col < len(chans):
-                    plots.show(ax, act[row, chans[col]].numpy(), f"ch {chans[col]}", cmap="viridis")
+                    plots.show(ax, act[row, chans[col]].numpy(), _map_title(f"ch {chans[col]}", act[row, chans[col]]),
+                               cmap="viridis", **_one_pixel_scale(act[row]))
                 else:
                     ax.axis("off")
         size = list(act.shape[-2:])
@@ -140,7 +153,9 @@ def run_features(cfg: DictConfig, index: plots.Index) -> None:
     for row in range(len(paths)):
         plots.show(axes[row, 0], views[row], titles[row])
         for col, (i, act) in enumerate(zip(indices, acts), start=1):
-            plots.show(axes[row, col], act[row].mean(0).numpy(), f"{info[i]['module']} mean", cmap="viridis")
+            mean = act[row].mean(0)
+            plots.show(axes[row, col], mean.numpy(), _map_title(f"{info[i]['module']} mean", mean), cmap="viridis",
+                       **_one_pixel_scale(act[row]))
     index.save(fig, "features_overview", "mean activation per layer, shallow → deep")
     index.data.update(layers=layers_out, images=[str(p) for p in paths], checkpoint=str(ck.path))
 
