@@ -6,6 +6,8 @@ so a message must name the bad thing and say how to fix it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class VisionSweepError(Exception):
     """Base class of every user-fixable error (printed as one line, exit code 2)."""
@@ -40,3 +42,16 @@ class DiskFullError(VisionSweepError):
 
     def __reduce__(self) -> tuple:  # one-argument pickling (DataLoader workers, multiprocessing)
         return (type(self), (self.path,))
+
+
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc``, then its causes / contexts, each once.
+
+    The chain can loop: ``raise inner from None`` inside ``except outer`` (Hydra's instantiate wrapper
+    re-raised as our own error) leaves ``outer.__cause__ is inner`` and ``inner.__context__ is outer``.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from visionsweep import builders, runinfo, tune
-from visionsweep.errors import DiskFullError
+from visionsweep.errors import DiskFullError, exception_chain
 from visionsweep.utils.atomic import atomic_write, disk_full_cause
 from visionsweep.utils.cli import guarded, is_multirun, precheck, user_error
 from visionsweep.utils.config import print_config_tree, resume_checkpoint
@@ -88,11 +88,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _disk_full(e: BaseException, out: Path) -> DiskFullError | None:
     """``e`` as a DiskFullError naming the file (ENOSPC anywhere in its chain), else None."""
-    seen: BaseException | None = e
-    while seen is not None:
-        if isinstance(seen, DiskFullError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
+    known = next((x for x in exception_chain(e) if isinstance(x, DiskFullError)), None)
+    if known is not None:
+        return known
     cause = disk_full_cause(e)
     if cause is None:
         return None

@@ -27,13 +27,9 @@ def disk_full_cause(exc: BaseException | None) -> OSError | None:
 
     torch.save reports a failed write as a RuntimeError whose context is the OSError, hence the walk.
     """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _FULL:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    from visionsweep.errors import exception_chain
+
+    return next((e for e in exception_chain(exc) if isinstance(e, OSError) and e.errno in _FULL), None)
 
 
 def tmp_path(path: str | Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from visionsweep.errors import ConfigError, VisionSweepError
+from visionsweep.errors import ConfigError, VisionSweepError, exception_chain
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 log = logging.getLogger("visionsweep")
@@ -32,8 +32,7 @@ def fail(message: str) -> None:
 
 def user_error(exc: BaseException) -> VisionSweepError | None:
     """The user-fixable error hidden in ``exc`` (also inside DataLoader workers and Hydra wrappers)."""
-    seen = exc
-    while seen is not None:
+    for seen in exception_chain(exc):
         if isinstance(seen, VisionSweepError):
             msg = str(seen)
             if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the last line
@@ -42,7 +41,6 @@ def user_error(exc: BaseException) -> VisionSweepError | None:
         if isinstance(seen, MissingMandatoryValue):
             key = getattr(seen, "full_key", "") or "a value"
             return ConfigError(f"{key} is required: set it on the command line ({key}=...)")
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
@@ -135,8 +133,7 @@ def yaml_error_message(exc: BaseException) -> str | None:
     """
     import yaml
 
-    seen: BaseException | None = exc
-    while seen is not None:
+    for seen in exception_chain(exc):
         if isinstance(seen, yaml.MarkedYAMLError):
             mark = seen.problem_mark or seen.context_mark
             where = f"'{mark.name}' line {mark.line + 1}" if mark is not None else "a config file"
@@ -144,7 +141,6 @@ def yaml_error_message(exc: BaseException) -> str | None:
             return f"YAML syntax error in {where}: {what or type(seen).__name__}: fix the file"
         if isinstance(seen, yaml.YAMLError):
             return f"YAML error in a config file: {_first_line(seen)}: fix the file"
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
