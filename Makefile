@@ -16,7 +16,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (once; ~2-3 min: torch, lightning, timm, hydra + launchers, ray, albumentations, wandb)"
 	$(PYTHON) -m venv $(VENV)
-	set -o pipefail; $(PY) -m pip install --quiet -e '.[dev,ray]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	set -o pipefail; $(PY) -m pip install --quiet -e '.[dev,ray,dashboards]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with its dependencies
