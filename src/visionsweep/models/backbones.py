@@ -1,7 +1,9 @@
 """timm backbones: name checks, input config (size, mean, std) and creation with weights.
 
 Every timm model name works. Weights come from the hub (``pretrained=True``, online) or from a
-local state-dict file (``pretrained_file``), which is how offline machines and tests load them.
+local state-dict file (``pretrained_file``), which is how offline machines and tests load them; a
+missing file with a built-in name (``resnet34_digits0-6.safetensors``) is pre-trained once first
+(:mod:`visionsweep.models.builtin_weights`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn as nn
 from timm.models import group_parameters
 
 from visionsweep.errors import ConfigError
+from visionsweep.models.builtin_weights import ensure_weights
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +229,7 @@ def create_backbone(
     check_backbone(name)
     if pretrained_file:
         path = Path(pretrained_file).expanduser()
-        if not path.is_file():
+        if not ensure_weights(path):  # a built-in name (<backbone>_digits<a>-<b>) is pre-trained once here
             raise ConfigError(
                 f"model.pretrained_file '{pretrained_file}' does not exist (write one from a trained "
                 "checkpoint: python -m visionsweep.export ckpt_path=<run>/checkpoints/last.ckpt "
