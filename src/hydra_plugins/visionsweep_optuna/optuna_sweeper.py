@@ -36,6 +36,22 @@ class SamplerConf:
 
 
 @dataclass
+class PrunerConf:
+    # median | successive_halving | hyperband | percentile | none; each job reports its per-epoch
+    # validation metric (callbacks/optuna_pruning.py) and stops when pruned. Unset arguments keep
+    # Optuna's defaults; each pruner takes the ones it knows.
+    name: str = "none"
+    n_startup_trials: Optional[int] = None   # median / percentile: trials before pruning starts
+    n_warmup_steps: Optional[int] = None     # median / percentile: epochs before a trial can be pruned
+    interval_steps: Optional[int] = None
+    percentile: Optional[float] = None
+    min_resource: Optional[Any] = None       # successive_halving / hyperband ("auto" or epochs)
+    max_resource: Optional[Any] = None       # hyperband ("auto" or epochs)
+    reduction_factor: Optional[int] = None
+    min_early_stopping_rate: Optional[int] = None
+
+
+@dataclass
 class VisionSweepOptunaConf:
     _target_: str = "hydra_plugins.visionsweep_optuna.optuna_sweeper.OptunaSweeper"
     direction: str = "maximize"
@@ -43,6 +59,8 @@ class VisionSweepOptunaConf:
     study_name: Optional[str] = None
     storage: Optional[str] = None  # None: sqlite:///<sweep dir>/optuna.db
     sampler: SamplerConf = field(default_factory=SamplerConf)
+    pruner: PrunerConf = field(default_factory=PrunerConf)
+    n_jobs: int = 1  # trials asked at once and handed to the launcher together (joblib, submitit, Ray)
     params: Dict[str, str] = field(default_factory=dict)
 
 
@@ -96,8 +114,29 @@ def mark_interrupted(study: Any) -> list[int]:
     return [t.number for t in stale]
 
 
+def job_status(result: Any) -> str | None:
+    """The ``status`` a finished job wrote in its run.json (``ok``, ``failed``, ``pruned``), if any."""
+    import json
+
+    try:
+        return json.loads((Path(result.working_dir) / "run.json").read_text()).get("status")
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def consecutive(trials: list[Any]) -> list[list[Any]]:
+    """Trials in runs of consecutive numbers: a launch numbers its jobs from ``initial_job_idx`` on."""
+    runs: list[list[Any]] = []
+    for t in trials:
+        if runs and runs[-1][-1].number + 1 == t.number:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return runs
+
+
 class OptunaSweeper(Sweeper):
-    """Ask Optuna for parameters, launch one Hydra job per trial, tell it the job's return value.
+    """Ask Optuna for parameters, launch the trials (``n_jobs`` at once), tell it each job's result.
 
     Args:
         direction: ``maximize`` or ``minimize`` the task's return value.
@@ -106,14 +145,21 @@ class OptunaSweeper(Sweeper):
         storage: Optuna storage URL; None puts a sqlite file in the sweep dir.
         sampler: ``name`` and ``seed`` of the sampler.
         params: parameter name → Hydra sweep expression.
+        pruner: ``name`` and arguments of the pruner (``none``: no pruning).
+        n_jobs: trials asked at once and launched together; the launcher decides where they run.
     """
 
     def __init__(self, direction: str, n_trials: int, study_name: str | None, storage: str | None,
-                 sampler: Any, params: dict[str, str] | None) -> None:
+                 sampler: Any, params: dict[str, str] | None, pruner: Any = None, n_jobs: int = 1) -> None:
         self.direction, self.n_trials = direction, int(n_trials)
         self.study_name, self.storage = study_name, storage
         self.sampler_cfg = sampler
         self.params = dict(params or {})
+        self.pruner_cfg = {k: v for k, v in (OmegaConf.to_container(pruner) if isinstance(pruner, DictConfig)
+                                             else dict(pruner or {})).items() if v is not None}
+        self.n_jobs = int(n_jobs)
+        if self.n_jobs < 1:
+            raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}: give an integer >= 1")
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
@@ -137,42 +183,71 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         storage = self.storage or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
+        from visionsweep.callbacks.optuna_pruning import make_pruner
+
         study = optuna.create_study(
             study_name=self.study_name or sweep_dir.name, storage=storage, direction=self.direction,
-            sampler=make_sampler(self.sampler_cfg.name, self.sampler_cfg.seed), load_if_exists=True)
+            sampler=make_sampler(self.sampler_cfg.name, self.sampler_cfg.seed),
+            pruner=make_pruner(self.pruner_cfg), load_if_exists=True)
         study.set_user_attr("sweep_dir", str(sweep_dir))
         mark_interrupted(study)
         done = sum(not t.user_attrs.get("interrupted") for t in study.trials)  # interrupted: asked again
         if study.trials and self.sampler_cfg.seed is not None:
             # a resumed study: the same seed would replay the first trials' parameters
             study.sampler = make_sampler(self.sampler_cfg.name, int(self.sampler_cfg.seed) + len(study.trials))
-        log.info("Optuna study %s (%s): %d of %d trials done; space: %s", study.study_name, storage,
-                 done, self.n_trials, ", ".join(space))
+        log.info("Optuna study %s (%s): %d of %d trials done, %d at once, pruner %s; space: %s",
+                 study.study_name, storage, done, self.n_trials, self.n_jobs,
+                 self.pruner_cfg.get("name", "none"), ", ".join(space))
         returns = []
-        for _ in range(done, self.n_trials):
-            trial = study.ask(space)
-            job_idx = trial.number  # job dir = trial number: a re-asked trial never reuses a dir
-            overrides = fixed + [f"{k}={v}" for k, v in trial.params.items()]
-            self.validate_batch_is_legal([overrides])
-            [result] = self.launcher.launch([overrides], initial_job_idx=job_idx)
-            try:
-                value = result.return_value
-            except Exception as e:  # the job raised: record it and go on with the search
-                log.error("trial %d failed: %s", trial.number, e)
-                value = None
-            if value is None or not math.isfinite(float(value)):
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            else:
-                study.tell(trial, float(value))
-            returns.append([result])
+        while done < self.n_trials:
+            batch = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
+            done += len(batch)
+            for run in consecutive(batch):  # job dir = trial number: a re-asked trial never reuses a dir
+                jobs = [fixed + [f"{k}={v}" for k, v in t.params.items()] + [self._trial_env(t, storage)]
+                        for t in run]
+                self.validate_batch_is_legal(jobs)
+                results = self.launcher.launch(jobs, initial_job_idx=run[0].number)
+                for trial, result in zip(run, results):
+                    self._tell(study, trial, result)
+                returns.append(list(results))
         self._save_results(study, sweep_dir)
         return returns
+
+    def _trial_env(self, trial: Any, storage: str) -> str:
+        """The override that hands a job its trial (read by callbacks/optuna_pruning.py)."""
+        import json
+
+        from visionsweep.callbacks.optuna_pruning import ENV
+
+        info = json.dumps({"storage": storage, "study": trial.study.study_name, "number": trial.number,
+                           "pruner": self.pruner_cfg}, separators=(",", ":"))
+        return f"++hydra.job.env_set.{ENV}='{info}'"
+
+    @staticmethod
+    def _tell(study: Any, trial: Any, result: Any) -> None:
+        """Tell Optuna how the job ended: its value, PRUNED (run.json says so) or FAIL."""
+        import optuna
+
+        try:
+            value = result.return_value
+        except Exception as e:  # the job raised: record it and go on with the search
+            log.error("trial %d failed: %s", trial.number, e)
+            value = None
+        if job_status(result) == "pruned":
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif value is None or not math.isfinite(float(value)):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, float(value))
 
     @staticmethod
     def _save_results(study: Any, sweep_dir: Path) -> None:
         completed = [t for t in study.trials if t.value is not None]
+        import optuna
+
+        pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
         result: dict[str, Any] = {"study_name": study.study_name, "n_trials": len(study.trials),
-                                  "n_complete": len(completed)}
+                                  "n_complete": len(completed) - len(pruned), "n_pruned": len(pruned)}
         if completed:
             result.update(best_value=study.best_value, best_params=study.best_params,
                           best_trial=study.best_trial.number)

@@ -20,11 +20,14 @@ ENV = "VISIONSWEEP_OPTUNA_TRIAL"  # JSON: {"storage", "study", "number", "pruner
 
 
 def make_pruner(spec: dict[str, Any] | None) -> Any:
-    """An Optuna pruner from ``{"name": median|successive_halving|hyperband|none, **its arguments}``.
+    """An Optuna pruner from ``{"name": median|successive_halving|hyperband|percentile|none, **args}``.
 
     Args:
-        spec: The sweeper's ``pruner`` config as a dict (None: no pruning).
+        spec: The sweeper's ``pruner`` config as a dict (None: no pruning). Arguments the chosen pruner
+            does not take, and unset (None) ones, are left out.
     """
+    import inspect
+
     import optuna.pruners as P
 
     spec = dict(spec or {})
@@ -33,7 +36,8 @@ def make_pruner(spec: dict[str, Any] | None) -> Any:
              "hyperband": P.HyperbandPruner, "percentile": P.PercentilePruner, "none": P.NopPruner}
     if name not in kinds:
         raise ValueError(f"hydra.sweeper.pruner.name={name}: choose from {', '.join(kinds)}")
-    return kinds[name](**{k: v for k, v in spec.items() if v is not None})
+    takes = inspect.signature(kinds[name]).parameters
+    return kinds[name](**{k: v for k, v in spec.items() if v is not None and k in takes})
 
 
 def current_trial() -> Any | None:

@@ -52,8 +52,10 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     studies = [study.study_report(db, out) for db in study.find_studies(roots)]
     images += [img for s in studies for img in s["images"]]
 
-    n_ok = len(jobs) - len(failed)
-    intro = (f"{len(jobs)} jobs ({n_ok} ok, {len(failed)} failed) in {len(configs)} configurations; "
+    n_pruned = sum(j.status == "pruned" for j in jobs)
+    n_ok = len(jobs) - len(failed) - n_pruned
+    pruned = f", {n_pruned} pruned" if n_pruned else ""
+    intro = (f"{len(jobs)} jobs ({n_ok} ok, {len(failed)} failed{pruned}) in {len(configs)} configurations; "
              f"ranked by **{metric}** ({'higher' if collect.higher_is_better(metric) else 'lower'} is "
              f"better), mean ± 95% CI (Student t) over {render.unit(configs)}.")
     md = [f"# {title or 'visionsweep report'}", "", intro, "", "## Summary", "",
@@ -80,7 +82,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     for s in studies:
         sections += [("Optuna", "".join(render.html_paragraph(study.describe(e)) for e in s["studies"]))]
     files.append(_write(out / "report.html", render.html_page(title or "visionsweep report", sections, images)))
-    result = {"metric": metric, "rows": rows, "failed": [str(j.path) for j in failed],
+    result = {"metric": metric, "rows": rows, "failed": [str(j.path) for j in failed], "pruned": n_pruned,
               "paired": [p.__dict__ for p in pairs], "studies": [e for s in studies for e in s["studies"]],
               "files": [str(f) for f in files + images]}
     _write(out / "report.json", json.dumps(result, indent=2, default=_json_default))

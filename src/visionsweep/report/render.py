@@ -35,7 +35,10 @@ def summary_rows(configs: list[Configuration], metric: str) -> list[dict[str, An
     rows = []
     for c in configs:
         row: dict[str, Any] = {"configuration": c.label, "arch": c.arch, "augmentation": c.augmentation,
-                               unit(configs): len(c.values(metric)), "failed": len(c.jobs) - len(c.ok)}
+                               unit(configs): len(c.values(metric)),
+                               "failed": sum(j.status not in ("ok", "pruned") for j in c.jobs)}
+        if any(j.status == "pruned" for k in configs for j in k.jobs):
+            row["pruned"] = sum(j.status == "pruned" for j in c.jobs)
         for m in metrics:
             row[f"{m} mean"], row[f"{m} ci95"] = c.stat(m)
         epochs = [e for e in (best_epoch(j, metric) for j in c.ok) if e is not None]
@@ -204,8 +207,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def failed_jobs(jobs: list[Job]) -> list[Job]:
-    """Jobs that did not finish, in job order."""
-    return [j for j in jobs if j.status != "ok"]
+    """Jobs that did not finish, in job order (a pruned Optuna trial was stopped on purpose: not here)."""
+    return [j for j in jobs if j.status not in ("ok", "pruned")]
 
 
 def html_page(title: str, sections: list[tuple[str, str]], images: list[Path]) -> str:
