@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from visionsweep.errors import DiskFullError
+from visionsweep.errors import DiskFullError, exception_chain
 
 TMP_SUFFIX = ".tmp"
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -27,8 +27,6 @@ def disk_full_cause(exc: BaseException | None) -> OSError | None:
 
     torch.save reports a failed write as a RuntimeError whose context is the OSError, hence the walk.
     """
-    from visionsweep.errors import exception_chain
-
     return next((e for e in exception_chain(exc) if isinstance(e, OSError) and e.errno in _FULL), None)
 
 
