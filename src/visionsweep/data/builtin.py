@@ -238,9 +238,13 @@ def write_shapes(
 BUILTIN: dict[str, Callable[..., Path]] = {"digits": export_digits, "shapes": write_shapes}
 
 
+SHAPES_SEG_VERSION = 2
+"""Bumped when the generator draws differently: a set written by another version is regenerated."""
+
+
 def write_shapes_seg(
     root: str | Path,
-    n_images: int = 400,
+    n_images: int = 1200,
     size: int = 64,
     classes: Sequence[str] = ("circle", "square", "triangle"),
     max_shapes: int = 3,
@@ -301,7 +305,7 @@ def write_shapes_seg(
             Image.fromarray(mask).save(tmp / "masks" / f"{i:04d}.png")
 
     params = {"n_images": n_images, "size": size, "classes": list(classes), "max_shapes": max_shapes,
-              "seed": seed}
+              "seed": seed, "version": SHAPES_SEG_VERSION}
     return _write_atomically(Path(root), "shapes_seg", params, fill)
 
 

@@ -14,7 +14,9 @@ import csv
 import functools
 import hashlib
 import io
+import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,17 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from visionsweep.data import scan
 from visionsweep.data.base import SplitDataModule, resolve_workers
 from visionsweep.data.builtin import SEG_BUILTIN, is_complete
 from visionsweep.data.dataset import _to_chw_uint8
-from visionsweep.data.images import IMAGE_EXTENSIONS, load_rgb
+from visionsweep.data.images import load_rgb
+from visionsweep.data.seg_files import (  # noqa: F401 - re-exported
+    Pair, _check_pair, _refuse_gaps, _stale, find_pairs, load_class_names, read_mask,
+)
 from visionsweep.data.seeding import SampleSeeder, seed_sample
 from visionsweep.data.splits import (
     SPLITS,
@@ -46,126 +48,9 @@ from visionsweep.data.splits import (
 from visionsweep.data.transport import SlotDataLoader
 from visionsweep.errors import ConfigError, DataError
 
-Pair = tuple[Path, Path]
+log = logging.getLogger(__name__)
 MASK_MODES = ("auto", "index", "binary")
 EVAL_RESIZE = ("short_side", "none", "crop")
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """Decode a mask file into an ``H x W`` uint8 array of raw values (palette PNGs give their indices).
-
-    Raises:
-        DataError: Unreadable file, colour (RGB) mask, float mask or values above 255.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode, arr = img.mode, np.asarray(img)
-    except Exception as exc:  # Pillow raises many types
-        raise DataError(f"cannot read mask '{path}' ({type(exc).__name__}): replace the file") from exc
-    if arr.ndim == 3:
-        rgb = arr[..., :3] if mode != "LA" else arr[..., :1]
-        if rgb.shape[-1] > 1 and not (np.array_equal(rgb[..., 0], rgb[..., 1])
-                                       and np.array_equal(rgb[..., 0], rgb[..., 2])):
-            raise DataError(f"mask '{path}' is an RGB colour image ({mode}) but class indices are expected: "
-                            "save one channel (mode L or a palette PNG) with values 0..C-1")
-        arr = rgb[..., 0]
-    if arr.dtype.kind == "f":
-        raise DataError(f"mask '{path}' holds floats ({mode}): save integer class indices 0..C-1")
-    if arr.dtype != np.uint8:
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise DataError(f"mask '{path}' has values up to {arr.max()}: at most 256 values are supported")
-        arr = arr.astype(np.uint8)
-    return np.ascontiguousarray(arr)
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as :func:`load_rgb` returns it (EXIF rotations swap the sides); header only."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            return (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
-    except Exception as exc:
-        raise DataError(f"cannot read image '{path}' ({type(exc).__name__}): remove or replace it") from exc
-
-
-def find_pairs(folder: Path) -> list[Pair]:
-    """``(image, mask)`` pairs of ``folder/images`` and ``folder/masks`` (same stem; ``.png`` first)."""
-    images_dir, masks_dir = folder / "images", folder / "masks"
-    for d in (images_dir, masks_dir):
-        if not d.is_dir():
-            raise DataError(f"'{d}' is not a folder: a segmentation set needs {folder}/images and "
-                            f"{folder}/masks (same file stems), optionally under train/ val/ test/")
-    images, _ = scan.list_images(images_dir)
-    if not images:
-        raise DataError(f"no images in '{images_dir}': put the images there ({', '.join(IMAGE_EXTENSIONS)})")
-    masks = {}
-    for p in sorted(scan.list_images(masks_dir)[0], key=lambda p: p.suffix.lower() != ".png", reverse=True):
-        masks[p.stem] = p  # .png last, so it wins over a same-stem jpg
-    missing = [p for p in images if p.stem not in masks]
-    if missing:
-        more = f" [{len(missing) - 1} more without a mask]" if len(missing) > 1 else ""
-        raise DataError(f"image '{missing[0]}' has no mask: expected '{masks_dir / missing[0].stem}.png'{more}")
-    return [(p, masks[p.stem]) for p in images]
-
-
-def _check_pair(pair: Pair) -> set[int]:
-    """Size check of one pair; returns the mask's distinct values."""
-    image, mask_path = pair
-    mask = read_mask(mask_path)
-    w, h = _image_size(image)
-    if mask.shape != (h, w):
-        raise DataError(f"mask '{mask_path}' is {mask.shape[1]}x{mask.shape[0]} but image '{image}' is "
-                        f"{w}x{h}: masks must match their image pixel for pixel")
-    return set(np.unique(mask).tolist())
-
-
-def load_class_names(root: Path) -> list[str] | None:
-    """Names of ``root/classes.yaml`` (a list, or a mapping index: name), or None without the file."""
-    path = root / "classes.yaml"
-    if not path.is_file():
-        return None
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(path))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise DataError(f"'{path}'{where}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}): "
-                        "list the class names in index order (- background, - ...)") from None
-    if isinstance(data, dict):
-        try:
-            index = {int(k): str(v) for k, v in data.items()}
-        except ValueError:
-            raise DataError(f"'{path}': keys must be class indices (0: background, 1: ...)") from None
-        if sorted(index) != list(range(len(index))):
-            raise DataError(f"'{path}': indices must be 0..{len(index) - 1} without gaps")
-        return [index[i] for i in range(len(index))]
-    if not isinstance(data, list) or not data:
-        raise DataError(f"'{path}' must list the class names in index order (- background, - ...)")
-    return [str(v) for v in data]
-
-
-def _refuse_gaps(pairs: Sequence[Pair], values: Sequence[set[int]], seen: set[int], ignore_index: int) -> None:
-    """With classes inferred from the masks (0..max value), refuse values that leave unused indices.
-
-    A stray value (a 200 among 0/1 masks) would otherwise make 201 classes, most of them never seen,
-    and a meaningless mIoU.
-
-    Raises:
-        DataError: Naming a mask holding the first value above the gap, and the fixes.
-    """
-    used = sorted(v for v in seen if v != ignore_index)
-    if not used or used[-1] + 1 == len(used):
-        return
-    gap = next(i for i, v in enumerate(used) if v != i)  # the first unused index
-    stray = used[gap]
-    mask = next(m for (_, m), vals in zip(pairs, values) if stray in vals)
-    raise DataError(
-        f"mask '{mask}' has value {stray}, but no mask uses {gap}" + (f"..{stray - 1}" if stray - 1 > gap else "")
-        + f" (values found: {', '.join(map(str, used[:8]))}{' ...' if len(used) > 8 else ''}): classes are "
-        "read as 0..max value, so fix the mask, list the classes (data.classes=[...] or classes.yaml), or "
-        f"mark it with data.ignore_index={stray}"
-    )
 
 
 class SegmentationDataset(Dataset):
@@ -284,8 +169,23 @@ class SegmentationDataModule(SplitDataModule):
         self._split_source = ""
 
     def prepare_data(self) -> None:
-        """Write the built-in set to ``root`` if one is configured (once, atomically)."""
-        if self.builtin and not is_complete(self.root):
+        """Write the built-in set to ``root`` if one is configured (once, atomically).
+
+        A set written with other options or by an older generator (its ``.complete`` marker says) is
+        moved aside and written anew, so a changed default never trains on stale data silently.
+        """
+        if not self.builtin:
+            return
+        if is_complete(self.root) and _stale(self.root, self.builtin, self.builtin_options):
+            old = self.root.with_name(f".{self.root.name}.stale-{os.getpid()}")
+            log.warning("'%s' holds another %s (options or generator version differ): writing it anew",
+                        self.root, self.builtin)
+            try:
+                os.replace(self.root, old)
+            except OSError:  # another process moved it first
+                pass
+            shutil.rmtree(old, ignore_errors=True)
+        if not is_complete(self.root):
             SEG_BUILTIN[self.builtin](self.root, **self.builtin_options)
 
     def setup(self, stage: str | None = None) -> None:
