@@ -56,8 +56,8 @@ cache: $(STAMP)  ## pre-fill the decoded-sample cache: make cache ARGS="data=fol
 test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores)
 	$(PY) -m pytest $(ARGS)
 
-test-scaling: $(STAMP)  ## launcher (joblib, submitit, ray) and resume sweeps end to end (a few minutes)
-	$(PY) -m pytest -m scaling $(ARGS)
+test-scaling: $(STAMP)  ## launcher (joblib, submitit, ray), resume, DDP sweeps and the wheel, end to end (minutes)
+	$(PY) -m pytest -m "scaling or package" $(ARGS)
 
 test-all: $(STAMP)  ## run every test, slow ones included
 	$(PY) -m pytest -m "" $(ARGS)

@@ -71,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @guarded
 def _hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)

@@ -81,7 +81,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return info
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
 @guarded
 def _hydra_main(cfg: DictConfig) -> None:
     export(cfg)

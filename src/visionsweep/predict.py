@@ -108,7 +108,7 @@ def _print_table(rows: list[dict[str, Any]], show: int, out: Path, acc: float | 
     print(f"{len(rows)} images{more}{shown_acc}  → {out / 'predictions.csv'}", flush=True)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 @guarded
 def _hydra_main(cfg: DictConfig) -> None:
     predict(cfg)

@@ -45,7 +45,7 @@ def see(cfg: DictConfig) -> dict[str, Any]:
     return {"mode": mode, "files": index.files, "notes": index.notes, **index.data}
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="see")
+@hydra.main(version_base="1.3", config_path="conf", config_name="see")
 @guarded
 def _hydra_main(cfg: DictConfig) -> None:
     see(cfg)

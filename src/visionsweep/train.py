@@ -125,7 +125,7 @@ def _print_summary(metrics: dict[str, float], seconds: float, out: Path) -> None
     print(f"\n{shown}  ({seconds:.0f} s)  → {out}", flush=True)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @guarded
 def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)

@@ -20,7 +20,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from visionsweep.errors import ConfigError, VisionSweepError, exception_chain
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # visionsweep/conf: the repo's conf/ (a link), or the wheel's copy
 log = logging.getLogger("visionsweep")
 
 
