@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import CONF, compose_cfg
 
-# tiny and fast: resnet18 encoder cut to 3 stages, 32 px, 8 epochs of 112 images
+# tiny and fast: resnet18 encoder cut to 3 stages, narrow decoder, 32 px, 8 epochs of 224 images
 SEG = ["task=segment", "data.image_size=32", "data.batch_size=8", "augmentation=none", "logger=csv",
        "model.encoder_depth=3", "model.decoder_channels=[32,16,8]", "model.overlay_count=4",
        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -34,7 +34,7 @@ def _one_thread():
 def seg_root(tmp_path_factory) -> Path:
     from visionsweep.data.builtin import write_shapes_seg
 
-    return write_shapes_seg(tmp_path_factory.mktemp("data") / "shapes_seg", n_images=160, size=32,
+    return write_shapes_seg(tmp_path_factory.mktemp("data") / "shapes_seg", n_images=320, size=32,
                             classes=("circle", "square"), max_shapes=2, seed=0)
 
 
@@ -46,17 +46,32 @@ def trained(tmp_path_factory, seg_root) -> tuple[Path, dict]:
     return out, train(compose_cfg(out, [*SEG, f"data.root={seg_root}", "trainer.max_epochs=8", "seed=1"]))
 
 
-def _all_background_miou(root: Path, split_csv: Path) -> float:
+def _all_background_miou(root: Path, split_csv: Path, n_classes: int) -> float:
+    """mIoU of predicting background everywhere: IoU_bg = background share of all pixels, the others 0."""
     masks = [np.asarray(Image.open(root / row["mask"])) for row in csv.DictReader(split_csv.open())]
-    return float(np.mean([(m == 0).mean() for m in masks])) / 3  # IoU_bg = background share, others 0
+    return float(np.mean([(m == 0).mean() for m in masks])) / n_classes
 
 
 def test_tiny_unet_learns_above_all_background_baseline(trained, seg_root):
     out, metrics = trained
-    baseline = _all_background_miou(seg_root, out / "splits" / "val.csv")
+    baseline = _all_background_miou(seg_root, out / "splits" / "val.csv", 3)
     assert 0.2 < baseline < 0.32
-    assert metrics["val/miou_best"] >= baseline + 0.1, (baseline, metrics)
-    assert metrics["test/miou"] > baseline, (baseline, metrics)
+    # +0.2 needs most shape pixels found and told apart: foreground alone (one shape class) would not pass
+    assert metrics["val/miou_best"] >= baseline + 0.2, (baseline, metrics)
+    assert metrics["test/miou"] >= baseline + 0.1, (baseline, metrics)
+
+
+@pytest.mark.slow
+def test_default_reaches_miou_080(tmp_path):
+    """The real ``task=segment`` default (data, model, epochs as configured) segments: val mIoU >= 0.8."""
+    from visionsweep.train import train
+
+    root = tmp_path / "data" / "shapes_seg"
+    metrics = train(compose_cfg(tmp_path / "run", ["task=segment", f"data.root={root}", "logger=csv",
+                                                   "trainer.enable_progress_bar=false"]))
+    baseline = _all_background_miou(root, tmp_path / "run" / "splits" / "val.csv", 4)
+    assert baseline < 0.25 and metrics["val/miou_best"] >= 0.8, (baseline, metrics)
+    assert metrics["test/miou"] >= 0.75 and (tmp_path / "run" / "plots" / "val_overlays.png").is_file()
 
 
 def test_run_dir_has_per_class_iou_overlays_and_miou_checkpoint(trained):
@@ -224,3 +239,22 @@ def test_joint_augmentation_does_not_depend_on_the_worker_count(tmp_path):
     for (x, m), (gx, gm) in zip(ref, got):
         assert torch.equal(x, gx) and torch.equal(m, gm)
     assert not torch.equal(ref[0][0], ref[1][0])  # epochs draw anew
+
+
+def test_builtin_from_an_older_generator_is_written_anew(tmp_path, caplog):
+    from visionsweep.data.builtin import write_shapes_seg
+    from visionsweep.data.segmentation import SegmentationDataModule
+
+    opts = {"n_images": 6, "size": 16, "classes": ["circle"], "max_shapes": 1}
+    root = write_shapes_seg(tmp_path / "s", **opts)
+    marker = root / ".complete"
+    old = json.loads(marker.read_text())
+    marker.write_text(json.dumps({k: v for k, v in old.items() if k != "version"}))  # as version 1 wrote it
+    (root / "masks" / "0000.png").unlink()
+    SegmentationDataModule(str(root), builtin="shapes_seg", builtin_options=opts, num_workers=0).setup()
+    assert json.loads(marker.read_text()) == old and (root / "masks" / "0000.png").is_file()
+    # other options only warn: a set written on purpose (like this file's small one) is kept
+    dm = SegmentationDataModule(str(root), builtin="shapes_seg", builtin_options={**opts, "n_images": 9},
+                                num_workers=0)
+    dm.setup()
+    assert json.loads(marker.read_text()) == old and "other data.builtin_options" in caplog.text

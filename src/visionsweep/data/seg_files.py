@@ -139,15 +139,20 @@ def _refuse_gaps(pairs: Sequence[Pair], values: Sequence[set[int]], seen: set[in
     )
 
 
-def _stale(root: Path, name: str, options: dict) -> bool:
-    """Whether built-in set ``root`` was written by another generator version or with other ``options``."""
+def builtin_mismatch(root: Path, name: str, options: dict) -> str | None:
+    """How built-in set ``root`` differs from what ``options`` would write: ``"version"``, ``"options"`` or None.
+
+    ``"version"``: another generator version (or an unreadable marker) drew it; ``"options"``: the same
+    generator with other options (e.g. a small set a test wrote on purpose). A folder whose marker names
+    another set is not ours and never differs.
+    """
     try:
         marker = json.loads((root / COMPLETE_MARKER).read_text() or "{}")
     except (OSError, ValueError):
-        return True
+        return "version"
     if marker.get("name") != name:
-        return False  # not ours to replace: a user's folder with a marker of its own
+        return None
     if name == "shapes_seg" and marker.get("version") != SHAPES_SEG_VERSION:
-        return True
+        return "version"
     norm = lambda v: list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v  # noqa: E731
-    return any(norm(marker.get(k)) != norm(v) for k, v in options.items())
+    return "options" if any(norm(marker.get(k)) != norm(v) for k, v in options.items()) else None

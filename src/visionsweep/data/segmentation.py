@@ -33,7 +33,7 @@ from visionsweep.data.builtin import SEG_BUILTIN, is_complete
 from visionsweep.data.dataset import _to_chw_uint8
 from visionsweep.data.images import load_rgb
 from visionsweep.data.seg_files import (  # noqa: F401 - re-exported
-    Pair, _check_pair, _refuse_gaps, _stale, find_pairs, load_class_names, read_mask,
+    Pair, _check_pair, _refuse_gaps, builtin_mismatch, find_pairs, load_class_names, read_mask,
 )
 from visionsweep.data.seeding import SampleSeeder, seed_sample
 from visionsweep.data.splits import (
@@ -171,15 +171,19 @@ class SegmentationDataModule(SplitDataModule):
     def prepare_data(self) -> None:
         """Write the built-in set to ``root`` if one is configured (once, atomically).
 
-        A set written with other options or by an older generator (its ``.complete`` marker says) is
-        moved aside and written anew, so a changed default never trains on stale data silently.
+        A set drawn by an older generator (its ``.complete`` marker says) is moved aside and written
+        anew, so an improved generator never trains on stale data silently; one written with other
+        options is kept (a warning names it).
         """
         if not self.builtin:
             return
-        if is_complete(self.root) and _stale(self.root, self.builtin, self.builtin_options):
+        differs = builtin_mismatch(self.root, self.builtin, self.builtin_options) if is_complete(self.root) else None
+        if differs == "options":
+            log.warning("'%s' was written with other data.builtin_options than %s: using it as it is (delete "
+                        "the folder to write it with these)", self.root, self.builtin_options)
+        elif differs == "version":
+            log.warning("'%s' holds %s from an older generator: writing it anew", self.root, self.builtin)
             old = self.root.with_name(f".{self.root.name}.stale-{os.getpid()}")
-            log.warning("'%s' holds another %s (options or generator version differ): writing it anew",
-                        self.root, self.builtin)
             try:
                 os.replace(self.root, old)
             except OSError:  # another process moved it first
