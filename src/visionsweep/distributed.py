@@ -15,8 +15,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
+import pytorch_lightning as pl
 from pytorch_lightning.strategies import DDPStrategy as _LightningDDP
 from pytorch_lightning.strategies.launchers import subprocess_script
 from pytorch_lightning.utilities import rank_zero_only
@@ -80,3 +82,37 @@ class DDPStrategy(_LightningDDP):
                     call()
 
             launcher._call_children_scripts = call_children
+
+
+def processes_per_node(trainer_cfg: Any) -> int:
+    """Training processes this job starts on each node (``trainer.devices`` under a DDP strategy, else 1)."""
+    strategy, devices = trainer_cfg.get("strategy"), trainer_cfg.get("devices", 1)
+    if not strategy or str(strategy) in ("auto", "single_device") or not str(devices).isdigit():
+        return 1
+    return max(1, int(devices))
+
+
+def end_of_fit(trainer: pl.Trainer) -> bool:
+    """After a distributed fit: wait for every rank, close the process group; True on rank 0.
+
+    Rank 0 then tests the best checkpoint alone, on every test image exactly once (a distributed
+    test pads the last shard with repeated images), and writes run.json.
+    """
+    import torch.distributed as dist
+
+    if trainer.world_size <= 1:
+        return True
+    trainer.strategy.barrier()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return trainer.is_global_zero
+
+
+def tester(trainer: pl.Trainer) -> pl.Trainer:
+    """The trainer that runs the test after ``trainer``'s fit: itself, or a one-device one after DDP."""
+    if trainer.world_size <= 1:
+        return trainer
+    return pl.Trainer(accelerator="gpu" if trainer.strategy.root_device.type == "cuda" else "cpu", devices=1,
+                      logger=trainer.loggers, callbacks=[], enable_checkpointing=False,
+                      enable_model_summary=False, precision=trainer.precision,
+                      enable_progress_bar=trainer.progress_bar_callback is not None)

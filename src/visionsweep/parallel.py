@@ -91,7 +91,11 @@ def resolve_threads(value: Any, launcher_cfg: Mapping[str, Any] | Any = None, co
         per_task = _get(launcher_cfg, "cpus_per_task")  # submitit: what the scheduler grants a task
         if per_task:
             return max(1, min(int(per_task), cores))
-        return max(1, cores // concurrent_jobs(launcher_cfg, cores))
+        n = max(1, cores // concurrent_jobs(launcher_cfg, cores))
+        pinned = os.environ.get("OMP_NUM_THREADS", "")
+        if launcher_cfg is None and pinned.isdigit() and int(pinned) > 0:
+            n = min(n, int(pinned))  # a single run inside a budget someone set (SLURM, a test runner)
+        return n
     try:
         n = int(str(value))
     except ValueError:

@@ -80,6 +80,11 @@ def lr_find(cfg: DictConfig, model: pl.LightningModule, dm: pl.LightningDataModu
     opts = tune_settings(cfg)
     if not opts["lr_find"]:
         return model, None
+    from visionsweep.distributed import processes_per_node
+
+    if processes_per_node(cfg.trainer) > 1:
+        raise ConfigError("tune.lr_find runs on one device: find the lr without trainer=ddp, then train "
+                          "with optimizer.lr=<suggestion>")
     steps = int(opts["num_training"])
     if steps < 20:
         raise ConfigError(f"tune.num_training={steps}: give at least 20 steps (the suggestion skips the first 10)")

@@ -1,0 +1,60 @@
+"""How a training job ends: its metrics, its status, the summary line, and what a failure leaves."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from visionsweep.errors import DiskFullError, exception_chain
+from visionsweep.utils.atomic import disk_full_cause
+
+SUMMARY_KEYS = ("val/acc_best", "val/acc", "test/acc", "val/miou_best", "val/miou", "test/miou")
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """Lightning's callback metrics as plain rounded floats (one-element tensors only)."""
+    return {k: round(float(v), 6) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
+def status(trainer: pl.Trainer) -> str:
+    """``pruned`` when an Optuna pruner stopped the job (callbacks/optuna_pruning.py), else ``ok``."""
+    from visionsweep.callbacks.optuna_pruning import OptunaPruning
+
+    pruned = any(isinstance(cb, OptunaPruning) and cb.pruned_at is not None for cb in trainer.callbacks)
+    return "pruned" if pruned else "ok"
+
+
+def disk_full(e: BaseException, out: Path) -> DiskFullError | None:
+    """``e`` as a DiskFullError naming the file (ENOSPC anywhere in its chain), else None."""
+    known = next((x for x in exception_chain(e) if isinstance(x, DiskFullError)), None)
+    if known is not None:
+        return known
+    cause = disk_full_cause(e)
+    if cause is None:
+        return None
+    full = DiskFullError(cause.filename or f"into {out}")
+    full.__cause__ = e
+    return full
+
+
+def drop_last_checkpoint(trainer: pl.Trainer, multirun: bool) -> None:
+    """A finished sweep job drops its last.ckpt (RunCheckpoint's keep_last policy)."""
+    drop = getattr(trainer.checkpoint_callback, "drop_last", None)
+    if callable(drop):
+        drop(trainer, multirun)
+
+
+def remove_if_only_hydra_files(out: Path) -> None:
+    """A run that failed on a bad input before doing anything leaves no run dir."""
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def print_summary(metrics: dict[str, Any], seconds: float, out: Path, state: str = "ok") -> None:
+    """The one line a user reads at the end: the main metrics, the time, the run dir."""
+    shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
+    note = "  (pruned)" if state == "pruned" else ""
+    print(f"\n{shown}  ({seconds:.0f} s){note}  → {out}", flush=True)
