@@ -198,3 +198,85 @@ def test_mixup_and_cutmix_give_soft_targets(alphas):
     assert soft.shape == (12, 2) and torch.allclose(soft.sum(1), torch.ones(12))
     assert (soft.max(1).values < 0.95).all()  # no hard (or merely smoothed) targets left
     assert torch.isfinite(model.training_step((x, y), 0))
+
+
+# ----------------------------------------------------------------------------- built-in pretrained files
+def test_builtin_weights_names_and_recipe():
+    from visionsweep.models.builtin_weights import recipe
+
+    over = recipe("data/pretrained/resnet34_digits0-6.safetensors")
+    assert "model.backbone=resnet34" in over and "data.classes=[0,1,2,3,4,5,6]" in over
+    assert "data.classes=[0,1,2,4,6,7,9]" in recipe("resnet18_digits0124679.safetensors")
+    for name in ("resnet34_digits6-0.safetensors", "resnet34_digits11.safetensors", "w.safetensors",
+                 "resnet34_digits0-6.pth"):
+        assert recipe(name) is None, name
+
+
+def test_builtin_weights_are_built_once_by_concurrent_jobs(tmp_path, monkeypatch):
+    """Four jobs ask at once: one builds (under the lock), the others wait and find the file."""
+    import threading
+
+    from visionsweep.models import builtin_weights as bw
+
+    calls: list[str] = []
+
+    def fake_run(cmd, log_file, what):
+        calls.append(what)
+        time.sleep(0.3)  # long enough for the other threads to queue on the lock
+        out = next(a.split("=", 1)[1] for a in cmd if a.startswith(("hydra.run.dir=", "output=")))
+        if what == "pre-training":
+            Path(out).mkdir(parents=True)
+            (Path(out) / "run.json").write_text(json.dumps({"best_checkpoint": "x.ckpt", "metrics": {}}))
+        else:
+            Path(out).write_bytes(b"weights")
+            Path(out).with_suffix(".json").write_text("{}")
+
+    monkeypatch.setattr(bw, "_run", fake_run)
+    target = tmp_path / "pre" / "resnet18_digits0-4.safetensors"
+    results: list[bool] = []
+    jobs = [threading.Thread(target=lambda: results.append(bw.ensure_weights(target))) for _ in range(4)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert results == [True] * 4 and calls == ["pre-training", "exporting"]
+    assert target.read_bytes() == b"weights" and target.with_suffix(".json").is_file()
+    assert not list(target.parent.glob("*.tmp-*"))  # the temporary export was renamed, not left behind
+    assert bw.ensure_weights(tmp_path / "other.safetensors") is False  # no recipe: the caller's error
+
+
+def test_missing_builtin_pretrained_file_failure_is_one_line(tmp_path, monkeypatch):
+    from visionsweep.errors import ConfigError
+    from visionsweep.models import builtin_weights as bw
+
+    def failing(cmd, log_file, what):
+        raise ConfigError(f"building the built-in pretrained file failed while {what} (exit 2, log: {log_file})")
+
+    monkeypatch.setattr(bw, "_run", failing)
+    with pytest.raises(ConfigError, match="failed while pre-training") as info:
+        _module(tmp_path / "resnet18_digits0-4.safetensors")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "resnet18_digits0-4.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_three_people_fine_tune_beats_scratch_by_a_margin(tmp_path):
+    """The real experiment (1 seed): pre-training made on first use, then fine_tune vs scratch."""
+    from conftest import run_cli
+
+    weights = tmp_path / "pretrained" / "resnet34_digits0-6.safetensors"
+    sweep = tmp_path / "sweep"
+    done = run_cli("train", "-m", "experiment=three_people", "seed=1", "++threads=1",
+                   f"three_people.pretrained_file.fine_tune={weights}", f"hydra.sweep.dir={sweep}",
+                   "trainer.enable_progress_bar=false", "logger=csv", timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert weights.is_file() and (weights.parent / "resnet34_digits0-6.run" / "run.json").is_file()
+    acc = {}
+    for run_json in sweep.glob("*/run.json"):
+        run = json.loads(run_json.read_text())
+        arm = next(o.split("=")[1] for o in run["overrides"] if o.startswith("training="))
+        acc[arm] = run["metrics"]["test/acc"]
+        assert "3 classes (7, 8, 9)" in run["data"]["description"]
+        assert (run["pretrained"] is not None) == (arm == "fine_tune")
+    assert set(acc) == {"fine_tune", "scratch"}, acc
+    assert acc["fine_tune"] >= 0.85 and acc["fine_tune"] >= acc["scratch"] + 0.10, acc

@@ -23,7 +23,6 @@ import torch.nn as nn
 from timm.models import group_parameters
 
 from visionsweep.errors import ConfigError
-from visionsweep.models.builtin_weights import ensure_weights
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +228,9 @@ def create_backbone(
     check_backbone(name)
     if pretrained_file:
         path = Path(pretrained_file).expanduser()
+        # imported here: `python -m visionsweep.models.builtin_weights` must not be imported before it runs
+        from visionsweep.models.builtin_weights import ensure_weights
+
         if not ensure_weights(path):  # a built-in name (<backbone>_digits<a>-<b>) is pre-trained once here
             raise ConfigError(
                 f"model.pretrained_file '{pretrained_file}' does not exist (write one from a trained "

@@ -1,8 +1,8 @@
 """Built-in "pretrained" weights, made once on first use: an offline stand-in for the hub's.
 
-A ``model.pretrained_file`` named ``<backbone>_digits<a>-<b>.safetensors`` that does not exist yet is
-created the first time a run asks for it: ``<backbone>`` trained from scratch on the embedded digits of
-classes ``a``..``b`` (32 px), then exported as a state dict (``python -m visionsweep.export
+A ``model.pretrained_file`` named ``<backbone>_digits<a>-<b>.safetensors`` (or ``_digits<list>``, e.g.
+``_digits0124679``) that does not exist yet is created the first time a run asks for it: ``<backbone>``
+trained from scratch on the embedded digits of classes ``a``..``b`` (or the listed ones) at 32 px, then exported as a state dict (``python -m visionsweep.export
 format=state_dict``). The fine-tune demo (``experiment=three_people``) pre-trains on digits 0-6 this
 way and fine-tunes on 7, 8, 9, classes the weights have never seen.
 
@@ -30,7 +30,7 @@ from visionsweep.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PATTERN = re.compile(r"^(?P<backbone>[A-Za-z0-9_.]+?)_digits(?P<lo>\d)-(?P<hi>\d)\.safetensors$")
+PATTERN = re.compile(r"^(?P<backbone>[A-Za-z0-9_.]+?)_digits(?P<spec>\d-\d|\d{2,10})\.safetensors$")
 EPOCHS = 4  # ~1,100 images of 7 classes at 32 px: a few minutes of CPU
 
 
@@ -41,9 +41,13 @@ def recipe(path: str | Path) -> list[str] | None:
         path: The wanted ``model.pretrained_file``.
     """
     m = PATTERN.match(Path(path).name)
-    if not m or int(m["lo"]) >= int(m["hi"]):
+    if not m:
         return None
-    classes = ",".join(str(c) for c in range(int(m["lo"]), int(m["hi"]) + 1))
+    spec = m["spec"]
+    digits = list(range(int(spec[0]), int(spec[2]) + 1)) if "-" in spec else sorted({int(c) for c in spec})
+    if len(digits) < 2 or ("-" not in spec and len(digits) != len(spec)):
+        return None
+    classes = ",".join(str(c) for c in digits)
     # a fresh command line: the asking job's experiment and training choices do not reach it
     return [f"model.backbone={m['backbone']}", "model.pretrained=false", "model.pretrained_file=null",
             "data=digits", f"data.classes=[{classes}]", "data.test_fraction=0.0", "data.split_seed=0",
