@@ -280,3 +280,18 @@ def test_three_people_fine_tune_beats_scratch_by_a_margin(tmp_path):
         assert (run["pretrained"] is not None) == (arm == "fine_tune")
     assert set(acc) == {"fine_tune", "scratch"}, acc
     assert acc["fine_tune"] >= 0.85 and acc["fine_tune"] >= acc["scratch"] + 0.10, acc
+
+
+def test_freeze_bn_stats_keeps_the_pretrained_statistics(pretrained, tmp_path):
+    from visionsweep.callbacks.finetune import FineTune
+
+    model = _module(pretrained)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, val_check_interval=1, callbacks=[
+        FineTune(freeze_epochs=0, freeze_bn_stats=True)], enable_checkpointing=False, default_root_dir=tmp_path,
+        **QUIET)
+    trainer.fit(model, _tiny_loader(), _tiny_loader(24))  # validation after every batch: train mode restored
+    after = model.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(("running_mean", "running_var")))
+    assert not torch.equal(before["layer1.0.bn1.weight"], after["layer1.0.bn1.weight"])  # affine still trains
+    assert not torch.equal(before["layer2.0.conv1.weight"], after["layer2.0.conv1.weight"])

@@ -80,18 +80,22 @@ class FineTune(pl.Callback):
         div_final: both phases end at peak / div_final.
         frozen_pct_start: warm-up fraction of the frozen phase (fastai: 0.99).
         frozen_div: the frozen phase starts at peak / frozen_div (fastai's fit_one_cycle: 25).
+        freeze_bn_stats: keep every BatchNorm layer in eval mode the whole run (the pre-trained running
+            statistics; the affine parameters still train): for tiny batches of a few classes, whose
+            batch statistics are too noisy to re-estimate them.
     """
 
     plans_by_run_length = True  # its schedules follow the run's total steps: a resume must keep them
 
     def __init__(self, freeze_epochs: int = 1, lr_mult: float = 100.0, train_bn: bool = True,
                  pct_start: float = 0.3, div: float = 5.0, div_final: float = 1e5,
-                 frozen_pct_start: float = 0.99, frozen_div: float = 25.0) -> None:
+                 frozen_pct_start: float = 0.99, frozen_div: float = 25.0, freeze_bn_stats: bool = False) -> None:
         if int(freeze_epochs) < 0 or float(lr_mult) < 1:
             raise ConfigError(f"fine_tune: freeze_epochs={freeze_epochs} must be ≥ 0 and lr_mult={lr_mult} ≥ 1")
         self.freeze_epochs, self.lr_mult, self.train_bn = int(freeze_epochs), float(lr_mult), bool(train_bn)
         self.pct_start, self.div, self.div_final = float(pct_start), float(div), float(div_final)
         self.frozen_pct_start, self.frozen_div = float(frozen_pct_start), float(frozen_div)
+        self.freeze_bn_stats = bool(freeze_bn_stats)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.layerwise_lr = True  # one optimizer group per layer group, before configure_optimizers
@@ -114,9 +118,17 @@ class FineTune(pl.Callback):
         if not frozen:
             pl_module.net.train()  # BatchNorm layers that were kept in eval mode
         set_body_frozen(pl_module.net, frozen, self.train_bn)
+        self._bn_eval(pl_module)
         log.info("epoch %d: body %s", trainer.current_epoch, "frozen" if frozen else "trainable")
 
+    def _bn_eval(self, pl_module: pl.LightningModule) -> None:
+        if self.freeze_bn_stats:
+            for module in pl_module.net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._bn_eval(pl_module)  # also after a mid-epoch validation, which puts the model back in train mode
         for group, lr in zip(trainer.optimizers[0].param_groups, self.learning_rates(trainer)):
             group["lr"] = lr
 
