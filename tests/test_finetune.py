@@ -261,26 +261,28 @@ def test_missing_builtin_pretrained_file_failure_is_one_line(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_three_people_fine_tune_beats_scratch_by_a_margin(tmp_path):
-    """The real experiment (1 seed): pre-training made on first use, then fine_tune vs scratch."""
+    """The real experiment (3 seeds x 2 arms): pre-training made by the first job, then the issue's bar."""
+    from statistics import mean
+
     from conftest import run_cli
 
     weights = tmp_path / "pretrained" / "resnet34_digits0-6.safetensors"
     sweep = tmp_path / "sweep"
-    done = run_cli("train", "-m", "experiment=three_people", "seed=1", "++threads=1",
+    done = run_cli("train", "-m", "experiment=three_people", "++threads=1",
                    f"three_people.pretrained_file.fine_tune={weights}", f"hydra.sweep.dir={sweep}",
-                   "trainer.enable_progress_bar=false", "logger=csv", timeout=1800)
+                   "trainer.enable_progress_bar=false", "logger=csv", timeout=3000)
     assert done.returncode == 0, done.stderr[-3000:]
     assert weights.is_file() and (weights.parent / "resnet34_digits0-6.run" / "run.json").is_file()
-    acc = {}
+    acc: dict[str, dict[int, float]] = {"fine_tune": {}, "scratch": {}}
     for run_json in sweep.glob("*/run.json"):
         run = json.loads(run_json.read_text())
         arm = next(o.split("=")[1] for o in run["overrides"] if o.startswith("training="))
-        acc[arm] = run["metrics"]["test/acc"]
-        assert "3 classes (7, 8, 9)" in run["data"]["description"]
+        acc[arm][run["seed"]] = run["metrics"]["test/acc"]
+        assert "3 classes (7, 8, 9), 15 train" in run["data"]["description"]
         assert (run["pretrained"] is not None) == (arm == "fine_tune")
-    assert set(acc) == {"fine_tune", "scratch"}, acc
-    assert acc["fine_tune"] >= 0.85 and acc["fine_tune"] >= acc["scratch"] + 0.10, acc
-
+    assert all(len(v) == 3 for v in acc.values()), acc
+    tuned, scratch = mean(acc["fine_tune"].values()), mean(acc["scratch"].values())
+    assert tuned >= 0.85 and tuned >= scratch + 0.10, acc
 
 def test_freeze_bn_stats_keeps_the_pretrained_statistics(pretrained, tmp_path):
     from visionsweep.callbacks.finetune import FineTune
