@@ -118,9 +118,10 @@ def job_status(result: Any) -> str | None:
     """The ``status`` a finished job wrote in its run.json (``ok``, ``failed``, ``pruned``), if any."""
     import json
 
-    try:
-        return json.loads((Path(result.working_dir) / "run.json").read_text()).get("status")
-    except (OSError, TypeError, ValueError):
+    try:  # the job's output dir (working_dir is the cwd, which hydra.job.chdir=false leaves alone)
+        out = Path(result.hydra_cfg.hydra.runtime.output_dir)
+        return json.loads((out / "run.json").read_text()).get("status")
+    except (AttributeError, OSError, TypeError, ValueError):
         return None
 
 
