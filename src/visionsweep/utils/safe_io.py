@@ -63,14 +63,41 @@ class AtomicExperimentWriter(ExperimentWriter):
     """
 
     def __init__(self, log_dir: str) -> None:
+        # Lightning deletes an existing metrics.csv here; a job resumed in its own dir (a resumed sweep)
+        # keeps the epochs it had finished, so read them first (see _adopt_earlier_rows)
+        old = Path(log_dir) / self.NAME_METRICS_FILE
+        with (old.open(newline="") if old.is_file() else io.StringIO()) as f:
+            reader = csv.DictReader(f)
+            self._earlier = ([dict(r) for r in reader], list(reader.fieldnames or []))
         super().__init__(log_dir=log_dir)
         self._rows: list[dict[str, Any]] = []
+
+    def _adopt_earlier_rows(self) -> None:
+        """Keep the earlier rows from before the first step logged now (a resume logs the rest again).
+
+        At that step the earlier file holds the last finished epoch's epoch-end rows (kept) and the next
+        epoch's learning-rate row (logged again now, so dropped).
+        """
+        rows, keys = self._earlier
+        self._earlier = ([], [])
+        first = min(int(m.get("step", 0)) for m in self.metrics)
+
+        def before(r: dict[str, str]) -> bool:
+            step = int(float(r.get("step") or 0))
+            return step < first or (step == first and r.get("epoch") not in (None, ""))
+
+        kept = [r for r in rows if before(r)]
+        if kept:
+            self._rows = kept + self._rows
+            self.metrics_keys = list(dict.fromkeys([*keys, *self.metrics_keys]))
 
     def save(self) -> None:
         """Write every row recorded so far (under the header of all keys seen)."""
         if not self.metrics:
             return
         self._record_new_keys()
+        if self._earlier[0]:
+            self._adopt_earlier_rows()
         self._rows.extend(self.metrics)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.metrics_keys)
