@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import CONF, compose_cfg
 
-# tiny and fast: resnet18 encoder cut to 3 stages, narrow decoder, 32 px, 8 epochs of 224 images
+# tiny and fast: resnet18 encoder cut to 3 stages, narrow decoder, 32 px, 12 epochs of 224 images
 SEG = ["task=segment", "data.image_size=32", "data.batch_size=8", "augmentation=none", "logger=csv",
        "model.encoder_depth=3", "model.decoder_channels=[32,16,8]", "model.overlay_count=4",
        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -43,7 +43,7 @@ def trained(tmp_path_factory, seg_root) -> tuple[Path, dict]:
     from visionsweep.train import train
 
     out = tmp_path_factory.mktemp("segrun")
-    return out, train(compose_cfg(out, [*SEG, f"data.root={seg_root}", "trainer.max_epochs=8", "seed=1"]))
+    return out, train(compose_cfg(out, [*SEG, f"data.root={seg_root}", "trainer.max_epochs=12", "seed=1"]))
 
 
 def _all_background_miou(root: Path, split_csv: Path, n_classes: int) -> float:
