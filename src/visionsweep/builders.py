@@ -104,6 +104,10 @@ def build_loggers(cfg: DictConfig, output_dir: str | Path) -> list[Logger]:
     loggers = [make_csv_atomic(instantiate(node)) for node in (cfg.get("logger") or {}).values() if node]
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, AtomicCSVLogger(save_dir=str(output_dir), name="", version=""))
+    for lg in loggers:  # Lightning passes anonymous=None, and wandb warns that it "has no effect" every run
+        init = getattr(lg, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
     return loggers
 
 

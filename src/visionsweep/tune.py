@@ -92,7 +92,7 @@ def lr_find(cfg: DictConfig, model: pl.LightningModule, dm: pl.LightningDataModu
     trainer = pl.Trainer(
         accelerator=tcfg.get("accelerator", "auto"), devices=1, precision=tcfg.get("precision", "32-true"),
         max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=bool(tcfg.get("enable_progress_bar", True)),
+        enable_model_summary=False, enable_progress_bar=False,  # a second bar would only clutter the log
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(out),
         accumulate_grad_batches=tcfg.get("accumulate_grad_batches", 1),
         gradient_clip_val=tcfg.get("gradient_clip_val"), deterministic=tcfg.get("deterministic", False))

@@ -161,6 +161,9 @@ def precheck(config_name: str, argv: list[str] | None = None) -> None:
         sys.argv[1:] = expand_home(sys.argv[1:])
     else:
         argv[:] = expand_home(argv)
+    from visionsweep.utils.console import quiet_libraries
+
+    quiet_libraries()
     args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if any([args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.experimental_rerun]):
         return
