@@ -15,6 +15,9 @@ figures) and the lines are also written to ``--out`` (default ``runs/bench/<time
 6. ``sweep_joblib_ratio``: the same 4 small jobs (digits, ``threads=1``) as one sweep run sequentially vs
    ``hydra/launcher=joblib hydra.launcher.n_jobs=2``: wall-clock ratio of the two commands (goal >= 1.5 on
    2 cores) and ``identical``: whether every job's metrics match. Job size: ``--sweep-*`` flags.
+7. ``ddp_ratio``: one training job (same model and data) as 1 process vs ``trainer=ddp trainer.devices=2``
+   (2 gloo processes on CPU, 1 thread each; the single process gets both threads): wall-clock ratio, and
+   each side's val/acc_best (not equal: a DDP step sees two shards of the batch). In ``bench_scaling.py``.
 5. GPU only (or ``--e2e-device cpu``): ``e2e_<model>``: end-to-end training img/s from the JPEG folder
    (data.cache=memory, workers = cores, bf16, channels_last) vs model-only img/s on device-resident
    batches, for resnet34 and vgg19 at 224 px. Goal >= 0.90 for resnet34 on H100-class hardware.
@@ -41,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("step", "loader", "cache", "startup", "sweep", "e2e")
+SECTIONS = ("step", "loader", "cache", "startup", "sweep", "ddp", "e2e")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -296,37 +299,6 @@ def bench_startup(a, root: Path, out: Path | None) -> dict:
                  "bare_imports_s": round(imports, 2), "device": "cpu"}, out)
 
 
-# ---------------------------------------------------------------------------- 6. sweep: sequential vs joblib
-def bench_sweep(a, out: Path | None) -> dict:
-    """The same 4-job sweep run by the basic launcher and by joblib (n_jobs=2), threads=1 for both."""
-    from visionsweep.data.builtin import export_digits
-    from visionsweep.parallel import node_cores
-
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    keys = ("train/loss", "val/loss", "val/acc", "val/acc_best", "test/acc")
-    with tempfile.TemporaryDirectory() as tmp:
-        digits = export_digits(Path(tmp) / "digits")
-        args = [sys.executable, "-m", "visionsweep.train", "-m", f"data.root={digits}", "data=digits",
-                f"model={a.sweep_model}", f"data.image_size={a.sweep_size}", "augmentation=light", "logger=csv",
-                f"trainer.max_epochs={a.sweep_epochs}", f"trainer.limit_train_batches={a.sweep_batches}",
-                "trainer.enable_progress_bar=false", "data.verify_images=false", "seed=1,2,3,4", "++threads=1"]
-        seconds, metrics = {}, {}
-        for name, extra in (("sequential", []), ("joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])):
-            sweep = Path(tmp) / name
-            start = time.time()
-            proc = subprocess.run(args + extra + [f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True,
-                                  text=True, env=env)
-            seconds[name] = time.time() - start
-            if proc.returncode != 0:
-                raise RuntimeError(f"{name} sweep failed: {proc.stderr[-2000:]}")
-            runs = [json.loads((sweep / str(i) / "run.json").read_text()) for i in range(4)]
-            metrics[name] = [{k: r.get("metrics", {}).get(k) for k in keys} for r in runs]
-    return emit({"name": "sweep_joblib_ratio", "ratio": round(seconds["sequential"] / seconds["joblib"], 2),
-                 "goal": 1.5, "identical": metrics["sequential"] == metrics["joblib"],
-                 "sequential_s": round(seconds["sequential"], 1), "joblib_s": round(seconds["joblib"], 1),
-                 "jobs": 4, "n_jobs": 2, "threads": 1, "cores": node_cores(), "device": "cpu"}, out)
-
-
 # ---------------------------------------------------------------------------- 5. end-to-end (GPU)
 def model_only_rate(model_name: str, a, device: str, size: int, batch: int) -> float:
     return hand_loop_rate(model_name, _device_batches(a.e2e_warmup + a.e2e_steps, batch, size, device),
@@ -460,8 +432,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             records += bench_loaders(a, root, out, loader="loader" not in skip, cache="cache" not in skip)
         if "startup" not in skip:
             records.append(bench_startup(a, root, out))
+    from bench_scaling import bench_ddp, bench_sweep  # beside this file
+
     if "sweep" not in skip:
-        records.append(bench_sweep(a, out))
+        records.append(bench_sweep(a, out, emit, REPO))
+    if "ddp" not in skip:
+        records.append(bench_ddp(a, out, emit, REPO))
     if "e2e" not in skip and a.e2e_device:
         records += bench_e2e(a, out)
     elif "e2e" not in skip:
