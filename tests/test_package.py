@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,7 +18,18 @@ from conftest import REPO
 def wheel_venv(tmp_path_factory) -> Path:
     """A venv holding only our wheel; the dependencies come from the test's own environment."""
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(REPO)],
+    src = tmp / "src"  # a copy of the files git knows, so the build's build/ and egg-info stay out of the repo
+    listed = subprocess.check_output(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, text=True)
+    for rel in filter(None, listed.split("\0")):
+        origin, copy = REPO / rel, src / rel
+        if not origin.exists() and not origin.is_symlink():
+            continue  # deleted in the work tree
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if origin.is_symlink():
+            os.symlink(os.readlink(origin), copy)
+        else:
+            shutil.copy2(origin, copy)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(src)],
                    check=True, capture_output=True, timeout=600)
     wheel = next((tmp / "dist").glob("visionsweep-*.whl"))
     venv = tmp / "venv"
