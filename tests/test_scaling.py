@@ -207,6 +207,12 @@ def test_a_killed_sweep_rerun_skips_finished_jobs_and_resumes_the_interrupted_on
     assert [r["status"] for r in runs] == ["ok"] * 3 and runs[2]["epochs"] == 3
     assert runs[1]["resumed_from"] == str(last.resolve()) and runs[1]["epochs"] == 3
     assert not list(sweep.rglob("last-v*.ckpt"))
+    # the resumed job ends exactly as the same job run without a kill (seed 2 alone, in another dir)
+    alone = tmp_path / "alone"
+    clean = run_cli("train", *_sweep_args(digits_root, alone, "trainer.max_epochs=3", "trainer.limit_train_batches=8",
+                                          seeds="2"), timeout=900)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert _metrics(alone)[0] == {k: runs[1]["metrics"][k] for k in METRICS}
     actions = {k: v["action"] for k, v in json.loads((sweep / "ledger.json").read_text()).items()}
     assert actions == {"0": "skip", "1": "resume", "2": "run"}
     # a third time: nothing left to do, nothing touched
