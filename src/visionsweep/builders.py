@@ -61,6 +61,7 @@ def resolve_inputs(cfg: DictConfig) -> InputConfig:
         cfg.model.backbone, as_int(size, "data.image_size", 8) if size is not None else None,
         cfg.model.get("mean"), cfg.model.get("std"), cfg.data.get("crop_pct"),
         cfg.data.get("interpolation"),
+        check_size=cfg.get("task") != "segment",  # the segmenter pads any size to its encoder's stride
     )
     cfg.data.image_size, cfg.data.crop_pct, cfg.data.interpolation = (
         inp.image_size, inp.crop_pct, inp.interpolation)

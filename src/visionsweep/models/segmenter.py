@@ -133,8 +133,8 @@ class SegmenterModule(pl.LightningModule):
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
         total = getattr(scheduler, "total_steps", None)
-        if total is not None and scheduler.last_epoch + 1 >= total:
-            return  # a resumed run given more epochs than its one-cycle planned: hold the final lr
+        if total is not None and scheduler.last_epoch >= total:  # OneCycleLR allows total_steps steps
+            return  # past the planned steps: hold the final lr
         scheduler.step() if metric is None else scheduler.step(metric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
