@@ -33,10 +33,8 @@ predict: $(STAMP)  ## class + probabilities per image: make predict ARGS="ckpt_p
 export: $(STAMP)  ## ONNX / TorchScript export: make export ARGS="ckpt_path=... format=onnx"
 	$(PY) -m visionsweep.export $(ARGS)
 
-pretrain: $(STAMP)  ## our own "pretrained" resnet34 (on shapes) for the offline fine-tune demo → data/pretrained/resnet34_shapes.safetensors
-	run=runs/pretrain/resnet34_shapes_$$(date +%Y-%m-%d_%H-%M-%S); \
-	$(PY) -m visionsweep.train model=resnet34 data=shapes data.image_size=32 trainer.max_epochs=10 test=false logger=csv hydra.run.dir=$$run && \
-	$(PY) -m visionsweep.export ckpt_path=$$run/checkpoints/last.ckpt format=state_dict output=data/pretrained/resnet34_shapes.safetensors hydra.run.dir=$$run/export
+pretrain: $(STAMP)  ## our own "pretrained" resnet34 (digits 0-6) for the offline fine-tune demo → data/pretrained/resnet34_digits0-6.safetensors (experiment=three_people also makes it on first use)
+	$(PY) -m visionsweep.models.builtin_weights data/pretrained/resnet34_digits0-6.safetensors
 
 sweep: $(STAMP)  ## the smoke sweep (arch x augmentation x seed, 18 tiny jobs); the full one: python -m visionsweep.train -m experiment=arch_vs_aug
 	$(PY) -m visionsweep.train -m experiment=smoke_sweep $(ARGS)
