@@ -191,9 +191,37 @@ def _pretrained_cfg(name: str) -> dict:
     return cfg.to_dict() if cfg is not None else {}
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """True when the Hugging Face hub answers quickly; False offline (never hangs for long)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def hub_weights_cached(name: str) -> bool:
+    """True when the hub weights timm would load for ``name`` are already in the local Hugging Face cache.
+
+    timm then loads them offline too (``HF_HUB_OFFLINE=1`` reads the cache), so no network is needed.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name[3:] if name.startswith("tu-") else name)
+    except Exception:  # an unknown name, or a timm without this helper: let timm itself decide
+        return False
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    files = [getattr(cfg, "hf_hub_filename", None), *WEIGHT_FILES] if repo else []
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files if f)
+
+
+def hub_reachable(name: str | None = None, timeout: float = 2.0) -> bool:
+    """True when ``name``'s hub weights can be had: in the local cache, or the hub answers quickly.
+
+    Offline (``HF_HUB_OFFLINE=1``, huggingface_hub's own switch) only the cache counts; online a failed
+    connection answers in ``timeout`` seconds instead of timm's 46 s of retries.
+    """
+    if name and hub_weights_cached(name):
+        return True
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():
         return False
     import socket
 
@@ -237,7 +265,7 @@ def create_backbone(
                 "checkpoint: python -m visionsweep.export ckpt_path=<run>/checkpoints/last.ckpt "
                 f"format=state_dict output={pretrained_file})")
     elif pretrained:
-        if not hub_reachable():
+        if not hub_reachable(name):
             raise ConfigError(
                 f"model.pretrained=true needs the hub weights of '{name}' but the hub cannot be "
                 "reached: run online once, or give a local file with model.pretrained_file=/path/weights.pth"

@@ -272,7 +272,7 @@ def build_net(encoder: str, decoder: str, num_classes: int, depth: int = 5,
                               f"model.encoder a tu-<timm name> (got {encoder})")
         weights, kwargs["pretrained_cfg_overlay"] = True, {"file": str(path.resolve())}
     elif pretrained:
-        if not hub_reachable():
+        if not hub_reachable(encoder):
             raise ConfigError(f"model.pretrained=true needs the hub weights of '{encoder}' but the hub cannot be "
                               "reached: run online once, or give model.pretrained_file=/path/weights.pth")
         weights = True if encoder.startswith("tu-") else "imagenet"
