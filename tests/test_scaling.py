@@ -28,6 +28,7 @@ def test_auto_threads_share_the_node_among_the_jobs_running_at_once(monkeypatch)
     from visionsweep.parallel import JOBS_PER_NODE_VAR, launch_env, resolve_threads
 
     monkeypatch.delenv(JOBS_PER_NODE_VAR, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}
     assert resolve_threads("auto", joblib, cores=2) == 1
     assert resolve_threads("auto", {**joblib, "n_jobs": -1}, cores=8) == 1  # -1: one job per core
@@ -40,6 +41,9 @@ def test_auto_threads_share_the_node_among_the_jobs_running_at_once(monkeypatch)
            "ray": {"init": {}, "remote": {"num_cpus": 4}}}
     assert resolve_threads("auto", ray, cores=16) == 4
     assert resolve_threads(3, joblib, cores=2) == 3 and resolve_threads("2", None, cores=2) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a budget set outside (SLURM, a test runner) bounds a single run
+    assert resolve_threads("auto", None, cores=8) == 3 and resolve_threads("auto", joblib, cores=8) == 4
+    monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv(JOBS_PER_NODE_VAR, "4")  # what a sweeper says about the batch it launches
     assert resolve_threads("auto", None, cores=8) == 2
     assert launch_env(1, 2)["OMP_WAIT_POLICY"] == "PASSIVE" and "OMP_WAIT_POLICY" not in launch_env(4, 1)
