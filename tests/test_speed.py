@@ -183,7 +183,7 @@ def test_bench_writes_json_lines_with_ratios_step_ratio_first(tmp_path, monkeypa
     import bench
 
     out = tmp_path / "bench.jsonl"
-    records = bench.main(["--out", str(out), "--device", "cpu", "--skip", "startup", "--steps", "2",
+    records = bench.main(["--out", str(out), "--device", "cpu", "--skip", "startup,sweep,ddp", "--steps", "2",
                           "--warmup", "1", "--repeats", "1", "--batch-size", "8", "--image-size", "32",
                           "--model", "resnet10t", "--n-images", "24", "--loader-size", "32", "--loader-batch-size", "8",
                           "--loader-repeats", "1", "--jpeg-size", "64x48", "--workers", "0",
@@ -198,3 +198,4 @@ def test_bench_writes_json_lines_with_ratios_step_ratio_first(tmp_path, monkeypa
         assert isinstance(r["ratio"], float) and r["ratio"] > 0, r
     assert lines[0]["framework_img_s"] > 0 and lines[0]["reference_img_s"] > 0
     assert sys.modules["bench"].SECTIONS  # the script is importable (make bench runs it as a file)
+    assert callable(sys.modules["bench_scaling"].bench_ddp)  # its scaling lines too (whole sweeps: not here)
