@@ -6,7 +6,6 @@ normalises on the device.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -29,8 +28,8 @@ from visionsweep.data.cache import (
     train_short_side,
 )
 from visionsweep.data.dataset import ImageFolderDataset
-from visionsweep.data.images import bad_image_message
 from visionsweep.data.splits import (
+    fingerprint_files,
     SPLITS,
     Sample,
     atomic_write_text,
@@ -39,7 +38,6 @@ from visionsweep.data.splits import (
     check_train_per_class,
     keep_per_class,
     read_split_dir,
-    relative_posix,
     select_classes,
     split_csv_text,
     stratified_split,
@@ -294,27 +292,8 @@ class FolderDataModule(SplitDataModule):
 
     # ------------------------------------------------------------------ results
     def fingerprint(self) -> dict[str, Any]:
-        """Identify the exact files used (cheap: one ``stat`` per file, contents not read).
-
-        Returns:
-            ``{"n_files": int, "sha256": hex digest of the sorted (relative path, size) list}``.
-        """
-        splits = self._state()
-        entries = []
-        for path in (p for s in SPLITS for p, _ in splits[s]):
-            try:
-                entries.append((relative_posix(path, self.root), path.stat().st_size))
-            except FileNotFoundError:
-                raise DataError(
-                    f"image '{path}' disappeared after the data set was scanned: restore it or re-run"
-                ) from None
-            except OSError as e:  # a symlink loop with data.verify_images=false, ...
-                raise DataError(bad_image_message(path, f"{type(e).__name__}: {e.strerror or e}")) from None
-        entries.sort()
-        digest = hashlib.sha256()
-        for rel, size in entries:
-            digest.update(f"{rel}\t{size}\n".encode())
-        return {"n_files": len(entries), "sha256": digest.hexdigest()}
+        """``{"n_files", "sha256"}`` over the sorted (relative path, size) of every image used."""
+        return fingerprint_files((p for s in SPLITS for p, _ in self._state()[s]), self.root)
 
     def describe(self) -> str:
         """One-line summary of the data.

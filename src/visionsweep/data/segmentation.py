@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
 import logging
 import os
@@ -37,6 +36,7 @@ from visionsweep.data.seg_files import (  # noqa: F401 - re-exported
 )
 from visionsweep.data.seeding import SampleSeeder, seed_sample
 from visionsweep.data.splits import (
+    fingerprint_files,
     SPLITS,
     atomic_write_text,
     inside_root,
@@ -281,10 +281,7 @@ class SegmentationDataModule(SplitDataModule):
 
     def fingerprint(self) -> dict[str, Any]:
         """``{"n_files", "sha256"}`` over the sorted (relative path, size) of every image and mask."""
-        entries = sorted((relative_posix(p, self.root), p.stat().st_size)
-                         for s in SPLITS for pair in self._state()[s] for p in pair)
-        digest = hashlib.sha256("".join(f"{r}\t{n}\n" for r, n in entries).encode())
-        return {"n_files": len(entries), "sha256": digest.hexdigest()}
+        return fingerprint_files((p for s in SPLITS for pair in self._state()[s] for p in pair), self.root)
 
     def describe(self) -> str:
         """One line, e.g. ``"shapes_seg: 4 classes, 160 train / 40 val (seeded split, seed 0), index masks"``."""

@@ -357,3 +357,32 @@ def keep_per_class(samples: list[Sample], n: int, seed: int, class_names: Sequen
                         "lower data.train_per_class or data.val_fraction / data.test_fraction")
     kept = [s for _, v in sorted(by_label.items()) for i in sorted(rng.permutation(len(v))[:n]) for s in [v[i]]]
     return sorted(kept, key=lambda s: str(s[0]))
+
+
+def fingerprint_files(paths: Iterable[Path], root: Path) -> dict[str, Any]:
+    """Identify the exact files a run used (cheap: one ``stat`` per file, contents not read).
+
+    Args:
+        paths: Every file of every split (images, and masks for segmentation).
+        root: The data root the fingerprint's paths are relative to.
+
+    Returns:
+        ``{"n_files": int, "sha256": hex digest of the sorted (relative path, size) list}``.
+
+    Raises:
+        DataError: A file that disappeared or cannot be read since the scan.
+    """
+    import hashlib
+
+    from visionsweep.data.images import bad_image_message
+
+    entries = []
+    for path in paths:
+        try:
+            entries.append((relative_posix(path, root), path.stat().st_size))
+        except FileNotFoundError:
+            raise DataError(f"image '{path}' disappeared after the data set was scanned: restore it or re-run") from None
+        except OSError as e:  # a symlink loop with data.verify_images=false, ...
+            raise DataError(bad_image_message(path, f"{type(e).__name__}: {e.strerror or e}")) from None
+    digest = hashlib.sha256("".join(f"{rel}\t{size}\n" for rel, size in sorted(entries)).encode())
+    return {"n_files": len(entries), "sha256": digest.hexdigest()}
