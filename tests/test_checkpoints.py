@@ -22,6 +22,8 @@ SEG = ["task=segment", "data.image_size=32", "data.batch_size=8", "augmentation=
        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 UNSAFE = "is not a safe visionsweep checkpoint"
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread
+
 
 class _Exploit:
     """Unpickled without weights_only, this runs a shell command that creates ``marker``."""
@@ -41,12 +43,6 @@ def _malicious(path: Path, marker: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

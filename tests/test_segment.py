@@ -20,14 +20,9 @@ SEG = ["task=segment", "data.image_size=32", "data.batch_size=8", "augmentation=
        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 COLOURS = np.array([(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)], np.uint8)  # class k ↔ colour k
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Measured here: 2 torch threads on 2 cores shared with other test runs are ~15x slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 @pytest.fixture(scope="module")
