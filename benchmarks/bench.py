@@ -178,13 +178,13 @@ def framework_rate(model_name: str, batches: list, warmup: int, device: str, pre
     """img/s of visionsweep's ClassifierModule under the Lightning Trainer on the same batches."""
     import torch
 
-    from visionsweep.callbacks.throughput import ThroughputMonitor
+    from visionsweep.callbacks.data_wait import DataWaitMonitor
     from visionsweep.models.classifier import ClassifierModule
 
     torch.manual_seed(0)
     model = ClassifierModule(model_name, num_classes=4, image_size=size, channels_last=channels_last,
                              optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-3}, scheduler=None)
-    monitor = ThroughputMonitor(warmup_batches=warmup, filename=None, log_metrics=False, sync_cuda=True)
+    monitor = DataWaitMonitor(warmup_batches=warmup, filename=None, log_metrics=False, sync_cuda=True)
     _trainer(device, precision, len(batches), monitor).fit(model, train_dataloaders=Batches(batches))
     return float(monitor.epochs[-1]["img_s"])
 
@@ -315,7 +315,7 @@ def e2e_rate(model_name: str, root: Path, a, device: str, size: int, batch: int)
     import torch
 
     from visionsweep.augment import build_pipelines
-    from visionsweep.callbacks.throughput import ThroughputMonitor
+    from visionsweep.callbacks.data_wait import DataWaitMonitor
     from visionsweep.data.folder import FolderDataModule
     from visionsweep.models.classifier import ClassifierModule
 
@@ -327,7 +327,7 @@ def e2e_rate(model_name: str, root: Path, a, device: str, size: int, batch: int)
     torch.manual_seed(0)
     model = ClassifierModule(model_name, num_classes=4, image_size=size, channels_last=device == "cuda",
                              optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-3}, scheduler=None)
-    monitor = ThroughputMonitor(warmup_batches=a.e2e_warmup, filename=None, log_metrics=False)
+    monitor = DataWaitMonitor(warmup_batches=a.e2e_warmup, filename=None, log_metrics=False)
     _trainer(device, a.e2e_precision, -1, monitor, max_epochs=2).fit(model, datamodule=dm)
     return monitor.epochs[-1]  # epoch 2: workers warm, cache filled
 

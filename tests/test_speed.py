@@ -120,9 +120,9 @@ class _Tiny(pl.LightningModule):
 
 
 def _fit(tmp_path: Path, load_delay: float, step_delay: float):
-    from visionsweep.callbacks.throughput import ThroughputMonitor
+    from visionsweep.callbacks.data_wait import DataWaitMonitor
 
-    monitor = ThroughputMonitor(threshold=0.2)
+    monitor = DataWaitMonitor(threshold=0.2)
     trainer = pl.Trainer(max_epochs=1, default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor])
     trainer.fit(_Tiny(step_delay), DataLoader(_Sleepy(load_delay), batch_size=8))
@@ -169,12 +169,12 @@ def test_compile_callback_compiles_in_place_and_keeps_checkpoint_keys(tmp_path):
     assert CompileModel().enabled is False  # off unless asked for
 
 
-def test_default_callbacks_include_throughput_and_compile(tmp_path):
+def test_default_callbacks_include_data_wait_and_compile(tmp_path):
     from visionsweep import builders
 
     cfg = compose_cfg(tmp_path, [])
     names = {type(cb).__name__ for cb in builders.build_callbacks(cfg)}
-    assert {"ThroughputMonitor", "CompileModel"} <= names
+    assert {"DataWaitMonitor", "CompileModel"} <= names
 
 
 def test_bench_writes_json_lines_with_ratios_step_ratio_first(tmp_path, monkeypatch):

@@ -33,8 +33,11 @@ def _batch_size(batch: Any) -> int:
     return int(first.shape[0]) if hasattr(first, "shape") else len(first)
 
 
-class ThroughputMonitor(pl.Callback):
+class DataWaitMonitor(pl.Callback):
     """Measure data wait vs step time per epoch and flag an input-bound run.
+
+    Not Lightning's ``ThroughputMonitor`` (samples/s and FLOPs): this one splits each step's time into
+    waiting for the loader and computing, and names the fix when the loader is the bottleneck.
 
     Args:
         threshold: Flag the epoch when more than this share of its time is spent waiting for data.
