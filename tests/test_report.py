@@ -79,6 +79,18 @@ def test_paired_comparison_over_shared_seeds():
     assert close.wins == 1 and not close.holds and "1 of 2" in close.verdict
 
 
+def test_paired_ci_and_p_are_the_paired_t_tests_and_follow_the_metric_direction():
+    from scipy import stats
+
+    result = paired({1: 0.95, 2: 0.97, 3: 0.96}, {1: 0.90, 2: 0.93, 3: 0.94}, "other", confidence=0.9)
+    assert result.ci == pytest.approx(mean_ci(result.diffs, 0.9)[1])  # t-interval of the mean difference
+    assert result.p_value == pytest.approx(stats.ttest_1samp(result.diffs, 0.0).pvalue)
+    loss = paired({1: 0.10, 2: 0.12}, {1: 0.20, 2: 0.21}, "worse loss", higher_is_better=False)
+    assert loss.diffs == pytest.approx([0.10, 0.09]) and loss.wins == 2 and loss.holds
+    one = paired({1: 0.9}, {1: 0.8}, "one seed")
+    assert one.mean == pytest.approx(0.1) and math.isnan(one.ci) and math.isnan(one.p_value)
+
+
 def test_report_table_statistics_and_failures(sweep):
     result = build_report([sweep])
     rows = list(csv.DictReader((sweep / "summary.csv").open()))

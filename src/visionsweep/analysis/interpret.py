@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from sklearn import metrics
 
 from visionsweep.analysis import plots
 from visionsweep.analysis.common import load_checkpoint, run_datamodule
@@ -26,19 +27,26 @@ log = logging.getLogger(__name__)
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
-    """``cm[i, j]`` = number of images of class ``i`` predicted as ``j``."""
-    return np.bincount(np.asarray(y_true) * n + np.asarray(y_pred), minlength=n * n).reshape(n, n)
+    """``cm[i, j]`` = number of images (or pixels) of class ``i`` predicted as ``j``, over classes ``0..n-1``."""
+    return metrics.confusion_matrix(y_true, y_pred, labels=np.arange(n))
+
+
+def matrix_cells(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """A confusion matrix as scikit-learn's weighted ``(y_true, y_pred)`` pairs, one per cell.
+
+    A pixel confusion matrix is summed batch by batch; its metrics then come from these ``n * n``
+    weighted pairs instead of a label array per pixel.
+    """
+    n = len(cm)
+    actual, predicted = np.divmod(np.arange(n * n), n)
+    return {"y_true": actual, "y_pred": predicted, "labels": np.arange(n), "sample_weight": np.ravel(cm)}
 
 
 def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
     """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
-    tp = np.diag(cm).astype(float)
-    predicted, actual = cm.sum(0).astype(float), cm.sum(1).astype(float)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": actual.astype(int)}
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        **matrix_cells(cm), average=None, zero_division=0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(int)}
 
 
 def most_confused(cm: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
@@ -63,7 +71,8 @@ def predict(model: Any, loader: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(losses).numpy()
 
 
-def _confusion_figure(cm: np.ndarray, classes: list[str], index: plots.Index) -> None:
+def confusion_figure(cm: np.ndarray, classes: list[str], index: plots.Index) -> None:
+    """Save ``confusion.png``: the matrix as counts and normalised per actual class."""
     n = len(classes)
     panel = max(3.0, 0.45 * n)
     fig, axes = plots.grid(1, 2, panel=panel)
@@ -86,7 +95,8 @@ def _confusion_figure(cm: np.ndarray, classes: list[str], index: plots.Index) ->
     index.save(fig, "confusion", "confusion matrix: counts | normalised")
 
 
-def _table_figure(stats: dict[str, np.ndarray], classes: list[str], index: plots.Index) -> None:
+def table_figure(stats: dict[str, np.ndarray], classes: list[str], index: plots.Index) -> None:
+    """Save ``per_class.png``: precision / recall / F1 / support per class and their macro average."""
     rows = [[c, f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(s)] for c, p, r, f, s in
             zip(classes, stats["precision"], stats["recall"], stats["f1"], stats["support"])]
     rows.append(["macro avg", *(f"{stats[k].mean():.3f}" for k in ("precision", "recall", "f1")),
@@ -154,8 +164,8 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
     classes = ck.classes
     cm = confusion_matrix(labels, probs.argmax(1), len(classes))
     stats = per_class(cm)
-    _confusion_figure(cm, classes, index)
-    _table_figure(stats, classes, index)
+    confusion_figure(cm, classes, index)
+    table_figure(stats, classes, index)
     gallery, _ = _top_losses_figure(loader.dataset, probs, labels, losses, classes,
                                  int(cfg.see.get("top_k") or 16), index)
     pairs = most_confused(cm, classes, int(cfg.see.get("pairs") or 10))

@@ -14,8 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from sklearn import metrics
 
 from visionsweep.analysis import plots
+from visionsweep.analysis.interpret import (
+    confusion_figure, table_figure, confusion_matrix, matrix_cells, most_confused, per_class)
 
 
 @torch.no_grad()
@@ -24,25 +27,23 @@ def predict_pixels(model: Any, loader: Any, n: int, ignore_index: int) -> tuple[
 
     Pixels labelled ``ignore_index`` (also the padding of uneven batches) are left out everywhere.
     """
-    cm = torch.zeros(n * n, dtype=torch.long)
+    cm = np.zeros((n, n), dtype=np.int64)
     losses, accs = [], []
     for x, y in loader:
         logits = model(x)
         valid = y != ignore_index
         pred = logits.argmax(1)
-        cm += torch.bincount(y[valid] * n + pred[valid], minlength=n * n)
+        cm += confusion_matrix(y[valid].numpy(), pred[valid].numpy(), n)
         ce = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")
         count = valid.sum((1, 2)).clamp_min(1)
         losses.append(ce.sum((1, 2)) / count)
         accs.append(((pred == y) & valid).sum((1, 2)) / count)
-    return cm.view(n, n).numpy(), torch.cat(losses).numpy(), torch.cat(accs).numpy()
+    return cm, torch.cat(losses).numpy(), torch.cat(accs).numpy()
 
 
 def iou(cm: np.ndarray) -> np.ndarray:
     """Per-class intersection over union from a confusion matrix (0 for a class never seen nor predicted)."""
-    tp = np.diag(cm).astype(float)
-    union = cm.sum(0) + cm.sum(1) - tp
-    return np.divide(tp, union, out=np.zeros_like(tp), where=union > 0)
+    return metrics.jaccard_score(**matrix_cells(cm), average=None, zero_division=0)
 
 
 def _worst_figure(model: Any, dataset: Any, losses: np.ndarray, accs: np.ndarray, k: int,
@@ -68,15 +69,13 @@ def _worst_figure(model: Any, dataset: Any, losses: np.ndarray, accs: np.ndarray
 
 def run(ck: Any, loader: Any, cfg: DictConfig, split: str, index: plots.Index) -> None:
     """The segmentation half of ``see=errors`` on an already chosen split's loader."""
-    from visionsweep.analysis.interpret import _confusion_figure, _table_figure, most_confused, per_class
-
     classes = ck.classes
     cm, losses, accs = predict_pixels(ck.model, loader, len(classes), int(ck.hp.ignore_index))
     stats = {**per_class(cm), "iou": iou(cm)}
     present = (cm.sum(0) + cm.sum(1)) > 0  # the mean over the classes that occur, as eval's val/miou
     miou = float(stats["iou"][present].mean()) if present.any() else 0.0
-    _confusion_figure(cm, classes, index)
-    _table_figure(stats, classes, index)
+    confusion_figure(cm, classes, index)
+    table_figure(stats, classes, index)
     gallery = _worst_figure(ck.model, loader.dataset, losses, accs, int(cfg.see.get("top_k") or 8), index)
     pairs = most_confused(cm, classes, int(cfg.see.get("pairs") or 10))
     keys = ("iou", "precision", "recall", "f1", "support")

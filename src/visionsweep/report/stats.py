@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,13 +74,21 @@ def paired(best: Mapping[Any, float], other: Mapping[Any, float], other_label: s
         unit: what the shared keys are (``seeds`` or ``folds``), for the verdict.
 
     Returns:
-        The :class:`Paired` comparison (differences are oriented so that positive favours ``best``).
+        The :class:`Paired` comparison (differences are oriented so that positive favours ``best``): the
+        mean difference, the half-width of its CI and the p-value of scipy's paired t-test
+        (``scipy.stats.ttest_rel``), NaN with fewer than two shared seeds.
     """
     seeds = sorted(set(best) & set(other))
     sign = 1.0 if higher_is_better else -1.0
-    diffs = [sign * (best[s] - other[s]) for s in seeds]
-    mean, ci = mean_ci(diffs, confidence)
-    p = math.nan
-    if len(diffs) >= 2 and np.std(diffs) > 0:
-        p = float(stats.ttest_1samp(diffs, 0.0).pvalue)
-    return Paired(other_label, seeds, diffs, mean, ci, sum(d > 0 for d in diffs), p, unit)
+    ours = np.array([sign * best[s] for s in seeds], dtype=float)
+    theirs = np.array([sign * other[s] for s in seeds], dtype=float)
+    diffs = ours - theirs
+    mean = float(diffs.mean()) if len(diffs) else math.nan
+    ci = p = math.nan
+    if len(diffs) >= 2:
+        with warnings.catch_warnings():  # equal differences on every seed: scipy warns, the CI is 0 wide
+            warnings.simplefilter("ignore", RuntimeWarning)
+            test = stats.ttest_rel(ours, theirs)
+            low, high = test.confidence_interval(confidence)
+        ci, p = float(high - low) / 2, float(test.pvalue)
+    return Paired(other_label, seeds, diffs.tolist(), mean, ci, int((diffs > 0).sum()), p, unit)
