@@ -157,3 +157,27 @@ def test_report_html_renders_in_headless_chromium_with_the_csv_numbers(sweep, tm
     with Image.open(shot) as img:
         colours = img.convert("L").getextrema()
     assert colours[1] - colours[0] > 100  # something was drawn, not a blank page
+
+
+def test_study_plots_are_optunas_and_name_the_importance_evaluator(tmp_path):
+    import optuna
+
+    from visionsweep.report.study import describe, safe_stem, study_report
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db = tmp_path / "optuna.db"
+    study = optuna.create_study(study_name="s$x", storage=f"sqlite:///{db}", direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("lr$", 1e-4, 1.0, log=True)
+                   + (t.suggest_categorical("aug", ["none", "basic"]) == "basic"), n_trials=5)
+    expected = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+    result = study_report(db, tmp_path)
+    [entry] = result["studies"]
+    assert entry["importance"] == pytest.approx(expected) and entry["importance_evaluator"] == "PED-ANOVA"
+    assert "importance (PED-ANOVA)" in describe(entry)
+    stem = safe_stem("s$x")
+    assert [p.name for p in result["images"]] == [f"optuna_history_{stem}.png", f"optuna_importance_{stem}.png"]
+    for path in result["images"]:
+        with Image.open(path) as im:
+            assert im.size[0] > 400 and im.size[1] > 150

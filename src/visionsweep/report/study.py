@@ -1,21 +1,28 @@
-"""The Optuna part of a report: best trial, parameter importance, optimisation history."""
+"""The Optuna part of a report: best trial, parameter importance, optimisation history.
+
+The plots are Optuna's own (``optuna.visualization.matplotlib``), retitled and saved as PNG; the
+importance is PED-ANOVA's (``optuna.importance.PedAnovaImportanceEvaluator``, passed explicitly).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # headless: Optuna's matplotlib plots draw on whatever backend is active
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 log = logging.getLogger(__name__)
+EVALUATOR = "PED-ANOVA"  # optuna.importance.PedAnovaImportanceEvaluator, see _evaluator()
 
 
 def find_studies(paths: list[Path]) -> list[Path]:
@@ -51,10 +58,11 @@ def study_report(db: Path, out_dir: Path) -> dict[str, Any]:
             best = study.best_trial
             entry.update(best_trial=best.number, best_value=best.value, best_params=best.params)
             entry["importance"] = _importance(study) if len(done) >= 3 else {}
+            entry["importance_evaluator"] = EVALUATOR
             stem = safe_stem(study.study_name)
-            result["images"].append(_plot_history(study, done, out_dir / f"optuna_history_{stem}.png"))
+            result["images"].append(_plot_history(study, out_dir / f"optuna_history_{stem}.png"))
             if entry["importance"]:
-                result["images"].append(_plot_importance(entry["importance"], study.study_name,
+                result["images"].append(_plot_importance(study, len(entry["importance"]),
                                                          out_dir / f"optuna_importance_{stem}.png"))
         result["studies"].append(entry)
     return result
@@ -81,41 +89,61 @@ def _plain(text: str) -> str:
     return str(text).replace("$", r"\$")  # a study name never switches on matplotlib's mathtext
 
 
+def _evaluator() -> Any:
+    # named explicitly (it is Optuna 4+'s default too), so the label on the plot says what was computed
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    return PedAnovaImportanceEvaluator()
+
+
 def _importance(study: Any) -> dict[str, float]:
     import optuna
 
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        return {k: float(v) for k, v in
+                optuna.importance.get_param_importances(study, evaluator=_evaluator()).items()}
     except Exception as e:  # too few distinct values, a single parameter, ...
         log.info("parameter importance unavailable: %s", e)
         return {}
 
 
-def _plot_history(study: Any, done: list, path: Path) -> Path:
-    values = np.array([t.value for t in done])
-    numbers = [t.number for t in done]
-    best = np.maximum.accumulate(values) if study.direction.name == "MAXIMIZE" else np.minimum.accumulate(values)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(numbers, values, s=18, label="trial")
-    ax.step(numbers, best, where="post", color="C3", label="best so far")
-    ax.set(xlabel="trial", ylabel="objective", title=_plain(f"Optuna study {study.study_name}: history"))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _save(ax: Any, title: str, size: tuple[float, float], path: Path) -> Path:
+    """Retitle an Optuna matplotlib plot (names escaped), save it as PNG and close it."""
+    for loc in ("left", "right"):  # Optuna puts some titles on the left
+        ax.set_title("", loc=loc)
+    ax.set_title(_plain(title))
+    ax.figure.set_size_inches(*size)
+    ax.figure.savefig(path, dpi=110, bbox_inches="tight")  # the history's legend sits outside the axes
+    plt.close(ax.figure)
     return path
 
 
-def _plot_importance(importance: dict[str, float], name: str, path: Path) -> Path:
-    keys = sorted(importance, key=importance.get)
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(keys) + 1.5))
-    ax.barh([_plain(k) for k in keys], [importance[k] for k in keys], color="C2")
-    ax.set(xlabel="importance (fANOVA)", title=_plain(f"Optuna study {name}: parameter importance"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def _plot_history(study: Any, path: Path) -> Path:
+    from optuna.visualization.matplotlib import plot_optimization_history
+
+    with _quiet():
+        ax = plot_optimization_history(study)  # complete trials and the best value so far
+    return _save(ax, f"Optuna study {study.study_name}: history", (7, 4), path)
+
+
+def _plot_importance(study: Any, n_params: int, path: Path) -> Path:
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    with _quiet():
+        ax = plot_param_importances(study, evaluator=_evaluator())
+    ax.set_yticks(ax.get_yticks(), [_plain(t.get_text()) for t in ax.get_yticklabels()])
+    ax.set_xlabel(f"importance ({EVALUATOR})")
+    return _save(ax, f"Optuna study {study.study_name}: parameter importance", (7, 0.5 * n_params + 1.5), path)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Optuna's ExperimentalWarning for its matplotlib plots (unchanged since Optuna 2.2)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def describe(entry: dict[str, Any]) -> str:
@@ -126,7 +154,7 @@ def describe(entry: dict[str, Any]) -> str:
         params = ", ".join(f"{k}={_short(v)}" for k, v in entry["best_params"].items())
         text += f"; best trial {entry['best_trial']}: {entry['best_value']:.4f} with {params}"
     if entry.get("importance"):
-        text += "; importance: " + ", ".join(f"{k} {v:.2f}" for k, v in entry["importance"].items())
+        text += f"; importance ({entry.get('importance_evaluator', EVALUATOR)}): " + ", ".join(f"{k} {v:.2f}" for k, v in entry["importance"].items())
     return text + "."
 
 
