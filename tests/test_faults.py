@@ -183,7 +183,8 @@ def test_a_last_batch_of_one_image_trains_to_the_end(tmp_path, caplog):
 
 
 def test_a_train_set_smaller_than_one_batch_trains_and_one_image_is_refused(tmp_path):
-    from visionsweep.data.transport import NoSingleBatchSampler, SlotDataLoader
+    from visionsweep.data.loader import NoSingleBatchSampler
+    from visionsweep.data.transport import SlotDataLoader
     from visionsweep.errors import DataError
 
     one = torch.zeros(3, 4, 4, dtype=torch.uint8)

@@ -213,7 +213,7 @@ def test_joint_augmentation_does_not_depend_on_the_worker_count(tmp_path):
     import albumentations as A
 
     from visionsweep.data.segmentation import SegmentationDataset, pad_collate
-    from visionsweep.data.transport import SlotDataLoader
+    from visionsweep.data.loader import SeededDataLoader
 
     img = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
     mask = (np.arange(144).reshape(12, 12) % 3).astype(np.uint8)
@@ -225,7 +225,7 @@ def test_joint_augmentation_does_not_depend_on_the_worker_count(tmp_path):
 
     def epochs(workers: int) -> list:
         ds = SegmentationDataset(pairs, A.Compose([A.RandomCrop(8, 8), A.HorizontalFlip()], seed=0))
-        loader = SlotDataLoader(ds, batch_size=2, num_workers=workers, persistent_workers=workers > 0,
+        loader = SeededDataLoader(ds, batch_size=2, num_workers=workers, persistent_workers=workers > 0,
                                 collate_fn=lambda b: pad_collate(b, ignore_index=255))
         torch.manual_seed(0)
         return [[torch.cat(t) for t in zip(*loader)] for _ in range(2)]

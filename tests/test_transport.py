@@ -194,3 +194,18 @@ def test_slots_are_sized_from_a_batch_sampler_too():
     assert loader.collate_fn.pool.slot_bytes == 4 * 3 * 6 * 6
     _assert_same(list(loader), _expected(ds, 4))
     assert loader.collate_fn.pool.taken > 0
+
+
+def test_the_seeded_loader_draws_the_same_numbers_with_fresh_or_persistent_workers():
+    """A resumed run starts fresh workers where the uninterrupted one reused them: same generator after."""
+    from visionsweep.data.loader import SeededDataLoader
+
+    def state_after_two_epochs(persistent: bool) -> torch.Tensor:
+        loader = SeededDataLoader(_Images(n=6), batch_size=3, shuffle=True, num_workers=1,
+                                  persistent_workers=persistent, collate_fn=collate_images)
+        torch.manual_seed(0)
+        for _ in range(2):
+            list(loader)
+        return torch.get_rng_state()
+
+    assert torch.equal(state_after_two_epochs(True), state_after_two_epochs(False))

@@ -94,7 +94,7 @@ class ImageFolderDataset(Dataset):
         self.transform = transform
         self.cache = cache
         self.decode_short_side = decode_short_side
-        self.seeder = SampleSeeder()  # SlotDataLoader starts each epoch; a plain DataLoader leaves it idle
+        self.seeder = SampleSeeder()  # SeededDataLoader starts each epoch; a plain DataLoader leaves it idle
 
     def start_epoch(self, generator: torch.Generator | None = None) -> None:
         """Seed this epoch's augmentation: sample ``i`` then depends on (epoch seed, i), not on the worker.

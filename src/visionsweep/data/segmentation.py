@@ -45,7 +45,7 @@ from visionsweep.data.splits import (
     split_counts,
     validate_fractions,
 )
-from visionsweep.data.transport import SlotDataLoader
+from visionsweep.data.loader import SeededDataLoader
 from visionsweep.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -307,8 +307,7 @@ class SegmentationDataModule(SplitDataModule):
 
     def _loader(self, split: str, transform: Callable | None, shuffle: bool) -> DataLoader:
         self._state()
-        # SlotDataLoader for its per-sample augmentation seeds (no slots: padded batches vary in size)
-        return SlotDataLoader(SegmentationDataset(self._state()[split], transform, self.binary),
+        return SeededDataLoader(SegmentationDataset(self._state()[split], transform, self.binary),
                               batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                               pin_memory=self.pin_memory,
                               collate_fn=functools.partial(pad_collate, ignore_index=self.ignore_index),

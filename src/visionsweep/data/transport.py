@@ -11,6 +11,9 @@ only ``(slot, shape, labels)``: a few bytes through the result queue. The main p
 out (in the pin-memory thread, into pinned memory, when pinning; else a plain copy) and frees the slot.
 A worker with no free slot, or a batch that does not fit one, falls back to the ordinary path, so
 nothing ever waits for a slot.
+
+:class:`SlotDataLoader` adds this to the seeded loader of :mod:`visionsweep.data.loader`; only the
+folder (classification) module uses it: segmentation batches are padded to sizes that vary.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, get_worker_info
+from torch.utils.data import get_worker_info
 
 from visionsweep.data.dataset import collate_images
+from visionsweep.data.loader import SeededDataLoader
 
 # pools of this process by id, for the batches to find theirs; a pool lives as long as its loader
 _POOLS: weakref.WeakValueDictionary[int, SlotPool] = weakref.WeakValueDictionary()
@@ -168,59 +172,22 @@ class SlotCollate:
         return SlotBatch(self.pool.id, slot, (len(batch), h, w, c), labels, generation)
 
 
-class NoSingleBatchSampler(BatchSampler):
-    """``BatchSampler`` that leaves out a trailing partial batch of exactly one sample.
-
-    BatchNorm cannot train on one sample when a layer's map is 1 x 1 ("Expected more than 1 value per
-    channel when training"), which a last batch of one (161 images in batches of 32) hits after a whole
-    epoch. Shuffled, the image left out differs each epoch. Every other batch is as BatchSampler makes it.
-    """
-
-    def __iter__(self) -> Iterator[list[int]]:
-        pending = None
-        for batch in super().__iter__():
-            if pending is not None:
-                yield pending
-            pending = batch
-        if pending is not None and (len(pending) != 1 or self.batch_size == 1 or self.drop_last):
-            yield pending  # (drop_last: BatchSampler already left out any partial batch)
-
-    def __len__(self) -> int:
-        n = len(self.sampler)  # type: ignore[arg-type]
-        return n // self.batch_size if self.drop_last else n // self.batch_size + (n % self.batch_size > 1)
-
-
-class SlotDataLoader(DataLoader):
-    """A DataLoader of uint8 image batches whose workers hand batches over through reused slots.
+class SlotDataLoader(SeededDataLoader):
+    """A :class:`~visionsweep.data.loader.SeededDataLoader` whose workers hand batches over through reused slots.
 
     Yields ``(images, labels)``: uint8 ``N x C x H x W`` (channels-last memory) and int64 labels, owned by
-    the main process (pinned when ``pin_memory``), so keeping a batch is safe. Without workers, or
-    without ``sample_shape``, it is a plain DataLoader with :func:`collate_images`. Each epoch it also
-    draws the dataset's epoch seed (``start_epoch``, :mod:`visionsweep.data.seeding`), which makes the
-    augmentation independent of the number of workers and the batch size.
-
-    A shuffled (training) loader leaves out a last batch of one sample (:class:`NoSingleBatchSampler`):
-    BatchNorm cannot train on it.
+    the main process (pinned when ``pin_memory``), so keeping a batch is safe. Without persistent workers,
+    or without ``sample_shape``, batches take the ordinary path (:func:`collate_images`).
 
     Args:
         *args: DataLoader arguments (``dataset`` first).
         sample_shape: ``(C, H, W)`` of every sample (the pipelines' fixed output), sizing the slots.
-        drop_single: Leave out a trailing batch of one sample; None: when ``shuffle`` is set.
-        **kwargs: DataLoader keyword arguments (``collate_fn`` is set here).
+        **kwargs: :class:`~visionsweep.data.loader.SeededDataLoader` keyword arguments (``collate_fn`` is
+            set here).
     """
 
-    def __init__(self, *args: Any, sample_shape: tuple[int, int, int] | None = None,
-                 drop_single: bool | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sample_shape: tuple[int, int, int] | None = None, **kwargs: Any) -> None:
         self.sample_shape = sample_shape
-        if drop_single is None:
-            drop_single = bool(kwargs.get("shuffle"))
-        if drop_single and kwargs.get("batch_sampler") is None and kwargs.get("sampler") is None \
-                and kwargs.get("batch_size", 1) is not None:
-            dataset = args[0] if args else kwargs["dataset"]
-            sampler = RandomSampler(dataset, generator=kwargs.get("generator")) if kwargs.pop("shuffle", False) \
-                else SequentialSampler(dataset)
-            kwargs["batch_sampler"] = NoSingleBatchSampler(sampler, int(kwargs.pop("batch_size", 1)),
-                                                           bool(kwargs.pop("drop_last", False)))
         if kwargs.get("collate_fn") is None or isinstance(kwargs["collate_fn"], SlotCollate):
             kwargs["collate_fn"] = collate_images  # (Lightning re-instantiating passes the old SlotCollate)
         super().__init__(*args, **kwargs)
@@ -234,13 +201,6 @@ class SlotDataLoader(DataLoader):
                 self.collate_fn = SlotCollate(SlotPool(self.num_workers, slots, nbytes))
 
     def __iter__(self) -> Iterator:
-        if hasattr(self.dataset, "start_epoch"):  # before any index of the epoch reaches a worker
-            self.dataset.start_epoch(self.generator)
-        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
-            # a fresh iterator draws its workers' base seed from the generator, a reused one does not:
-            # draw it anyway, so that every epoch takes the same count of numbers (a resumed run starts
-            # with fresh workers where the uninterrupted one reused them, and must shuffle the same)
-            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         if not isinstance(self.collate_fn, SlotCollate):
             return super().__iter__()
         if self._iterator is None:  # no worker of this loader is alive: nothing can be in a slot
