@@ -229,20 +229,6 @@ def test_debug_runs_write_no_checkpoint(tmp_path, shapes_root, preset):
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "ok"
 
 
-def test_one_cycle_end_is_not_announced_on_a_normal_run():
-    from visionsweep.models.classifier import ClassifierModule
-
-    net = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=5)
-    module = ClassifierModule.__new__(ClassifierModule)
-    for _ in range(5):  # a run of 5 steps steps its scheduler 5 times
-        ClassifierModule.lr_scheduler_step(module, sched)
-    assert not getattr(module, "_warned_cycle_end", False) and sched.last_epoch == 5
-    ClassifierModule.lr_scheduler_step(module, sched)  # a 6th: beyond the plan, held and said once
-    assert module._warned_cycle_end and sched.last_epoch == 5
-
-
 def test_random_states_round_trip_weights_only(tmp_path):
     import random
 

@@ -179,7 +179,7 @@ def check_optimizer(cfg: DictConfig) -> None:
         return
     import torch
 
-    from visionsweep.models.classifier import build_optimizer
+    from visionsweep.optim import build_optimizer
 
     build_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True), [torch.nn.Parameter(torch.zeros(1))])
 

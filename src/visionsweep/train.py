@@ -16,7 +16,8 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from visionsweep import builders, distributed, ledger, outcome, parallel, runinfo, tune
+from visionsweep import builders, distributed, ledger, outcome, parallel, runinfo
+from visionsweep.optim import lr_find
 from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.cli import guarded, is_multirun, precheck, user_error
 from visionsweep.utils.config import print_config_tree, resume_checkpoint
@@ -46,7 +47,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         dm = builders.build_datamodule(cfg, inp, out if lead else None)
         log.info("data: %s", dm.describe())
         model = builders.build_model(cfg, dm, inp)
-        model, lr_found = tune.lr_find(cfg, model, dm, out, rebuild=lambda: builders.build_model(cfg, dm, inp))
+        model, lr_found = lr_find.lr_find(cfg, model, dm, out, rebuild=lambda: builders.build_model(cfg, dm, inp))
         if lead:
             atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             record = runinfo.RunRecord(

@@ -16,28 +16,44 @@ from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
 
 
+def decay_at(decay: float, num_averaged: int, warmup: bool = True) -> float:
+    """The decay of the update after ``num_averaged`` updates: ``min(decay, (1 + t) / (10 + t))`` with warm-up.
+
+    The warm-up is TensorFlow's ``ExponentialMovingAverage(num_updates=t)`` one (timm's ``ModelEmaV3``
+    warms up differently, with ``1 - (1 + t / gamma) ** -power``).
+    """
+    t = float(num_averaged)
+    return min(decay, (1.0 + t) / (10.0 + t)) if warmup else decay
+
+
 class EMA(WeightAveraging):
-    """EMA of parameters and buffers, with timm's warm-up: decay_t = min(decay, (1 + t) / (10 + t)).
+    """EMA of parameters and buffers, with a warm-up: ``decay_t = min(decay, (1 + t) / (10 + t))``.
 
     The warm-up keeps short runs meaningful: with a plain 0.999 the average of a 100-step run would
-    still be mostly the initial weights.
+    still be mostly the initial weights. It is TensorFlow's ``ExponentialMovingAverage(num_updates=t)``
+    rule; timm's ``ModelEmaV3(use_warmup=True)`` uses another, ``1 - (1 + t / gamma) ** -power``.
+    The update runs on whole lists of tensors (``torch._foreach_lerp_``, through ``AveragedModel``'s
+    ``multi_avg_fn``), one kernel per device and dtype instead of one per tensor.
 
     Args:
         decay: the EMA decay once warmed up (0.999 ≈ an average over the last ~1,000 steps).
-        warmup: use the warm-up above (as ``timm.utils.ModelEmaV3(use_warmup=True)``).
+        warmup: use the warm-up above.
         device: where to keep the averaged copy (None: the model's device; "cpu" saves GPU memory).
     """
 
     def __init__(self, decay: float = 0.999, warmup: bool = True, device: str | None = None) -> None:
         self.decay, self.warmup = float(decay), bool(warmup)
-        super().__init__(device=device, use_buffers=True, avg_fn=self._average)
+        super().__init__(device=device, use_buffers=True, multi_avg_fn=self._average)
 
-    def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        n = float(num_averaged)
-        decay = min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
-        if not averaged.is_floating_point():  # counters (BatchNorm's num_batches_tracked): follow the model
-            return current.clone()
-        return averaged.lerp(current, 1.0 - decay)
+    @torch.no_grad()
+    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor],
+                 num_averaged: torch.Tensor) -> None:
+        # AveragedModel calls this once per (device, dtype) group of tensors, in place
+        if not averaged[0].is_floating_point():  # counters (BatchNorm's num_batches_tracked): follow the model
+            torch._foreach_copy_(averaged, current)
+            return
+        weight = 1.0 - decay_at(self.decay, int(num_averaged), self.warmup)
+        torch._foreach_lerp_(averaged, current, weight)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:

@@ -18,12 +18,16 @@ mode (running statistics untouched) and their parameters frozen.
 
 The callback sets the learning rates itself each step from ``trainer.global_step``, so it needs
 ``scheduler=none``, and a resumed run continues both the freezing and the schedule where it stopped.
+It declares ``needs_layer_groups``, so the module's :class:`~visionsweep.optim.Optimization` builds one
+pair of optimizer groups per layer group, and reads their :class:`~visionsweep.optim.GroupInfo`
+(configured lr, depth) from ``pl_module.optimization.groups``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch.nn as nn
@@ -31,6 +35,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from visionsweep.errors import ConfigError
 from visionsweep.models.backbones import head_parameter_names
+from visionsweep.optim.optimization import Optimization
+from visionsweep.optim.param_groups import GroupInfo, discriminative_lrs
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ class FineTune(pl.Callback):
     """
 
     plans_by_run_length = True  # its schedules follow the run's total steps: a resume must keep them
+    needs_layer_groups = True  # one optimizer group per layer group (read by visionsweep.optim)
 
     def __init__(self, freeze_epochs: int = 1, lr_mult: float = 100.0, train_bn: bool = True,
                  pct_start: float = 0.3, div: float = 5.0, div_final: float = 1e5,
@@ -97,13 +104,13 @@ class FineTune(pl.Callback):
         self.frozen_pct_start, self.frozen_div = float(frozen_pct_start), float(frozen_div)
         self.freeze_bn_stats = bool(freeze_bn_stats)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.layerwise_lr = True  # one optimizer group per layer group, before configure_optimizers
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.lr_scheduler_configs:
             raise ConfigError("training=fine_tune sets the learning rates itself (one-cycle per phase): "
                               "use scheduler=none")
+        if not isinstance(getattr(pl_module, "optimization", None), Optimization):
+            raise ConfigError(f"training=fine_tune: {type(pl_module).__name__} has no visionsweep.optim.Optimization "
+                              "to take the learning rates from (use the classifier)")
         if trainer.max_epochs is not None and 0 < trainer.max_epochs <= self.freeze_epochs:
             rank_zero_warn(f"fine_tune: max_epochs={trainer.max_epochs} ≤ freeze_epochs={self.freeze_epochs}: "
                            "the body is never unfrozen")
@@ -129,27 +136,27 @@ class FineTune(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         self._bn_eval(pl_module)  # also after a mid-epoch validation, which puts the model back in train mode
-        for group, lr in zip(trainer.optimizers[0].param_groups, self.learning_rates(trainer)):
+        lrs = self.learning_rates(trainer, pl_module.optimization.groups)
+        for group, lr in zip(trainer.optimizers[0].param_groups, lrs):
             group["lr"] = lr
 
-    def learning_rates(self, trainer: pl.Trainer) -> list[float]:
-        """The lr of every optimizer group at the current step."""
+    def learning_rates(self, trainer: pl.Trainer, groups: Sequence[GroupInfo]) -> list[float]:
+        """The lr of every optimizer group at the current step.
+
+        Args:
+            trainer: The trainer (its step, and the run's total steps and epochs).
+            groups: The optimizer's groups, in ``param_groups`` order (their configured lr and depth).
+        """
         total = max(int(trainer.estimated_stepping_batches), 1)
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
         per_epoch = total / epochs
         freeze_steps = min(round(per_epoch * self.freeze_epochs), total)
         step = trainer.global_step
-        groups = trainer.optimizers[0].param_groups
         if step < freeze_steps:
             factor = one_cycle(step / freeze_steps, self.frozen_pct_start, self.frozen_div, self.div_final)
             # one lr for all (fastai's slice(base_lr)): it moves the head and the body's BatchNorm only
-            return [g["base_lr"] * factor for g in groups]
+            return [float(g.lr) * factor for g in groups]
         factor = one_cycle((step - freeze_steps) / max(total - freeze_steps, 1), self.pct_start, self.div,
                            self.div_final)
-        return [self.peak_lr(g) * factor for g in groups]
-
-    def peak_lr(self, group: dict) -> float:
-        """Peak lr of a group once unfrozen: base_lr / 2 for the head, / lr_mult more for the stem."""
-        n, i = group["n_layers"], group["layer"]
-        depth = (n - 1 - i) / (n - 1) if n > 1 else 0.0
-        return group["base_lr"] / 2 / self.lr_mult ** depth
+        # fastai's fine_tune: slice(base_lr / 2 / lr_mult, base_lr / 2) once unfrozen
+        return [lr / 2 * factor for lr in discriminative_lrs(groups, self.lr_mult)]

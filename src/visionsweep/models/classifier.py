@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-import math
 from typing import Any
 
-import hydra.utils
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -24,8 +20,9 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 from visionsweep.errors import ConfigError
-from visionsweep.models.backbones import create_backbone, layer_groups
+from visionsweep.models.backbones import create_backbone
 from visionsweep.models.normalize import PixelNormalize
+from visionsweep.optim.optimization import Optimization
 
 
 def _build_mixup(cfg: dict | None, label_smoothing: float, num_classes: int) -> Mixup | None:
@@ -38,42 +35,6 @@ def _build_mixup(cfg: dict | None, label_smoothing: float, num_classes: int) -> 
     except TypeError as e:
         raise ConfigError(f"model.mixup: {e} (keys of timm.data.Mixup: mixup_alpha, cutmix_alpha, "
                           "cutmix_minmax, prob, switch_prob, mode, correct_lam)") from None
-
-
-def _group_label(names: list[str]) -> str:
-    """A short name for a layer group: the common first part of its parameter names (``layer3``)."""
-    first = {n.split(".")[0] for n in names}
-    if len(first) == 1:
-        parts = {".".join(n.split(".")[:2]) for n in names}
-        return parts.pop() if len(parts) == 1 else first.pop()
-    return "+".join(sorted(first))
-
-
-_OPTIMIZER_KEYS = {"learning rate": "lr", "weight_decay": "weight_decay", "beta parameter": "betas",
-                   "epsilon": "eps", "momentum": "momentum", "dampening": "dampening", "nesterov": "nesterov",
-                   "alpha": "alpha", "lr_decay": "lr_decay", "rho": "rho"}
-
-
-def build_optimizer(opt_cfg: dict[str, Any], params: Any) -> torch.optim.Optimizer:
-    """The ``optimizer`` config (``_target_`` + arguments) made for ``params``.
-
-    Args:
-        opt_cfg: The ``optimizer`` group as a dict.
-        params: Parameters or parameter groups.
-
-    Raises:
-        ConfigError: A value the optimizer rejects (``optimizer.lr=-1``), named as the config key.
-    """
-    cfg = {**opt_cfg, "_partial_": True}
-    try:
-        return hydra.utils.instantiate(cfg)(params=params)
-    except (ValueError, TypeError) as e:
-        cause = e.__cause__ if isinstance(e.__cause__, (ValueError, TypeError)) else e
-        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        key = next((k for word, k in _OPTIMIZER_KEYS.items() if word in text.lower()), None)
-        if key is not None and key in opt_cfg:
-            raise ConfigError(f"optimizer.{key}={opt_cfg[key]}: {text} ({opt_cfg.get('_target_')})") from None
-        raise ConfigError(f"optimizer ({opt_cfg.get('_target_')}): {text}") from None
 
 
 class ClassifierModule(pl.LightningModule):
@@ -102,8 +63,9 @@ class ClassifierModule(pl.LightningModule):
         mixup: keyword arguments of ``timm.data.Mixup`` (``mixup_alpha``, ``cutmix_alpha``, ``prob``,
             ``switch_prob``, ``mode``...); active when an alpha is > 0. Training then uses soft
             targets (label smoothing folded in) and ``SoftTargetCrossEntropy``.
-        ema_decay: keep an exponential moving average of the weights (e.g. 0.999, with timm-style
-            warm-up); validation, checkpoints and the final model use the averaged weights. None: off.
+        ema_decay: keep an exponential moving average of the weights (e.g. 0.999, with the warm-up of
+            ``callbacks/ema.py``); validation, checkpoints and the final model use the averaged weights.
+            None: off.
         weight_decay_norm_bias: also decay norm weights and biases (off: as timm and fastai do).
     """
 
@@ -151,7 +113,7 @@ class ClassifierModule(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(**metric)
         self.test_report: dict[str, Any] = {}
         self.weights_report: dict[str, Any] | None = getattr(self.net, "weights_report", None)
-        self.layerwise_lr = False  # set by the fine-tune callback: one optimizer group per layer group
+        self.optimization = Optimization(optimizer, scheduler, weight_decay_norm_bias)
         self.mixup = _build_mixup(mixup, label_smoothing, num_classes)
         if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
             raise ConfigError(f"model.ema_decay={ema_decay}: give a decay in (0, 1), e.g. 0.999, or null")
@@ -253,17 +215,7 @@ class ClassifierModule(pl.LightningModule):
         return self(x).softmax(dim=1)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
-        total = getattr(scheduler, "total_steps", None)
-        # OneCycleLR allows total_steps calls to step() (last_epoch counts them); the last training
-        # batch makes the last one, so only a call beyond that is a run longer than planned
-        if total is not None and scheduler.last_epoch >= total:
-            # a resumed run given more epochs than its one-cycle was planned for: hold the final lr
-            if not getattr(self, "_warned_cycle_end", False):
-                self._warned_cycle_end = True
-                rank_zero_warn("the one-cycle schedule has ended (resumed with more epochs than planned?): "
-                               "the extra steps use its final learning rate")
-            return
-        scheduler.step() if metric is None else scheduler.step(metric)
+        self.optimization.step_scheduler(scheduler, metric)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         if not self.hparams.get("ema_decay"):
@@ -272,44 +224,5 @@ class ClassifierModule(pl.LightningModule):
 
         return [EMA(decay=float(self.hparams.ema_decay))]
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Optimizer groups: norms/biases without weight decay (unless ``weight_decay_norm_bias``),
-        split by layer group (stem → head, tagged ``layer``/``n_layers``) when ``layerwise_lr`` is set.
-
-        Decaying groups leave ``weight_decay`` to the optimizer's config; the others get 0.
-        """
-        names = layer_groups(self.net) if self.layerwise_lr else [[n for n, _ in self.net.named_parameters()]]
-        params = dict(self.net.named_parameters())
-        skip = set(getattr(self.net, "no_weight_decay", lambda: set())())
-        groups: list[dict[str, Any]] = []
-        for i, group in enumerate(names):
-            label = ("head" if i == len(names) - 1 else _group_label(group)) if self.layerwise_lr else ""
-            no_decay = {n for n in group if not self.hparams.get("weight_decay_norm_bias") and (
-                params[n].ndim <= 1 or n.endswith(".bias") or n in skip)}
-            decay = [n for n in group if n not in no_decay]
-            for kind, members in (("decay", decay), ("no_decay", [n for n in group if n in no_decay])):
-                if members:
-                    name = f"{label}/{kind}" if label and kind == "no_decay" else (label or kind)
-                    groups.append({"params": [params[n] for n in members], "name": name, "layer": i,
-                                   "n_layers": len(names), **({"weight_decay": 0.0} if kind == "no_decay" else {})})
-        return groups
-
     def configure_optimizers(self) -> Any:
-        opt_cfg = dict(self.hparams.optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-3})
-        optimizer = build_optimizer(opt_cfg, self.param_groups())
-        for group in optimizer.param_groups:
-            group["base_lr"] = group["lr"]  # the configured lr, for schedules that callbacks set
-        if not self.hparams.scheduler:
-            return optimizer
-        sched_cfg = dict(self.hparams.scheduler)
-        sched_cfg["_partial_"] = True
-        factory = hydra.utils.instantiate(sched_cfg)
-        params = inspect.signature(factory.func).parameters
-        steps = int(self.trainer.estimated_stepping_batches)
-        if "pct_start" in params:  # OneCycleLR divides by its warm-up length: keep it ≥ 1 step
-            pct = float(sched_cfg.get("pct_start", params["pct_start"].default))
-            steps = max(steps, math.ceil(2 / pct) + 1)
-        # one-cycle / cosine need the run's length, known only once the trainer has the data
-        extra = {k: steps for k in ("total_steps", "T_max") if k in params and k not in sched_cfg}
-        scheduler = factory(optimizer, **extra)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.optimization.configure(self.net, self.trainer)

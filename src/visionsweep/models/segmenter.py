@@ -7,14 +7,11 @@ image size goes in and a same-size prediction comes out.
 
 from __future__ import annotations
 
-import inspect
-import math
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra.utils
 import numpy as np
 import pytorch_lightning as pl
 import segmentation_models_pytorch as smp
@@ -27,6 +24,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from visionsweep.errors import ConfigError
 from visionsweep.models.backbones import check_backbone, hub_reachable
 from visionsweep.models.normalize import PixelNormalize
+from visionsweep.optim.optimization import Optimization
 
 log = logging.getLogger(__name__)
 LOSSES = ("ce", "dice", "dice_ce")
@@ -77,6 +75,8 @@ class SegmenterModule(pl.LightningModule):
         optimizer: ``_target_`` config of a ``torch.optim`` optimizer.
         scheduler: ``_target_`` config of a ``torch.optim.lr_scheduler`` class, stepped every batch.
         channels_last: Channels-last memory format.
+        weight_decay_norm_bias: Also decay norm weights and biases (on: every parameter is decayed, as
+            this module always did; the classifier's default is off).
     """
 
     KIND = "segmenter"  # the checkpoint marker's value (visionsweep.checkpoints dispatches on it)
@@ -89,7 +89,7 @@ class SegmenterModule(pl.LightningModule):
         mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
         crop_pct: float = 1.0, interpolation: str = "bilinear", loss: str = "dice_ce", ignore_index: int = 255,
         overlay_count: int = 8, optimizer: dict | None = None, scheduler: dict | None = None,
-        channels_last: bool = False,
+        channels_last: bool = False, weight_decay_norm_bias: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -114,28 +114,13 @@ class SegmenterModule(pl.LightningModule):
         self.test_report: dict[str, Any] = {}
         self._overlays: list[tuple[np.ndarray, ...]] = []
         self._best_overlays: list[tuple[np.ndarray, ...]] = []
+        self.optimization = Optimization(optimizer, scheduler, weight_decay_norm_bias)
 
     def configure_optimizers(self) -> Any:
-        """The optimizer of ``optimizer`` and a per-step scheduler, as the classifier builds them."""
-        opt_cfg = {**(self.hparams.optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-3}), "_partial_": True}
-        optimizer = hydra.utils.instantiate(opt_cfg)(params=self.parameters())
-        if not self.hparams.scheduler:
-            return optimizer
-        sched_cfg = {**self.hparams.scheduler, "_partial_": True}
-        factory = hydra.utils.instantiate(sched_cfg)
-        params = inspect.signature(factory.func).parameters
-        steps = int(self.trainer.estimated_stepping_batches)
-        if "pct_start" in params:  # OneCycleLR divides by its warm-up length: keep it >= 1 step
-            steps = max(steps, math.ceil(2 / float(sched_cfg.get("pct_start", params["pct_start"].default))) + 1)
-        extra = {k: steps for k in ("total_steps", "T_max") if k in params and k not in sched_cfg}
-        scheduler = factory(optimizer, **extra)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.optimization.configure(self.net, self.trainer)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
-        total = getattr(scheduler, "total_steps", None)
-        if total is not None and scheduler.last_epoch >= total:  # OneCycleLR allows total_steps steps
-            return  # past the planned steps: hold the final lr
-        scheduler.step() if metric is None else scheduler.step(metric)
+        self.optimization.step_scheduler(scheduler, metric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``B x C x H x W`` for a uint8 batch ``B x 3 x H x W`` of any size."""

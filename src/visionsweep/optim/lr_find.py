@@ -12,6 +12,7 @@ rebuilds the model from the same seed, so the run equals one started with that l
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from pytorch_lightning.tuner import Tuner
 
 from visionsweep.errors import ConfigError
 
-log = logging.getLogger("visionsweep.tune")
+log = logging.getLogger(__name__)
 
 DEFAULTS = {"lr_find": False, "use_suggestion": False, "min_lr": 1e-7, "max_lr": 1.0, "num_training": 100,
             "mode": "exponential", "early_stop_threshold": 4.0, "suggest": "valley"}
@@ -96,11 +97,11 @@ def lr_find(cfg: DictConfig, model: pl.LightningModule, dm: pl.LightningDataModu
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(out),
         accumulate_grad_batches=tcfg.get("accumulate_grad_batches", 1),
         gradient_clip_val=tcfg.get("gradient_clip_val"), deterministic=tcfg.get("deterministic", False))
-    finetune = _finetune_callback(cfg)
-    if finetune is not None:
+    train_bn = finetune_train_bn(cfg)
+    if train_bn is not None:
         from visionsweep.callbacks.finetune import set_body_frozen
 
-        set_body_frozen(model.net, True, finetune.train_bn)
+        set_body_frozen(model.net, True, train_bn)
     finder = Tuner(trainer).lr_find(
         model, datamodule=dm, min_lr=float(opts["min_lr"]), max_lr=float(opts["max_lr"]),
         num_training=steps, mode=str(opts["mode"]), early_stop_threshold=opts["early_stop_threshold"],
@@ -124,7 +125,7 @@ def lr_find(cfg: DictConfig, model: pl.LightningModule, dm: pl.LightningDataModu
     _save_plot(lrs, losses, idx if suggestion is not None else None, rule, plot)
     result = {"suggestion": suggestion, "rule": rule, "configured_lr": float(cfg.optimizer.lr), "used": False,
               "plot": str(plot), "min_lr": float(opts["min_lr"]), "max_lr": float(opts["max_lr"]),
-              "steps": len(finder.results["lr"]), "body_frozen": finetune is not None}
+              "steps": len(finder.results["lr"]), "body_frozen": train_bn is not None}
     (out / "lr_find.json").write_text(json.dumps({**result, **finder.results}, indent=1))
     print(f"\nlr finder: suggested lr {suggestion if suggestion is None else f'{suggestion:.3g}'} "
           f"(configured {cfg.optimizer.lr:g})  → {plot}", flush=True)
@@ -139,14 +140,14 @@ def lr_find(cfg: DictConfig, model: pl.LightningModule, dm: pl.LightningDataModu
     return rebuild(), result
 
 
-def _finetune_callback(cfg: DictConfig) -> Any:
-    from visionsweep import builders
-    from visionsweep.callbacks.finetune import FineTune
-
+def finetune_train_bn(cfg: DictConfig) -> bool | None:
+    """``train_bn`` of the run's fine-tune callback (``callbacks.*._target_`` a FineTune), None without one."""
     for node in (cfg.get("callbacks") or {}).values():
         if node and str(node.get("_target_", "")).endswith("FineTune"):
-            cb = builders.instantiate(node)
-            return cb if isinstance(cb, FineTune) else None
+            from visionsweep.callbacks.finetune import FineTune
+
+            default = inspect.signature(FineTune).parameters["train_bn"].default
+            return bool(node.get("train_bn", default))
     return None
 
 

@@ -1,0 +1,128 @@
+"""Optimizer and per-step scheduler from the ``optimizer`` / ``scheduler`` configs, for any LightningModule.
+
+Both of our LightningModules hold an :class:`Optimization` and delegate ``configure_optimizers`` and
+``lr_scheduler_step`` to it, so they build and step their schedules the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import hydra.utils
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from pytorch_lightning.utilities import rank_zero_warn
+
+from visionsweep.errors import ConfigError
+from visionsweep.optim.param_groups import GroupInfo, param_groups, wants_layer_groups
+
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
+
+# words of torch's "Invalid ..." messages → the config key they are about
+_OPTIMIZER_KEYS = {"learning rate": "lr", "weight_decay": "weight_decay", "beta parameter": "betas",
+                   "epsilon": "eps", "momentum": "momentum", "dampening": "dampening", "nesterov": "nesterov",
+                   "alpha": "alpha", "lr_decay": "lr_decay", "rho": "rho"}
+
+
+def build_optimizer(opt_cfg: Mapping[str, Any], params: Any) -> torch.optim.Optimizer:
+    """The ``optimizer`` config (``_target_`` + arguments) made for ``params``.
+
+    Args:
+        opt_cfg: The ``optimizer`` group as a mapping.
+        params: Parameters or parameter groups.
+
+    Raises:
+        ConfigError: A value the optimizer rejects (``optimizer.lr=-1``), named as the config key.
+    """
+    cfg = {**opt_cfg, "_partial_": True}
+    try:
+        return hydra.utils.instantiate(cfg)(params=params)
+    except (ValueError, TypeError) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, (ValueError, TypeError)) else e
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        key = next((k for word, k in _OPTIMIZER_KEYS.items() if word in text.lower()), None)
+        if key is not None and key in opt_cfg:
+            raise ConfigError(f"optimizer.{key}={opt_cfg[key]}: {text} ({opt_cfg.get('_target_')})") from None
+        raise ConfigError(f"optimizer ({opt_cfg.get('_target_')}): {text}") from None
+
+
+def build_scheduler(sched_cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                    steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The ``scheduler`` config made for ``optimizer``, planned for a run of ``steps`` optimizer steps.
+
+    ``total_steps`` (OneCycleLR) / ``T_max`` (CosineAnnealingLR) are filled with ``steps`` unless the
+    config gives them: the run's length is known only once the trainer has the data.
+
+    Args:
+        sched_cfg: The ``scheduler`` group (``_target_`` + arguments).
+        optimizer: The optimizer to schedule.
+        steps: The run's optimizer steps (``trainer.estimated_stepping_batches``).
+    """
+    cfg = {**sched_cfg, "_partial_": True}
+    factory = hydra.utils.instantiate(cfg)
+    params = inspect.signature(factory.func).parameters
+    if "pct_start" in params:  # OneCycleLR divides by its warm-up length: keep it ≥ 1 step
+        pct = float(cfg.get("pct_start", params["pct_start"].default))
+        steps = max(steps, math.ceil(2 / pct) + 1)
+    extra = {k: steps for k in ("total_steps", "T_max") if k in params and k not in cfg}
+    return factory(optimizer, **extra)
+
+
+class Optimization:
+    """Param groups, optimizer and per-step scheduler of a LightningModule, and the rule to step it.
+
+    The module calls :meth:`configure` from ``configure_optimizers`` and :meth:`step_scheduler` from
+    ``lr_scheduler_step``. Callbacks that set learning rates themselves read :attr:`groups`; one that
+    declares ``needs_layer_groups = True`` gets one pair of groups per layer group (see
+    :func:`~visionsweep.optim.param_groups.param_groups`).
+
+    Args:
+        optimizer: ``_target_`` config of a ``torch.optim`` optimizer (None: AdamW, lr 1e-3).
+        scheduler: ``_target_`` config of a ``torch.optim.lr_scheduler`` class, stepped every batch, or None.
+        weight_decay_norm_bias: Also decay norm weights and biases.
+    """
+
+    def __init__(self, optimizer: Mapping[str, Any] | None = None, scheduler: Mapping[str, Any] | None = None,
+                 weight_decay_norm_bias: bool = False) -> None:
+        self.optimizer_cfg = dict(optimizer or DEFAULT_OPTIMIZER)
+        self.scheduler_cfg = dict(scheduler) if scheduler else None
+        self.weight_decay_norm_bias = bool(weight_decay_norm_bias)
+        self.groups: list[GroupInfo] = []  # of the optimizer last built, in its param_groups order
+        self._warned_cycle_end = False
+
+    def configure(self, net: nn.Module, trainer: pl.Trainer) -> Any:
+        """What ``configure_optimizers`` returns: the optimizer, with its scheduler when one is configured.
+
+        Args:
+            net: The network whose parameters are optimized.
+            trainer: The module's trainer (its callbacks and its number of optimizer steps).
+        """
+        torch_groups, infos = param_groups(net, self.weight_decay_norm_bias,
+                                           layerwise=wants_layer_groups(trainer.callbacks))
+        optimizer = build_optimizer(self.optimizer_cfg, torch_groups)
+        self.groups = [replace(info, lr=float(g["lr"])) for info, g in zip(infos, optimizer.param_groups)]
+        if not self.scheduler_cfg:
+            return optimizer
+        scheduler = build_scheduler(self.scheduler_cfg, optimizer, int(trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def step_scheduler(self, scheduler: Any, metric: Any = None) -> None:
+        """Step ``scheduler``, except past the end of a one-cycle plan: there hold its final lr, warn once.
+
+        A resumed run given more epochs than its one-cycle was planned for would make OneCycleLR raise.
+        """
+        total = getattr(scheduler, "total_steps", None)
+        # OneCycleLR allows total_steps calls to step() (last_epoch counts them); the last training
+        # batch makes the last one, so only a call beyond that is a run longer than planned
+        if total is not None and scheduler.last_epoch >= total:
+            if not self._warned_cycle_end:
+                self._warned_cycle_end = True
+                rank_zero_warn("the one-cycle schedule has ended (resumed with more epochs than planned?): "
+                               "the extra steps use its final learning rate")
+            return
+        scheduler.step() if metric is None else scheduler.step(metric)
