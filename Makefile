@@ -49,7 +49,7 @@ bench: $(STAMP)  ## speed ratios measured side by side (framework vs hand-writte
 	$(PY) benchmarks/bench.py $(ARGS)
 
 cache: $(STAMP)  ## pre-fill the decoded-sample cache: make cache ARGS="data=folder data.root=/photos model=resnet34"
-	$(PY) -m visionsweep.data.cache $(ARGS)
+	$(PY) -m visionsweep.cache $(ARGS)
 
 test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores)
 	$(PY) -m pytest $(ARGS)

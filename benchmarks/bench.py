@@ -361,7 +361,7 @@ def _device_name(device: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import torch
 
-    from visionsweep.data.cache import available_cores
+    from visionsweep.parallel import node_cores as available_cores
 
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,9 +26,9 @@ def resolve_workers(num_workers: int | str) -> int:
         ConfigError: Not an integer >= 0 or ``auto``.
     """
     if isinstance(num_workers, str) and num_workers.lower() == "auto":
-        from visionsweep.data.cache import available_cores
+        from visionsweep.parallel import node_cores
 
-        return available_cores()
+        return node_cores()
     try:
         workers = int(num_workers)
     except (TypeError, ValueError):

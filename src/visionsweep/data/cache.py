@@ -19,7 +19,7 @@ makes evaluation on cached samples bit-identical to evaluation without a cache.
   POSIX), so concurrent sweep jobs filling the same cache cannot corrupt it; no lock is needed because
   every writer of one entry writes the same bytes.
 
-``python -m visionsweep.data.cache [train overrides]`` pre-fills the disk cache with a progress bar.
+``python -m visionsweep.cache [train overrides]`` (``make cache``) pre-fills the disk cache with a progress bar.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 
 from visionsweep.data.images import load_rgb
 from visionsweep.errors import ConfigError
+from visionsweep.parallel import node_cores
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +129,6 @@ def resize_short_side(image: np.ndarray, short_side: int, interpolation: str | i
     return np.ascontiguousarray(out)
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (respects affinity masks / container limits)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _progress(total: int, desc: str, enabled: bool):
     """A tqdm bar (Lightning ships tqdm) or a no-op stand-in."""
     if enabled:
@@ -155,7 +148,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _parallel(fn: Callable[[Path], object], paths: Sequence[Path], threads: int | None, desc: str,
               progress: bool) -> list:
-    threads = max(1, threads or available_cores())
+    threads = max(1, threads or node_cores())
     bar = _progress(len(paths), desc, progress)
     out = []
     try:
@@ -312,34 +305,7 @@ def check_mode(mode: str | None) -> str:
     return mode
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m visionsweep.data.cache [overrides]``: pre-fill the disk cache of a training config."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
+if __name__ == "__main__":  # the old spelling of the command: the CLI is visionsweep.cache
+    from visionsweep.cache import main
 
-    from visionsweep import builders
-    from visionsweep.utils.cli import CONF_DIR, fail, precheck, user_error
-
-    args = sys.argv[1:] if argv is None else argv
-    precheck("train", args)
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=list(args), return_hydra_config=False)
-        with open_dict(cfg):
-            if check_mode(cfg.data.get("cache")) == "none":
-                cfg.data.cache = "disk"
-            cfg.paths.output_dir = None
-        inp = builders.resolve_inputs(cfg)
-        dm = builders.build_datamodule(cfg, inp, None)
-        print(dm.describe(), flush=True)
-        done = dm.prefill_cache(progress=True)
-        print(f"cache ready: {done}", flush=True)
-    except Exception as e:
-        err = user_error(e)
-        if err is None:
-            raise
-        fail(str(err))
-
-
-if __name__ == "__main__":
     main()
