@@ -63,3 +63,20 @@ def test_finished_jobs_drop_last_by_policy(tmp_path, keep, multirun, kept):
 def test_bad_keep_last_is_one_line():
     with pytest.raises(ConfigError, match="keep_last=maybe"):
         RunCheckpoint(keep_last="maybe")
+
+
+@pytest.mark.parametrize(("every_s", "writes"), [(0, [0, 1, 2]), (3600, [2])])
+def test_last_is_rewritten_at_most_every_last_every_s_and_always_at_the_end(tmp_path, monkeypatch, every_s, writes):
+    epochs: list[int] = []
+    save = RunCheckpoint._save_checkpoint
+
+    def spy(self, trainer, filepath):
+        if self._is_last(filepath):
+            epochs.append(trainer.current_epoch)
+        save(self, trainer, filepath)
+
+    monkeypatch.setattr(RunCheckpoint, "_save_checkpoint", spy)
+    _fit(tmp_path, epochs=3, last_every_s=every_s)
+    assert epochs == writes
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["optimizer_states"]  # the final epoch's full state either way

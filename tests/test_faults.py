@@ -28,7 +28,9 @@ SEED7 = [*FAST, "seed=7", "trainer.max_epochs=3", "trainer.limit_train_batches=2
 
 def _start(out: Path, root: Path, *extra: str) -> subprocess.Popen:
     """``python -m visionsweep.train`` in the background, its run dir at ``out``."""
-    args = [*SEED7, f"data.root={root}", f"hydra.run.dir={out}", *extra]
+    # last.ckpt after every epoch (the default rewrites it at most every 120 s): the kill comes in epoch 2
+    args = [*SEED7, f"data.root={root}", f"hydra.run.dir={out}", "callbacks.model_checkpoint.last_every_s=0",
+            *extra]
     return subprocess.Popen([sys.executable, "-m", "visionsweep.train", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})

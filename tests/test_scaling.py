@@ -191,7 +191,7 @@ def test_a_killed_sweep_rerun_skips_finished_jobs_and_resumes_the_interrupted_on
     sweep = tmp_path / "killed"
     # 3 epochs per job so that job 1 can be killed after its first checkpoint, mid-job
     args = ["train", *_sweep_args(digits_root, sweep, "trainer.max_epochs=3", "trainer.limit_train_batches=8",
-                                  seeds="1,2,3")]
+                                  "callbacks.model_checkpoint.last_every_s=0", seeds="1,2,3")]
     proc = subprocess.Popen([sys.executable, "-m", f"visionsweep.{args[0]}", *args[1:]], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
