@@ -60,6 +60,7 @@ class DataWaitMonitor(pl.Callback):
         self.epochs: list[dict[str, Any]] = []
         self.warned = False
         self.first_step_unix: float | None = None
+        self._fit_start = time.perf_counter()
         self._reset()
 
     def _reset(self) -> None:
@@ -69,6 +70,9 @@ class DataWaitMonitor(pl.Callback):
         self._last_end = self._start = time.perf_counter()
 
     # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()  # epochs' elapsed_s count from here (sanity check included)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
 
@@ -98,6 +102,8 @@ class DataWaitMonitor(pl.Callback):
         stats = self.epoch_stats(trainer.current_epoch)
         if stats is None:
             return
+        # after this epoch's validation (Lightning runs it before on_train_epoch_end): time to its val metrics
+        stats["elapsed_s"] = round(time.perf_counter() - self._fit_start, 3)
         self.epochs.append(stats)
         if self.log_metrics:
             for key in ("img_s", "step_img_s", "loader_img_s", "data_wait_frac", "data_wait_ms", "step_ms",
