@@ -7,16 +7,12 @@ normalises on the device.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader
-
 from visionsweep.data import scan
-from visionsweep.data.base import SplitDataModule, resolve_workers
+from visionsweep.data.base import SplitDataModule
 from visionsweep.data.builtin import BUILTIN, ensure_builtin
 from visionsweep.data.cache import (
     CACHE_DIRNAME,
@@ -28,22 +24,18 @@ from visionsweep.data.cache import (
     train_short_side,
 )
 from visionsweep.data.dataset import ImageFolderDataset
+from visionsweep.data.folds import check_fold, kfold_split
+from visionsweep.data.split_files import SplitRow, csv_path
 from visionsweep.data.splits import (
-    fingerprint_files,
     SPLITS,
     Sample,
-    atomic_write_text,
     check_class_subset,
     check_holdouts,
     check_train_per_class,
     keep_per_class,
-    read_split_dir,
     select_classes,
-    split_csv_text,
     stratified_split,
-    validate_fractions,
 )
-from visionsweep.data.folds import check_fold, kfold_split
 from visionsweep.data.transport import SlotDataLoader
 from visionsweep.errors import ConfigError, DataError
 
@@ -89,6 +81,10 @@ class FolderDataModule(SplitDataModule):
         prefetch_factor: Batches each worker loads ahead (None: PyTorch's default, 2).
     """
 
+    csv_header = ("path", "label", "class")
+    csv_path_columns = ("path",)
+    loader_class = SlotDataLoader  # fixed-size uint8 batches: the slot transport pays off
+
     def __init__(
         self,
         root: str,
@@ -119,13 +115,11 @@ class FolderDataModule(SplitDataModule):
         decode_reduce: bool = False,
         prefetch_factor: int | None = None,
     ) -> None:
-        super().__init__()
-        validate_fractions(val_fraction, test_fraction)
+        super().__init__(root, builtin, image_size, crop_pct, interpolation, val_fraction, test_fraction, split_seed,
+                         split_dir, batch_size, num_workers, pin_memory, persistent_workers, output_dir,
+                         train_transform, eval_transform)
         if builtin and builtin not in BUILTIN:
             raise ConfigError(f"unknown data.builtin '{builtin}': choose from {', '.join(sorted(BUILTIN))}")
-        if int(batch_size) < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
-        num_workers = resolve_workers(num_workers)
         self.cache_mode = check_mode(cache)
         if self.cache_mode != "none" and not image_size:
             raise ConfigError("data.cache needs data.image_size (the training script fills it from the backbone)")
@@ -133,100 +127,53 @@ class FolderDataModule(SplitDataModule):
             raise ConfigError(f"data.cache_scale={cache_scale}: give a factor >= 1.0, e.g. 1.15")
         if prefetch_factor is not None and int(prefetch_factor) < 1:
             raise ConfigError(f"data.prefetch_factor={prefetch_factor}: give an integer >= 1 or null")
-        self.root = Path(os.fspath(root)).expanduser()
-        self.builtin = builtin
-        self.image_size, self.crop_pct, self.interpolation = image_size, crop_pct, interpolation
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        self.split_seed = int(split_seed)
-        self.split_dir = Path(split_dir).expanduser() if split_dir else None
         self.kfold = check_fold(folds, fold)  # (K, k) or None
         self.class_subset = check_class_subset(classes)
         self.train_per_class = check_train_per_class(train_per_class)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        self.persistent_workers = bool(persistent_workers)
         self.skip_bad_images, self.verify_images = bool(skip_bad_images), bool(verify_images)
-        self.output_dir = Path(output_dir).expanduser() if output_dir else None
-        self.train_transform, self.eval_transform = train_transform, eval_transform
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root / CACHE_DIRNAME
         self.cache_scale, self.decode_reduce = float(cache_scale), bool(decode_reduce)
         self.prefetch_factor = int(prefetch_factor) if prefetch_factor is not None else None
         self._caches: dict[str, Any] = {}
-        self.bad_images: list[tuple[Path, str]] = []
-        self.ignored_files = 0
-        self._splits: dict[str, list[Sample]] | None = None
-        self._classes: list[str] = []
-        self._split_source = ""
 
-    # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
         """Write the built-in data set to ``root`` if one is configured (once, atomically)."""
         if self.builtin:
             ensure_builtin(self.builtin, self.root)
 
-    def setup(self, stage: str | None = None) -> None:
-        """Scan, check and split the data (only the first call does work).
+    # ------------------------------------------------------------------ finding the samples
+    def _from_split_files(self, rows: dict[str, list[SplitRow]]) -> tuple[list[str], dict[str, list[Sample]]]:
+        """``(path, label)`` of ``path,label,class`` rows; the classes are the sorted names in ``train.csv``."""
+        labelled: dict[str, list[tuple[str, int, str, Path]]] = {s: [] for s in SPLITS}
+        for split in SPLITS:
+            for csv_file, line, row in rows[split]:
+                try:
+                    label = int(row["label"])
+                except (TypeError, ValueError):
+                    raise DataError(f"'{csv_file}' line {line}: label '{row['label']}' is not an integer") from None
+                labelled[split].append((row["path"], label, row["class"], csv_file))
+        classes = sorted({cls for _, _, cls, _ in labelled["train"]})
+        index = {c: i for i, c in enumerate(classes)}
+        splits: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+        for split in SPLITS:
+            for rel, label, cls, csv_file in labelled[split]:
+                if cls not in index:
+                    raise DataError(f"class '{cls}' in '{csv_file}' does not occur in train.csv: "
+                                    "fix or regenerate the split")
+                if index[cls] != label:
+                    raise DataError(f"'{csv_file}': label {label} for class '{cls}' disagrees with train.csv "
+                                    f"(expected {index[cls]}): regenerate the split")
+                path = self.root / rel
+                if not path.is_file():
+                    raise DataError(f"file '{path}' listed in '{csv_file}' does not exist: "
+                                    "fix data.root or data.split_dir")
+                splits[split].append((path, label))
+        return classes, self._drop_bad(splits)
 
-        Args:
-            stage: Lightning stage; ignored, every split is prepared at once.
-
-        Raises:
-            DataError: Bad layout or unreadable image (see the module docs of ``scan``).
-        """
-        if self._splits is not None:
-            return
-        self.bad_images, self.ignored_files = [], 0  # a failed earlier attempt may have left entries
-        self.prepare_data()  # idempotent; lets setup() alone work outside a Trainer
-        root = self.root
-        if self.split_dir is not None:
-            scan.check_root(root)
-            classes, splits = read_split_dir(self.split_dir, root)
-            splits = self._drop_bad(splits)
-            source = "split_dir"
-        else:
-            scan.check_root(root)
-            folders = scan.find_split_folders(root)
-            if folders is not None:
-                if self.kfold:
-                    raise ConfigError(f"data.folds={self.kfold[0]}: '{root}' is already split into "
-                                      f"{'/'.join(folders)} folders; k-fold needs one folder per class")
-                classes, splits = self._scan_split_folders(folders)
-                source = "folders"
-            else:
-                per_class, self.ignored_files = scan.scan_classes(root)
-                if self.class_subset:  # before the split (and the image check): other folders play no part
-                    found = sorted(per_class)
-                    select_classes(found, {}, self.class_subset, root)  # raises for an unknown name
-                    per_class = {c: per_class[c] for c in self.class_subset}
-                scan.require_two_classes(list(per_class), root)
-                per_class = self._drop_bad_per_class(per_class)
-                classes = sorted(per_class)
-                if self.kfold:
-                    splits = kfold_split(per_class, *self.kfold, self.test_fraction, self.split_seed)
-                else:
-                    splits = stratified_split(
-                        per_class, self.val_fraction, self.test_fraction, self.split_seed
-                    )
-                check_holdouts({c: len(f) for c, f in per_class.items()}, splits, self.val_fraction,
-                               self.test_fraction)
-                source = "seeded"
-        if self.class_subset and source != "seeded":
-            classes, splits = select_classes(classes, splits, self.class_subset,
-                                             self.split_dir if source == "split_dir" else root)
-        scan.require_two_classes(classes, root)
-        if self.train_per_class:
-            splits = {**splits, "train": keep_per_class(splits["train"], self.train_per_class, self.split_seed,
-                                                        classes)}
-        if not splits["train"]:
-            raise DataError(f"no training images found under '{root}': check data.root / data.split_dir")
-        if not splits["val"] and source != "seeded":  # seeded: check_holdouts said it with the counts
-            where = f"'{self.split_dir / 'val.csv'}'" if source == "split_dir" else f"the val folder of '{root}'"
-            raise DataError(f"{where} holds no images: validation needs at least one (add images, or use a "
-                            "seeded split: a root of class folders)")
-        self._classes, self._splits, self._split_source = list(classes), splits, source
-        self._write_outputs()
-
-    def _scan_split_folders(self, folders: dict[str, Path]) -> tuple[list[str], dict[str, list[Sample]]]:
+    def _from_split_folders(self, folders: dict[str, Path]) -> tuple[list[str], dict[str, list[Sample]]]:
+        if self.kfold:
+            raise ConfigError(f"data.folds={self.kfold[0]}: '{self.root}' is already split into "
+                              f"{'/'.join(folders)} folders; k-fold needs one folder per class")
         train, ignored = scan.scan_classes(folders["train"])
         classes = sorted(train)
         scan.require_two_classes(classes, folders["train"])
@@ -250,6 +197,38 @@ class FolderDataModule(SplitDataModule):
             for s in SPLITS
         }
         return classes, self._drop_bad(splits)
+
+    def _seeded_split(self) -> tuple[list[str], dict[str, list[Sample]]]:
+        per_class, self.ignored_files = scan.scan_classes(self.root)
+        if self.class_subset:  # before the split (and the image check): other folders play no part
+            select_classes(sorted(per_class), {}, self.class_subset, self.root)  # raises for an unknown name
+            per_class = {c: per_class[c] for c in self.class_subset}
+        scan.require_two_classes(list(per_class), self.root)
+        per_class = self._drop_bad_per_class(per_class)
+        if self.kfold:
+            splits = kfold_split(per_class, *self.kfold, self.test_fraction, self.split_seed)
+        else:
+            splits = stratified_split(per_class, self.val_fraction, self.test_fraction, self.split_seed)
+        check_holdouts({c: len(f) for c, f in per_class.items()}, splits, self.val_fraction, self.test_fraction)
+        return sorted(per_class), splits
+
+    def _finish(self, classes: list[str], splits: dict[str, list[Sample]],
+                source: str) -> tuple[list[str], dict[str, list[Sample]]]:
+        root = self.root
+        if self.class_subset and source != "seeded":
+            classes, splits = select_classes(classes, splits, self.class_subset,
+                                             self.split_dir if source == "split_dir" else root)
+        scan.require_two_classes(classes, root)
+        if self.train_per_class:
+            splits = {**splits, "train": keep_per_class(splits["train"], self.train_per_class, self.split_seed,
+                                                        classes)}
+        if not splits["train"]:
+            raise DataError(f"no training images found under '{root}': check data.root / data.split_dir")
+        if not splits["val"] and source != "seeded":  # seeded: check_holdouts said it with the counts
+            where = f"'{self.split_dir / 'val.csv'}'" if source == "split_dir" else f"the val folder of '{root}'"
+            raise DataError(f"{where} holds no images: validation needs at least one (add images, or use a "
+                            "seeded split: a root of class folders)")
+        return classes, splits
 
     def _check(self, paths: list[Path]) -> dict[Path, str]:
         """Find bad files; raise unless skipping, else record them in ``bad_images``."""
@@ -276,47 +255,24 @@ class FolderDataModule(SplitDataModule):
                 )
         return kept
 
-    def _write_outputs(self) -> None:
-        if self.output_dir is None:
-            return
-        assert self._splits is not None
-        for split in SPLITS:
-            samples = self._splits[split]
-            if split == "test" and not samples:
-                continue
-            text = split_csv_text(samples, self.root, self._classes)
-            atomic_write_text(self.output_dir / "splits" / f"{split}.csv", text)
-        if self.bad_images:
-            lines = "".join(f"{path}\t{reason}\n" for path, reason in self.bad_images)
-            atomic_write_text(self.output_dir / "bad_images.txt", lines)
+    # ------------------------------------------------------------------ what a sample is
+    def _csv_row(self, sample: Sample) -> tuple[str, int, str]:
+        path, label = sample
+        return csv_path(path, self.root), label, self._classes[label]
 
-    # ------------------------------------------------------------------ results
-    def fingerprint(self) -> dict[str, Any]:
-        """``{"n_files", "sha256"}`` over the sorted (relative path, size) of every image used."""
-        return fingerprint_files((p for s in SPLITS for p, _ in self._state()[s]), self.root)
+    def _files(self, sample: Sample) -> tuple[Path]:
+        return (sample[0],)
 
-    def describe(self) -> str:
-        """One-line summary of the data.
-
-        Returns:
-            E.g. ``"digits: 10 classes, 1437 train / 180 val / 180 test (seeded split, seed 0)"``.
-        """
-        splits = self._state()
-        name = self.builtin or self.root.name or str(self.root)
-        counts = f"{len(splits['train'])} train / {len(splits['val'])} val"
-        if splits["test"]:
-            counts += f" / {len(splits['test'])} test"
-        how = {
-            "seeded": (f"fold {self.kfold[1]} of {self.kfold[0]}, split seed {self.split_seed}" if self.kfold
-                       else f"seeded split, seed {self.split_seed}"),
-            "folders": "split folders",
-            "split_dir": f"split from {self.split_dir}",
-        }[self._split_source]
+    def _split_how(self) -> str:
+        how = super()._split_how()
+        if self.kfold and self._split_source == "seeded":
+            how = f"fold {self.kfold[1]} of {self.kfold[0]}, split seed {self.split_seed}"
         if self.train_per_class:
             how += f", {self.train_per_class} train images per class"
-        extra = f", {len(self.bad_images)} bad images skipped" if self.bad_images else ""
-        chosen = f" ({', '.join(self.class_subset)})" if self.class_subset else ""
-        return f"{name}: {self.num_classes} classes{chosen}, {counts} ({how}){extra}"
+        return how
+
+    def _classes_note(self) -> str:
+        return f" ({', '.join(self.class_subset)})" if self.class_subset else ""
 
     # ------------------------------------------------------------------ loaders
     def resize_rule(self, split: str) -> ResizeRule | None:
@@ -374,21 +330,13 @@ class FolderDataModule(SplitDataModule):
                 lines.append(f"{disk.dir}: {len(paths)} images, {n} decoded")
         return "; ".join(sorted(lines))
 
-    def _loader(self, split: str, transform: Callable | None, shuffle: bool) -> DataLoader:
-        workers = self.num_workers
+    def _dataset(self, split: str, transform: Callable | None) -> ImageFolderDataset:
         rule = self.resize_rule(split)
-        dataset = ImageFolderDataset(
+        return ImageFolderDataset(
             self._state()[split], transform, cache=self._cache_for(split),
             decode_short_side=rule.short_side if rule is not None and self.decode_reduce else None)
-        extra = {"prefetch_factor": self.prefetch_factor} if workers > 0 and self.prefetch_factor else {}
+
+    def _loader_options(self, split: str, transform: Callable | None) -> dict[str, Any]:
         size = int(self.image_size) if self.image_size and transform is not None else 0
-        return SlotDataLoader(
-            dataset,
-            sample_shape=(3, size, size) if size else None,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and workers > 0,
-            **extra,
-        )
+        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 and self.prefetch_factor else {}
+        return {"sample_shape": (3, size, size) if size else None, **extra}

@@ -60,17 +60,15 @@ def kfold_split(per_class: dict[str, list[Path]], folds: int, fold: int, test_fr
     """
     from sklearn.model_selection import StratifiedKFold
 
-    from visionsweep.data.splits import SPLITS, split_counts
+    from visionsweep.data.splits import SPLITS, partition
 
     rng = np.random.default_rng(seed)
     out: dict[str, list[Sample]] = {s: [] for s in SPLITS}
     rest: list[Sample] = []
     for label, name in enumerate(sorted(per_class)):
-        files = sorted(per_class[name])
-        _, n_test = split_counts(len(files), 0.0, test_fraction)
-        order = rng.permutation(len(files))
-        out["test"].extend((files[i], label) for i in sorted(order[:n_test]))
-        kept = [(files[i], label) for i in sorted(order[n_test:])]
+        parts = partition(sorted(per_class[name]), 0.0, test_fraction, rng)  # the plain split's test images
+        out["test"].extend((f, label) for f in parts["test"])
+        kept = [(f, label) for f in parts["train"]]
         if len(kept) < folds:
             raise DataError(f"class '{name}' has {len(kept)} images outside the test split, fewer than "
                             f"data.folds={folds}: use fewer folds or add images")

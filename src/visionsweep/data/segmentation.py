@@ -10,9 +10,7 @@ padded (masks with ``ignore_index``), and the model pads to its stride and crops
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import logging
 import os
 import shutil
@@ -24,28 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from visionsweep.data import scan
-from visionsweep.data.base import SplitDataModule, resolve_workers
+from visionsweep.data.base import SplitDataModule
 from visionsweep.data.builtin import SEG_BUILTIN, is_complete
 from visionsweep.data.dataset import _to_chw_uint8
 from visionsweep.data.images import load_rgb
+from visionsweep.data.seeding import SampleSeeder, seed_sample
 from visionsweep.data.seg_files import (  # noqa: F401 - re-exported
     Pair, _check_pair, _refuse_gaps, builtin_mismatch, find_pairs, load_class_names, read_mask,
 )
-from visionsweep.data.seeding import SampleSeeder, seed_sample
-from visionsweep.data.splits import (
-    fingerprint_files,
-    SPLITS,
-    atomic_write_text,
-    inside_root,
-    read_csv_rows,
-    relative_posix,
-    split_counts,
-    validate_fractions,
-)
-from visionsweep.data.loader import SeededDataLoader
+from visionsweep.data.split_files import SplitRow, csv_path
+from visionsweep.data.splits import SPLITS, partition
 from visionsweep.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -128,6 +116,8 @@ class SegmentationDataModule(SplitDataModule):
         eval_transform: The classifier-style eval pipeline, used with ``eval_resize=crop``.
     """
 
+    csv_header = csv_path_columns = ("image", "mask")
+
     def __init__(
         self, root: str | None, builtin: str | None = None, builtin_options: dict | None = None,
         image_size: int | None = None, crop_pct: float | None = None, interpolation: str | None = None,
@@ -138,35 +128,20 @@ class SegmentationDataModule(SplitDataModule):
         output_dir: str | None = None, train_transform: Callable | None = None,
         eval_transform: Callable | None = None,
     ) -> None:
-        super().__init__()
         if not root:
             raise ConfigError("data.root is required: data.root=/path/to/folder with images/ and masks/")
-        validate_fractions(val_fraction, test_fraction)
+        super().__init__(root, builtin, image_size, crop_pct, interpolation, val_fraction, test_fraction, split_seed,
+                         split_dir, batch_size, num_workers, pin_memory, persistent_workers, output_dir,
+                         train_transform, eval_transform)
         for key, value, allowed in (("builtin", builtin, (None, *SEG_BUILTIN)), ("mask_mode", mask_mode, MASK_MODES),
                                     ("eval_resize", eval_resize, EVAL_RESIZE)):
             if value not in allowed:
                 raise ConfigError(f"data.{key}={value}: choose from {', '.join(str(a) for a in allowed if a)}")
-        num_workers = resolve_workers(num_workers)
-        if int(batch_size) < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
-        self.root = Path(os.fspath(root)).expanduser()
-        self.builtin, self.builtin_options = builtin, dict(builtin_options or {})
-        self.image_size, self.crop_pct, self.interpolation = image_size, crop_pct, interpolation
+        self.builtin_options = dict(builtin_options or {})
         self.class_names_cfg = list(classes) if classes else None
         self.mask_mode, self.ignore_index, self.eval_resize = mask_mode, int(ignore_index), eval_resize
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        self.split_seed = int(split_seed)
-        self.split_dir = Path(split_dir).expanduser() if split_dir else None
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        self.persistent_workers, self.verify_masks = bool(persistent_workers), bool(verify_masks)
-        self.output_dir = Path(output_dir).expanduser() if output_dir else None
-        self.train_transform, self.eval_transform = train_transform, eval_transform
-        self.bad_images: list[tuple[Path, str]] = []  # masks are never skipped: a bad one is an error
+        self.verify_masks = bool(verify_masks)  # masks are never skipped: a bad one is an error
         self.binary = mask_mode == "binary"
-        self._splits: dict[str, list[Pair]] | None = None
-        self._classes: list[str] = []
-        self._split_source = ""
 
     def prepare_data(self) -> None:
         """Write the built-in set to ``root`` if one is configured (once, atomically).
@@ -192,38 +167,35 @@ class SegmentationDataModule(SplitDataModule):
         if not is_complete(self.root):
             SEG_BUILTIN[self.builtin](self.root, **self.builtin_options)
 
-    def setup(self, stage: str | None = None) -> None:
-        """Find, check and split the pairs (only the first call does work).
+    # ------------------------------------------------------------------ finding the pairs
+    def _from_split_files(self, rows: dict[str, list[SplitRow]]) -> tuple[None, dict[str, list[Pair]]]:
+        out: dict[str, list[Pair]] = {s: [] for s in SPLITS}
+        for split in SPLITS:
+            for csv_file, _, row in rows[split]:
+                pair = (self.root / row["image"], self.root / row["mask"])
+                if not (pair[0].is_file() and pair[1].is_file()):
+                    raise DataError(f"'{csv_file}' lists '{row['image']}' / '{row['mask']}' which do not exist "
+                                    "under data.root: fix data.root or data.split_dir")
+                out[split].append(pair)
+        return None, out
 
-        Raises:
-            DataError: Missing folder or mask, size mismatch, RGB mask, values outside the classes.
-        """
-        if self._splits is not None:
-            return
-        self.prepare_data()
-        scan.check_root(self.root)
-        if self.split_dir is not None:
-            splits, source = self._read_split_dir(), "split_dir"
-        elif (folders := scan.find_split_folders(self.root)) is not None:
-            splits = {s: find_pairs(folders[s]) if s in folders else [] for s in SPLITS}
-            source = "folders"
-        else:
-            pairs = find_pairs(self.root)
-            n_val, n_test = split_counts(len(pairs), self.val_fraction, self.test_fraction)
-            order = np.random.default_rng(self.split_seed).permutation(len(pairs))
-            take = lambda idx: [pairs[i] for i in sorted(idx)]  # noqa: E731
-            splits = {"val": take(order[:n_val]), "test": take(order[n_val:n_val + n_test]),
-                      "train": take(order[n_val + n_test:])}
-            source = "seeded"
-        if source == "seeded" and self.test_fraction > 0 and not splits["test"]:
+    def _from_split_folders(self, folders: dict[str, Path]) -> tuple[None, dict[str, list[Pair]]]:
+        return None, {s: find_pairs(folders[s]) if s in folders else [] for s in SPLITS}
+
+    def _seeded_split(self) -> tuple[None, dict[str, list[Pair]]]:
+        pairs = find_pairs(self.root)
+        splits = partition(pairs, self.val_fraction, self.test_fraction, np.random.default_rng(self.split_seed))
+        if self.test_fraction > 0 and not splits["test"]:
             raise DataError(f"data.test_fraction={self.test_fraction:g} but '{self.root}' has only {len(pairs)} pairs: "
                             "the split needs at least 3 to give one to test; add images or set data.test_fraction=0")
+        return None, splits
+
+    def _finish(self, classes: None, splits: dict[str, list[Pair]], source: str) -> tuple[list[str], dict[str, list[Pair]]]:
+        """Refuse an empty train or val split; the classes come from the config, classes.yaml or the masks."""
         if not splits["train"] or not splits["val"]:
             raise DataError(f"'{self.root}' gives {len(splits['train'])} train / {len(splits['val'])} val pairs: "
                             "both need at least one (add images or lower data.val_fraction)")
-        self._classes = self._resolve_classes(splits)
-        self._splits, self._split_source = splits, source
-        self._write_splits()
+        return self._resolve_classes(splits), splits
 
     def _resolve_classes(self, splits: dict[str, list[Pair]]) -> list[str]:
         names = self.class_names_cfg or load_class_names(self.root)
@@ -250,47 +222,15 @@ class SegmentationDataModule(SplitDataModule):
                                 "classes.yaml / data.classes, or set data.ignore_index")
         return names or [str(i) for i in range(n)]
 
-    def _read_split_dir(self) -> dict[str, list[Pair]]:
-        out: dict[str, list[Pair]] = {s: [] for s in SPLITS}
-        for split in SPLITS:
-            path = self.split_dir / f"{split}.csv"
-            if not path.is_file():
-                if split == "test":
-                    continue
-                raise DataError(f"split file '{path}' is missing: data.split_dir needs train.csv and val.csv")
-            for line, row in read_csv_rows(path, ("image", "mask")):
-                pair = (self.root / inside_root(row["image"] or "", path, line, "image"),
-                        self.root / inside_root(row["mask"] or "", path, line, "mask"))
-                if not (pair[0].is_file() and pair[1].is_file()):
-                    raise DataError(f"'{path}' lists '{row['image']}' / '{row['mask']}' which do not exist "
-                                    "under data.root: fix data.root or data.split_dir")
-                out[split].append(pair)
-        return out
+    # ------------------------------------------------------------------ what a sample is
+    def _csv_row(self, sample: Pair) -> tuple[str, str]:
+        return csv_path(sample[0], self.root), csv_path(sample[1], self.root)
 
-    def _write_splits(self) -> None:
-        if self.output_dir is None:
-            return
-        for split, pairs in self._state().items():
-            if split == "test" and not pairs:
-                continue
-            buf = io.StringIO()
-            writer = csv.writer(buf, lineterminator="\n")
-            writer.writerow(("image", "mask"))
-            writer.writerows((relative_posix(i, self.root), relative_posix(m, self.root)) for i, m in pairs)
-            atomic_write_text(self.output_dir / "splits" / f"{split}.csv", buf.getvalue())
+    def _files(self, sample: Pair) -> Pair:
+        return sample
 
-    def fingerprint(self) -> dict[str, Any]:
-        """``{"n_files", "sha256"}`` over the sorted (relative path, size) of every image and mask."""
-        return fingerprint_files((p for s in SPLITS for pair in self._state()[s] for p in pair), self.root)
-
-    def describe(self) -> str:
-        """One line, e.g. ``"shapes_seg: 4 classes, 160 train / 40 val (seeded split, seed 0), index masks"``."""
-        s = self._state()
-        counts = f"{len(s['train'])} train / {len(s['val'])} val" + (f" / {len(s['test'])} test" if s["test"] else "")
-        how = {"seeded": f"seeded split, seed {self.split_seed}", "folders": "split folders",
-               "split_dir": f"split from {self.split_dir}"}[self._split_source]
-        kind = "binary masks" if self.binary else f"index masks, ignore {self.ignore_index}"
-        return f"{self.builtin or self.root.name}: {self.num_classes} classes, {counts} ({how}), {kind}"
+    def _data_note(self) -> str:
+        return ", binary masks" if self.binary else f", index masks, ignore {self.ignore_index}"
 
     def eval_pipeline(self) -> Callable | None:
         """The val/test/predict transform of ``eval_resize`` (masks always resized with nearest)."""
@@ -305,10 +245,9 @@ class SegmentationDataModule(SplitDataModule):
         interp = INTERPOLATIONS.get(str(self.interpolation or "bilinear").lower(), 1)
         return A.Compose([A.SmallestMaxSize(max_size=int(self.image_size), interpolation=interp)], seed=0)
 
-    def _loader(self, split: str, transform: Callable | None, shuffle: bool) -> DataLoader:
-        self._state()
-        return SeededDataLoader(SegmentationDataset(self._state()[split], transform, self.binary),
-                              batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                              pin_memory=self.pin_memory,
-                              collate_fn=functools.partial(pad_collate, ignore_index=self.ignore_index),
-                              persistent_workers=self.persistent_workers and self.num_workers > 0)
+    def _dataset(self, split: str, transform: Callable | None) -> SegmentationDataset:
+        return SegmentationDataset(self._state()[split], transform, self.binary)
+
+    def _loader_options(self, split: str, transform: Callable | None) -> dict[str, Any]:
+        # the seeded loader without slots: padded batches vary in size
+        return {"collate_fn": functools.partial(pad_collate, ignore_index=self.ignore_index)}

@@ -1,18 +1,13 @@
-"""Splitting samples (seeded, stratified) and reading/writing split CSV files.
-
-``<run>/splits/{train,val,test}.csv`` (header ``path,label,class``, paths relative to the data root)
-lets a later run re-use exactly the same split via ``data.split_dir``.
+"""Choosing splits: seeded (stratified per class, or over all samples), checks of the result, and the
+``data.classes`` / ``data.train_per_class`` subsets. Split files are :mod:`visionsweep.data.split_files`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import os
-import tempfile
-from collections.abc import Iterable, Sequence
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,7 +15,7 @@ from visionsweep.errors import ConfigError, DataError
 
 Sample = tuple[Path, int]
 SPLITS = ("train", "val", "test")
-CSV_HEADER = ("path", "label", "class")
+T = TypeVar("T")
 
 
 def validate_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -75,6 +70,25 @@ def split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int
     return n_val, n_test
 
 
+def partition(items: Sequence[T], val_fraction: float, test_fraction: float,
+              rng: np.random.Generator) -> dict[str, list[T]]:
+    """Deal ``items`` into train / val / test (:func:`split_counts` of them) with one ``rng`` permutation.
+
+    Args:
+        items: What to split (one class's files, or every image/mask pair); each part keeps their order.
+        val_fraction: Validation share.
+        test_fraction: Test share.
+        rng: The split's private generator (one permutation is drawn from it).
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``.
+    """
+    n_val, n_test = split_counts(len(items), val_fraction, test_fraction)
+    order = rng.permutation(len(items))
+    picks = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+    return {split: [items[i] for i in sorted(idx)] for split, idx in picks.items()}
+
+
 def stratified_split(
     per_class: dict[str, list[Path]], val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, list[Sample]]:
@@ -93,87 +107,9 @@ def stratified_split(
     out: dict[str, list[Sample]] = {s: [] for s in SPLITS}
     for label, name in enumerate(sorted(per_class)):
         files = sorted(per_class[name])  # sort again: never trust filesystem order
-        n_val, n_test = split_counts(len(files), val_fraction, test_fraction)
-        order = rng.permutation(len(files))
-        picks = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
-        for split, idx in picks.items():
-            out[split].extend((files[i], label) for i in sorted(idx))
+        for split, part in partition(files, val_fraction, test_fraction, rng).items():
+            out[split].extend((f, label) for f in part)
     return out
-
-
-def relative_posix(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` with ``/`` separators (absolute if outside root)."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temp file + rename, so readers never see half a file.
-
-    Args:
-        path: Destination (parent folders are created).
-        text: Content.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def split_csv_text(samples: Iterable[Sample], root: Path, classes: Sequence[str]) -> str:
-    """Render samples as ``path,label,class`` CSV text (paths relative to root).
-
-    Raises:
-        DataError: A path that is not valid UTF-8 (cannot be written to the UTF-8 file).
-    """
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    for path, label in samples:
-        rel = relative_posix(path, root)
-        try:
-            rel.encode("utf-8")
-        except UnicodeEncodeError:
-            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
-            raise DataError(f"file name '{shown}' is not valid UTF-8: rename it, or move it out of data.root") from None
-        writer.writerow((rel, label, classes[label]))
-    return buf.getvalue()
-
-
-def inside_root(rel: str, csv_path: Path, line: int, column: str = "path") -> str:
-    """Refuse a split-file path that leaves the data root (absolute, ``..``, a drive letter).
-
-    A split file lists paths relative to ``data.root``; one that points elsewhere would train on
-    files the data root does not hold (and ``skip_bad_images`` would not notice).
-
-    Args:
-        rel: The path as written in the CSV.
-        csv_path: The CSV file (for the message).
-        line: Its line number.
-        column: The CSV column (``path``, ``image``, ``mask``).
-
-    Returns:
-        ``rel`` unchanged.
-
-    Raises:
-        DataError: Naming the file, line and path.
-    """
-    if not rel:
-        raise DataError(f"'{csv_path}' line {line}: the {column} column is empty: fix the row or regenerate the split")
-    pure = PurePosixPath(rel.replace("\\", "/"))
-    if pure.is_absolute() or ".." in pure.parts or PureWindowsPath(rel).drive:
-        raise DataError(
-            f"'{csv_path}' line {line}: {column} '{rel}' is outside data.root: split files list paths "
-            "relative to data.root (no absolute paths, no '..'); fix the row or regenerate the split"
-        )
-    return rel
 
 
 def check_holdouts(per_class: dict[str, int], splits: dict[str, list], val_fraction: float,
@@ -198,80 +134,6 @@ def check_holdouts(per_class: dict[str, int], splits: dict[str, list], val_fract
                 f"a class needs at least {minimum} images to give one to {split}; add images"
                 + (f", or set {key}=0" if split == "test" else "")
             )
-
-
-def read_csv_rows(csv_path: Path, header: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
-    """``(line number, row)`` of a UTF-8 split CSV that has at least the columns ``header``.
-
-    Raises:
-        DataError: Not UTF-8 text, or a missing column.
-    """
-    try:
-        with csv_path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or not set(header) <= set(reader.fieldnames):
-                raise DataError(f"split file '{csv_path}' must have the header {','.join(header)}")
-            return [(line, row) for line, row in enumerate(reader, start=2)]
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"split file '{csv_path}' is not a UTF-8 CSV file ({type(e).__name__}): "
-                        "regenerate the split (a run writes it to <run>/splits/)") from None
-
-
-def read_split_dir(split_dir: Path, root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
-    """Read ``split_dir/{train,val,test}.csv`` written by a previous run.
-
-    Classes are the sorted class names of ``train.csv``; the label column must agree with them.
-
-    Args:
-        split_dir: Folder with the CSV files (``test.csv`` optional).
-        root: Data root the CSV paths are relative to.
-
-    Returns:
-        The classes and ``{"train", "val", "test"}`` sample lists.
-
-    Raises:
-        DataError: Missing CSV, malformed row, unknown class or a listed file that does not exist.
-    """
-    if not split_dir.is_dir():
-        raise DataError(
-            f"split_dir '{split_dir}' is not a folder: point data.split_dir at a run's splits/ folder"
-        )
-    rows: dict[str, list[tuple[str, int, str, Path]]] = {s: [] for s in SPLITS}
-    for split in SPLITS:
-        csv_path = split_dir / f"{split}.csv"
-        if not csv_path.is_file():
-            if split == "test":
-                continue
-            raise DataError(f"split file '{csv_path}' is missing: data.split_dir needs train.csv and val.csv")
-        for line, row in read_csv_rows(csv_path, CSV_HEADER):
-            try:
-                label = int(row["label"])
-            except (TypeError, ValueError):
-                raise DataError(f"'{csv_path}' line {line}: label '{row['label']}' is not an integer") from None
-            rows[split].append((inside_root(row["path"] or "", csv_path, line), label, row["class"], csv_path))
-    classes = sorted({cls for _, _, cls, _ in rows["train"]})
-    index = {c: i for i, c in enumerate(classes)}
-    out: dict[str, list[Sample]] = {s: [] for s in SPLITS}
-    for split in SPLITS:
-        for rel, label, cls, csv_path in rows[split]:
-            if cls not in index:
-                raise DataError(
-                    f"class '{cls}' in '{csv_path}' does not occur in train.csv: "
-                    "fix or regenerate the split"
-                )
-            if index[cls] != label:
-                raise DataError(
-                    f"'{csv_path}': label {label} for class '{cls}' disagrees with train.csv "
-                    f"(expected {index[cls]}): regenerate the split"
-                )
-            path = root / rel
-            if not path.is_file():
-                raise DataError(
-                    f"file '{path}' listed in '{csv_path}' does not exist: "
-                    "fix data.root or data.split_dir"
-                )
-            out[split].append((path, label))
-    return classes, out
 
 
 def check_class_subset(classes: Sequence[str | int] | str | None) -> list[str] | None:
@@ -357,32 +219,3 @@ def keep_per_class(samples: list[Sample], n: int, seed: int, class_names: Sequen
                         "lower data.train_per_class or data.val_fraction / data.test_fraction")
     kept = [s for _, v in sorted(by_label.items()) for i in sorted(rng.permutation(len(v))[:n]) for s in [v[i]]]
     return sorted(kept, key=lambda s: str(s[0]))
-
-
-def fingerprint_files(paths: Iterable[Path], root: Path) -> dict[str, Any]:
-    """Identify the exact files a run used (cheap: one ``stat`` per file, contents not read).
-
-    Args:
-        paths: Every file of every split (images, and masks for segmentation).
-        root: The data root the fingerprint's paths are relative to.
-
-    Returns:
-        ``{"n_files": int, "sha256": hex digest of the sorted (relative path, size) list}``.
-
-    Raises:
-        DataError: A file that disappeared or cannot be read since the scan.
-    """
-    import hashlib
-
-    from visionsweep.data.images import bad_image_message
-
-    entries = []
-    for path in paths:
-        try:
-            entries.append((relative_posix(path, root), path.stat().st_size))
-        except FileNotFoundError:
-            raise DataError(f"image '{path}' disappeared after the data set was scanned: restore it or re-run") from None
-        except OSError as e:  # a symlink loop with data.verify_images=false, ...
-            raise DataError(bad_image_message(path, f"{type(e).__name__}: {e.strerror or e}")) from None
-    digest = hashlib.sha256("".join(f"{rel}\t{size}\n" for rel, size in sorted(entries)).encode())
-    return {"n_files": len(entries), "sha256": digest.hexdigest()}
