@@ -301,3 +301,37 @@ def test_freeze_bn_stats_keeps_the_pretrained_statistics(pretrained, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(("running_mean", "running_var")))
     assert not torch.equal(before["layer1.0.bn1.weight"], after["layer1.0.bn1.weight"])  # affine still trains
     assert not torch.equal(before["layer2.0.conv1.weight"], after["layer2.0.conv1.weight"])
+
+
+def test_fine_tune_resumed_from_its_checkpoint_continues_the_same_schedule(tmp_path):
+    """Stopped after the frozen epoch and resumed: the same lrs and weights as one uninterrupted run."""
+    from visionsweep.callbacks.finetune import FineTune
+
+    class Lrs(pl.Callback):
+        def __init__(self, stop_after: int | None = None):
+            self.lrs, self.stop_after = [], stop_after
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            self.lrs.append([g["lr"] for g in optimizer.param_groups])
+
+        def on_train_epoch_end(self, trainer, module):
+            trainer.should_stop = trainer.current_epoch == self.stop_after
+
+    def fit(lrs: Lrs, out: Path, ckpt_path: Path | None = None):
+        pl.seed_everything(0, verbose=False)
+        model = _module()
+        trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, deterministic=True, callbacks=[
+            FineTune(freeze_epochs=1), lrs, pl.callbacks.ModelCheckpoint(dirpath=out, save_last=True)],
+            default_root_dir=out, **QUIET)
+        trainer.fit(model, _tiny_loader(), ckpt_path=ckpt_path, weights_only=True)
+        return model
+
+    whole = Lrs()
+    uninterrupted = fit(whole, tmp_path / "whole")
+    fit(Lrs(stop_after=0), tmp_path / "stopped")
+    resumed_lrs = Lrs()
+    resumed = fit(resumed_lrs, tmp_path / "resumed", tmp_path / "stopped" / "last.ckpt")
+    assert len(whole.lrs) == 4 and resumed_lrs.lrs == whole.lrs[2:]
+    assert len(resumed_lrs.lrs[0]) > 2  # layer-wise groups again after the resume
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float()), name
