@@ -220,10 +220,10 @@ def test_cli_bad_mode_and_missing_image_are_one_line(tmp_path):
 
 def test_modes_are_callables_named_like_their_configs_and_a_bad_name_suggests_one(tmp_path):
     from visionsweep.errors import ConfigError
-    from visionsweep.see import MODES, see
+    from visionsweep.see import modes, see
     from visionsweep.utils.cli import CONF_DIR
 
-    assert set(MODES) == {p.stem for p in (CONF_DIR / "see").glob("*.yaml")}
-    assert all(callable(run) for run in MODES.values())
+    assert set(modes()) == {p.stem for p in (CONF_DIR / "see").glob("*.yaml")}
+    assert all(callable(run) for run in modes().values())
     with pytest.raises(ConfigError, match=r"see=occlusio: no such mode \(did you mean occlusion\?\)"):
         see(compose_cfg(tmp_path, ["see=occlusion", "see.name=occlusio"], config_name="see"))

@@ -22,76 +22,30 @@ from visionsweep.utils.cli import guarded, precheck
 
 log = logging.getLogger("visionsweep.see")
 
-# Each runner imports its module when called: every mode but kernels imports torch and timm (~1 s
-# measured with `python -X importtime`), which `see=kernels` (scipy.ndimage on a photo) does not need.
+def modes() -> dict[str, Callable[[DictConfig, Index], None]]:
+    """Mode (``name`` of conf/see/<mode>.yaml) → the function that writes its pictures into the index.
 
+    Imported on first use, not with this module: the analysis modules load torch (~2 s of
+    ``python -X importtime visionsweep.see``), which ``--help`` or a mistyped override does not need.
+    """
+    from visionsweep.analysis import cam, features, interpret, kernels, occlusion, previews
 
-def _kernels(cfg: DictConfig, index: Index) -> None:
-    from visionsweep.analysis.kernels import run
-
-    run(cfg, index)
-
-
-def _augment(cfg: DictConfig, index: Index) -> None:
-    from visionsweep.analysis.previews import run_augment
-
-    run_augment(cfg, index)
-
-
-def _batch(cfg: DictConfig, index: Index) -> None:
-    from visionsweep.analysis.previews import run_batch
-
-    run_batch(cfg, index)
-
-
-def _features(cfg: DictConfig, index: Index) -> None:
-    from visionsweep.analysis.features import run_features
-
-    run_features(cfg, index)
-
-
-def _filters(cfg: DictConfig, index: Index) -> None:
-    from visionsweep.analysis.features import run_filters
-
-    run_filters(cfg, index)
-
-
-def _occlusion(cfg: DictConfig, index: Index) -> None:
-    from visionsweep.analysis.occlusion import run
-
-    run(cfg, index)
-
-
-def _gradcam(cfg: DictConfig, index: Index) -> None:
-    from visionsweep.analysis.cam import run
-
-    run(cfg, index)
-
-
-def _errors(cfg: DictConfig, index: Index) -> None:
-    from visionsweep.analysis.interpret import run
-
-    run(cfg, index)
-
-
-# mode (``name`` of conf/see/<mode>.yaml) → the function that writes its pictures into the index
-MODES: dict[str, Callable[[DictConfig, Index], None]] = {
-    "kernels": _kernels, "augment": _augment, "batch": _batch, "features": _features,
-    "filters": _filters, "occlusion": _occlusion, "gradcam": _gradcam, "errors": _errors,
-}
+    return {"kernels": kernels.run, "augment": previews.run_augment, "batch": previews.run_batch,
+            "features": features.run_features, "filters": features.run_filters, "occlusion": occlusion.run,
+            "gradcam": cam.run, "errors": interpret.run}
 
 
 def see(cfg: DictConfig) -> dict[str, Any]:
     """Run the ``see`` mode ``cfg.see.name``; returns the index written (mode, files, notes, data)."""
-    mode = str(cfg.see.get("name", ""))
-    if mode not in MODES:
-        close = difflib.get_close_matches(mode, MODES, n=1)
+    mode, runners = str(cfg.see.get("name", "")), modes()
+    if mode not in runners:
+        close = difflib.get_close_matches(mode, runners, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"see={mode}: no such mode{hint}; choose one of {', '.join(MODES)}")
+        raise ConfigError(f"see={mode}: no such mode{hint}; choose one of {', '.join(runners)}")
     out = Path(str(cfg.get("out_dir") or cfg.paths.output_dir)).expanduser()
     start = time.perf_counter()
     index = Index(out, mode)
-    MODES[mode](cfg, index)
+    runners[mode](cfg, index)
     index.data["seconds"] = round(time.perf_counter() - start, 2)
     path = index.write()
     for f in index.files:

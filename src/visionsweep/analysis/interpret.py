@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from sklearn import metrics
 
 from visionsweep.analysis import plots
 from visionsweep.analysis.common import load_checkpoint, run_datamodule
@@ -28,6 +27,8 @@ log = logging.getLogger(__name__)
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
     """``cm[i, j]`` = number of images (or pixels) of class ``i`` predicted as ``j``, over classes ``0..n-1``."""
+    from sklearn import metrics  # here: importing scikit-learn takes ~0.9 s, and `see` imports every mode
+
     return metrics.confusion_matrix(y_true, y_pred, labels=np.arange(n))
 
 
@@ -44,6 +45,8 @@ def matrix_cells(cm: np.ndarray) -> dict[str, np.ndarray]:
 
 def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
     """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
+    from sklearn import metrics
+
     precision, recall, f1, support = metrics.precision_recall_fscore_support(
         **matrix_cells(cm), average=None, zero_division=0)
     return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(int)}
