@@ -97,3 +97,53 @@ def test_cli_prints_one_line_and_exits_2(args, words, tmp_path):
     for word in words:
         assert word in errors[0], (word, errors[0])
     assert not (tmp_path / "run" / "run.json").exists()  # nothing half-written
+
+
+def _as_multirun_job(tmp_path: Path, overrides: list[str], monkeypatch):
+    """A composed config whose HydraConfig says: job 0 of a multirun writing into ``tmp_path``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
+    cfg = compose_cfg(tmp_path, overrides)
+    hydra_cfg = OmegaConf.structured(HydraConfig.get())
+    OmegaConf.set_readonly(hydra_cfg, False)
+    with open_dict(hydra_cfg):
+        hydra_cfg.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_cfg}))
+    return cfg
+
+
+@pytest.mark.parametrize("before", [None, {"status": "running", "task": "eval", "split": "val"}])
+def test_a_failed_sweep_job_records_type_and_one_line_error_in_run_json(tmp_path, before, caplog, monkeypatch):
+    import json
+
+    from visionsweep.report.collect import load_job
+    from visionsweep.utils.cli import guarded
+
+    cfg = _as_multirun_job(tmp_path, [], monkeypatch)
+    if before is not None:  # a task that wrote run.json and then failed without marking it
+        (tmp_path / "run.json").write_text(json.dumps(before))
+
+    @guarded
+    def task(cfg):
+        raise ConfigError("data.root '/x' does not exist:\n  give a folder")
+
+    assert task(cfg) is None  # the sweep goes on
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["status"] == "failed" and run["error_type"] == "ConfigError"
+    assert run["error"] == "data.root '/x' does not exist: give a folder"
+    assert all(run[k] == v for k, v in (before or {}).items() if k != "status")  # the rest is kept
+    assert "job failed: data.root '/x' does not exist: give a folder" in caplog.text  # for humans
+    job = load_job(tmp_path)
+    assert (job.status, job.error_type, job.error) == ("failed", "ConfigError", run["error"])
+
+    @guarded
+    def bug(cfg):
+        raise ZeroDivisionError("division by zero")
+
+    (tmp_path / "run.json").unlink()
+    bug(cfg)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert (run["error_type"], run["error"]) == ("ZeroDivisionError", "ZeroDivisionError: division by zero")

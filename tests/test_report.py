@@ -58,7 +58,9 @@ def sweep(tmp_path) -> Path:
     (early / ".hydra").mkdir(parents=True)
     (early / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=vgg19", "augmentation=basic", "seed=5"]))
     (early / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": 5}))
-    (early / "train.log").write_text("[x][visionsweep][ERROR] - job failed: data.root '/x' does not exist\n")
+    # what utils.cli.guarded leaves for a job that failed before train() wrote run.json
+    (early / "run.json").write_text(json.dumps({"status": "failed", "error_type": "DataError",
+                                                "error": "data.root '/x' does not exist"}))
     return root
 
 
@@ -110,6 +112,7 @@ def test_report_table_statistics_and_failures(sweep):
                       "model=resnet18 augmentation=basic": 0, "model=vgg19 augmentation=basic": 1}
     md = (sweep / "summary.md").read_text()
     assert "CUDA out of memory" in md and "does not exist" in md  # both failures listed with their error
+    assert "| DataError |" in md
     assert len(result["failed"]) == 2
     # the best configuration (vgg19 + none) beats every other one on all three seeds
     assert len(result["paired"]) == 3 and all(p["wins"] == 3 for p in result["paired"])

@@ -38,7 +38,10 @@ def test_failed_jobs_are_recorded_and_the_sweep_goes_on(grid):
     failed = [r for r in runs.values() if r["status"] == "failed"]
     ok = [r for r in runs.values() if r["status"] == "ok"]
     assert len(failed) == 2 and len(ok) == 2
-    assert all("data.val_fraction=1.5" in r["error"] for r in failed)
+    assert all("data.val_fraction=1.5" in r["error"] and r["error_type"] == "ConfigError" for r in failed)
+    for job in jobs:  # humans read the error in the job's log; the report reads run.json
+        if runs[job.name]["status"] == "failed":
+            assert f"job failed: {runs[job.name]['error']}" in (job / "train.log").read_text()
     for r in ok:
         # two training batches learn nothing to speak of (learning is tested in test_train): the metric exists
         assert 0.0 <= r["metrics"]["val/acc_best"] <= 1.0 and r["git"]["commit"] and r["versions"]["torch"]
@@ -52,7 +55,7 @@ def test_report_of_the_sweep_lists_failures(grid):
     rows = (grid / "summary.csv").read_text().splitlines()
     assert len(rows) == 1 + 2  # 2 val fractions, seeds pooled
     md = (grid / "summary.md").read_text()
-    assert md.count("data.val_fraction=1.5 is outside") == 2
+    assert md.count("data.val_fraction=1.5 is outside") == 2 and md.count("| ConfigError |") == 2
 
 
 def test_a_job_rerun_from_its_saved_config_gives_identical_metrics_in_our_run_dir_layout(grid, tmp_path):
@@ -111,23 +114,61 @@ def test_smoke_sweep_end_to_end(tmp_path, digits_root):
     assert len(rows) == 1 + 6
 
 
-def test_wandb_runs_of_a_sweep_share_a_group_and_carry_tags(tmp_path):
+def _as_sweep_job(cfg_dir: Path, monkeypatch) -> None:
+    """Make the current HydraConfig say: job 0 of a multirun under ``<cfg_dir>/multirun/<stamp>``."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
-    from conftest import compose_cfg
-    from visionsweep import builders
-
-    cfg = compose_cfg(tmp_path, ["logger=wandb", "model=resnet18", "augmentation=basic", "seed=7"])
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
     hydra_cfg = OmegaConf.structured(HydraConfig.get())  # a writable copy, as a sweep job would have
     OmegaConf.set_readonly(hydra_cfg, False)
     with open_dict(hydra_cfg):
         hydra_cfg.mode = RunMode.MULTIRUN
-        hydra_cfg.sweep.dir = str(tmp_path / "multirun" / "2026-01-01_00-00-00")
+        hydra_cfg.sweep.dir = str(cfg_dir / "multirun" / "2026-01-01_00-00-00")
     HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_cfg}))
+
+
+def test_wandb_runs_of_a_sweep_share_a_group_and_carry_tags(tmp_path, monkeypatch):
+    from conftest import compose_cfg
+    from visionsweep import builders, run_config
+
+    cfg = compose_cfg(tmp_path, ["logger=wandb", "model=resnet18", "augmentation=basic", "seed=7"])
+    _as_sweep_job(tmp_path, monkeypatch)
+    run_config.label_wandb_run(cfg)
     [wandb_logger] = [lg for lg in builders.build_loggers(cfg, tmp_path) if type(lg).__name__ == "WandbLogger"]
     init = wandb_logger._wandb_init
     assert init["group"] == "train-2026-01-01_00-00-00"
     assert {"arch=resnet18", "aug=basic", "seed=7"} <= set(init["tags"])
     assert init["name"].startswith("resnet18-basic-seed7")
+
+
+def test_saved_config_is_the_config_the_job_ran_with(tmp_path, shapes_root, monkeypatch, one_thread):
+    """config.yaml holds what the job filled in (seed, input size, wandb labels): the trainer, its
+    loggers and the model are built from exactly that config."""
+    from omegaconf import OmegaConf
+
+    from conftest import FAST, compose_cfg
+    from visionsweep import builders
+    from visionsweep.train import train
+
+    cfg = compose_cfg(tmp_path, [*FAST, f"data.root={shapes_root}", "logger=wandb", "seed=3",
+                                 "data.crop_pct=null", "data.interpolation=null", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                 "trainer.limit_val_batches=1", "test=false"])
+    _as_sweep_job(tmp_path, monkeypatch)
+    used = []
+    real = builders.build_trainer
+
+    def build_trainer(cfg, *args, **kwargs):
+        trainer = real(cfg, *args, **kwargs)
+        used.append(OmegaConf.to_container(cfg, resolve=True))  # after the loggers were built from it
+        return trainer
+
+    monkeypatch.setattr(builders, "build_trainer", build_trainer)
+    train(cfg)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert used == [saved]
+    wandb = saved["logger"]["wandb"]
+    assert {"arch=resnet18", "aug=none", "seed=3"} <= set(wandb["tags"])
+    assert (wandb["group"], wandb["name"]) == ("train-2026-01-01_00-00-00", "resnet18-none-seed3-job0")
+    assert (saved["data"]["crop_pct"], saved["data"]["interpolation"]) == (0.95, "bicubic")  # resnet18's, timm

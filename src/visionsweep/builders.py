@@ -54,7 +54,8 @@ def as_int(value: Any, key: str, minimum: int | None = None) -> int:
 def resolve_inputs(cfg: DictConfig) -> InputConfig:
     """Fill ``data.image_size/crop_pct/interpolation`` and the mean/std from the backbone's timm config.
 
-    Values already set in the config win; the filled config is what the run records.
+    Values already set in the config win; a training job does this in
+    :func:`visionsweep.run_config.complete`, so the filled config is what it records.
     """
     size = cfg.data.get("image_size")
     inp = resolve_input_config(
@@ -93,10 +94,12 @@ def build_model(cfg: DictConfig, dm: Any, inp: InputConfig) -> pl.LightningModul
 
 
 def build_loggers(cfg: DictConfig, output_dir: str | Path) -> list[Logger]:
-    """Loggers of ``cfg.logger``; a CSV logger is always there (reports read metrics.csv back)."""
+    """Loggers of ``cfg.logger``; a CSV logger is always there (reports read metrics.csv back).
+
+    The config is used as it is: a training job's wandb labels are in it already
+    (:func:`visionsweep.run_config.complete`), so the saved config.yaml holds them too.
+    """
     os.environ.setdefault("WANDB_MODE", "offline")  # never hang or ask for an API key
-    if cfg.get("logger") and cfg.logger.get("wandb"):
-        _label_wandb_run(cfg)
     # the run dir already holds .hydra/: Lightning's "not empty, logs will be deleted" is noise here
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     from visionsweep.utils.safe_io import AtomicCSVLogger, make_csv_atomic
@@ -110,27 +113,6 @@ def build_loggers(cfg: DictConfig, output_dir: str | Path) -> list[Logger]:
         if isinstance(init, dict) and init.get("anonymous") is None:
             init.pop("anonymous", None)
     return loggers
-
-
-def _label_wandb_run(cfg: DictConfig) -> None:
-    """Group a sweep's jobs in wandb and tag them by arch, augmentation and seed.
-
-    wandb's grouping and parallel-coordinates views then compare the configurations directly.
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    from visionsweep.utils.cli import is_multirun
-
-    node = cfg.logger.wandb
-    arch, aug = cfg.model.get("backbone", "?"), cfg.augmentation.get("name", "?")
-    tags = [str(t) for t in (node.get("tags") or [])]
-    node.tags = list(dict.fromkeys(tags + [f"arch={arch}", f"aug={aug}", f"seed={cfg.seed}"]))
-    if is_multirun():
-        sweep = Path(HydraConfig.get().sweep.dir).name
-        if not node.get("group"):
-            node.group = f"{cfg.get('task_name', 'train')}-{sweep}"
-        if not node.get("name"):
-            node.name = f"{arch}-{aug}-seed{cfg.seed}-job{HydraConfig.get().job.num}"
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:

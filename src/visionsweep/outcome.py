@@ -27,6 +27,26 @@ def status(trainer: pl.Trainer) -> str:
     return "pruned" if pruned else "ok"
 
 
+def failure(e: BaseException) -> dict[str, str]:
+    """What a failed job's run.json records: ``error_type`` and a one-line ``error``.
+
+    A user error (ours, also when Hydra or a DataLoader worker wrapped it) is recorded as its message,
+    anything else as ``<Type>: <message>``, the line the terminal or the job's log shows (a bug's
+    traceback stays in the log).
+
+    Args:
+        e: What the job raised.
+
+    Returns:
+        ``{"error_type": "ConfigError", "error": "data.root '/x' does not exist: ..."}``.
+    """
+    from visionsweep.utils.cli import user_error
+
+    err = user_error(e) if isinstance(e, Exception) else None
+    text = str(err) if err is not None else f"{type(e).__name__}: {e}"
+    return {"error_type": type(err or e).__name__, "error": " ".join(text.split())}
+
+
 def disk_full(e: BaseException, out: Path) -> DiskFullError | None:
     """``e`` as a DiskFullError naming the file (ENOSPC anywhere in its chain), else None."""
     known = next((x for x in exception_chain(e) if isinstance(x, DiskFullError)), None)

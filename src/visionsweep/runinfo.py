@@ -109,19 +109,21 @@ class RunRecord:
         """
         atomic_write(self.path, json.dumps(to_jsonable(self.data), indent=2, default=str))
 
-    def fail(self, error: str) -> None:
-        """Record ``status: failed`` with ``error``, even on a full disk.
+    def fail(self, error: str, error_type: str | None = None) -> None:
+        """Record ``status: failed`` with ``error`` (one line) and ``error_type``, even on a full disk.
+
+        :func:`visionsweep.outcome.failure` gives both for an exception; reports read them from here.
 
         There, our own partial ``*.tmp`` files under the run dir are removed first (they hold the space
         the failed write took), then the full record is tried, then a minimal one; if even that cannot
         be written the failure is only logged, since run.json is never written in place.
         """
-        self.data.update(status="failed", error=error)
+        self.data.update(status="failed", error=error, error_type=error_type)
         try:
             return self.save()
         except DiskFullError:
             remove_tmp_files(self.path.parent)
-        for data in (self.data, {k: self.data.get(k) for k in ("status", "error", "task", "argv", "overrides")}):
+        for data in (self.data, {k: self.data.get(k) for k in ("status", "error", "error_type", "task", "argv", "overrides")}):
             try:
                 atomic_write(self.path, json.dumps(to_jsonable(data), indent=2, default=str))
                 return None

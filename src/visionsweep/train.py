@@ -16,11 +16,11 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from visionsweep import builders, distributed, ledger, outcome, parallel, runinfo
+from visionsweep import builders, distributed, ledger, outcome, parallel, run_config, runinfo
 from visionsweep.optim import lr_find
 from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.cli import guarded, is_multirun, precheck, user_error
-from visionsweep.utils.config import print_config_tree, resume_checkpoint
+from visionsweep.utils.config import print_config_tree
 
 log = logging.getLogger("visionsweep.train")
 
@@ -38,12 +38,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         threads = parallel.apply_threads(max(1, parallel.resolve_threads(
             cfg.get("threads"), parallel.launcher_config()) // distributed.processes_per_node(cfg.trainer)))
-        cfg.seed = builders.as_int(cfg.seed, "seed", 0)
+        resolved = run_config.complete(cfg)  # the config is final from here on (but the LR finder's lr)
+        resume, inp = resolved.resume, resolved.inputs
         builders.check_optimizer(cfg)  # optimizer.lr=-1: one line, before anything is written
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d, %d threads", cfg.seed, threads)
-        resume = resume_checkpoint(cfg)
-        inp = builders.resolve_inputs(cfg)
         dm = builders.build_datamodule(cfg, inp, out if lead else None)
         log.info("data: %s", dm.describe())
         model = builders.build_model(cfg, dm, inp)
@@ -89,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         err = full or (user_error(e) if isinstance(e, Exception) else None)
         if lead and (record is not None or full is not None):  # a full disk: "failed" even without run.json
             record = record or runinfo.RunRecord.unsaved(out, task=cfg.get("task_name"), overrides=_overrides())
-            record.fail(str(err or f"{type(e).__name__}: {e}"))
+            record.fail(**outcome.failure(full or e))
         elif lead and err is not None and not is_multirun():
             outcome.remove_if_only_hydra_files(out)  # a bad path or value leaves no half-made run dir
         if full is not None and full is not e:

@@ -63,8 +63,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     if pairs:
         md += ["", f"## Paired comparison: {best} against each other configuration (same {render.unit(configs)})", "",
                render.markdown_table(p_header, p_cells)]
-    f_header = ["job", "configuration", "seed", "error"]
-    f_cells = [[str(j.path), j.label, str(j.seed), (j.error or j.status)[:300]] for j in failed]
+    f_header = ["job", "configuration", "seed", "error type", "error"]
+    f_cells = [[str(j.path), j.label, str(j.seed), j.error_type or "", (j.error or j.status)[:300]] for j in failed]
     if failed:
         md += ["", "## Failed jobs", "", render.markdown_table(f_header, f_cells)]
     for s in studies:

@@ -40,6 +40,7 @@ class Job:
     metrics: dict[str, float]
     curves: dict[str, list[tuple[int, float]]]
     info: dict[str, Any]
+    error_type: str | None = None  # e.g. ConfigError, DataError, RuntimeError (failed jobs)
     label: str = ""
     fold: int | None = None  # k-fold sweeps: the validation fold (data.fold)
 
@@ -122,16 +123,13 @@ def _load_yaml(path: Path) -> Any:
         return None
 
 
-def _failure_from_log(job_dir: Path) -> str | None:
-    for log in sorted(job_dir.glob("*.log")):
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if "job failed:" in ln]
-        if lines:
-            return lines[-1].split("job failed:", 1)[1].strip()
-    return None
-
-
 def load_job(job_dir: Path) -> Job:
-    """Read one run dir (tolerates jobs that failed before writing run.json)."""
+    """Read one run dir.
+
+    A failed job's run.json says so (``status: failed`` with ``error`` and ``error_type``, written by the
+    job itself: :func:`visionsweep.outcome.failure`); a dir without run.json (a job killed before it
+    could write one) is ``unknown``.
+    """
     run = json.loads((job_dir / "run.json").read_text()) if (job_dir / "run.json").is_file() else {}
     overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml") or run.get("overrides") or []
     cfg = _load_yaml(job_dir / "config.yaml") or _load_yaml(job_dir / ".hydra" / "config.yaml") or {}
@@ -139,10 +137,10 @@ def load_job(job_dir: Path) -> Job:
     seed = run.get("seed", omap.get("seed", cfg.get("seed")))
     data = cfg.get("data") or {}
     fold = omap.get("data.fold", data.get("fold") if data.get("folds") else None)
-    status = run.get("status") or ("failed" if _failure_from_log(job_dir) else "unknown")
-    error = run.get("error") or (_failure_from_log(job_dir) if status != "ok" else None)
+    status = str(run.get("status") or "unknown")
     return Job(
-        path=job_dir, status=status, error=error, overrides=[str(o) for o in overrides],
+        path=job_dir, status=status, error=run.get("error") if status != "ok" else None,
+        error_type=run.get("error_type") if status != "ok" else None, overrides=[str(o) for o in overrides],
         seed=int(seed) if seed is not None and str(seed).lstrip("-").isdigit() else None,
         arch=str(run.get("backbone") or (cfg.get("model") or {}).get("backbone") or omap.get("model", "?")),
         augmentation=str(run.get("augmentation") or (cfg.get("augmentation") or {}).get("name")

@@ -47,8 +47,9 @@ def user_error(exc: BaseException) -> VisionSweepError | None:
 def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Wrap a Hydra task so that user errors end in one line and exit code 2.
 
-    In a multirun a failing job must not stop the sweep: its error is logged and recorded by the
-    task itself (run.json), and the job returns None.
+    In a multirun a failing job must not stop the sweep: it returns None, its error is logged for
+    humans and recorded in its run.json (``status: failed``, ``error``, ``error_type``) for the report
+    and the sweep's ledger.
     """
 
     @functools.wraps(task)
@@ -58,9 +59,12 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         except Exception as e:
             err = user_error(e)
             if is_multirun():
+                from visionsweep.outcome import failure
+
+                recorded = failure(e)
                 # the sweep goes on; a bug (not a user error) keeps its traceback in the job's log
-                log.error("job failed: %s", err or f"{type(e).__name__}: {e}", exc_info=err is None)
-                _record_failure(cfg, str(err or f"{type(e).__name__}: {e}"))
+                log.error("job failed: %s", recorded["error"], exc_info=err is None)
+                _record_failure(cfg, recorded)
                 return None
             if err is None:
                 raise
@@ -69,17 +73,25 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     return wrapper
 
 
-def _record_failure(cfg: DictConfig, error: str) -> None:
-    """Leave a run.json saying ``failed`` in a job dir that has none (the job failed early)."""
+def _record_failure(cfg: DictConfig, recorded: dict[str, str]) -> None:
+    """Mark the job's run.json ``failed`` with the error, unless the task did so itself (train.py).
+
+    A job that failed before writing run.json gets a new one.
+    """
     from hydra.core.hydra_config import HydraConfig
 
     from visionsweep import runinfo
 
     try:
         out = Path(HydraConfig.get().runtime.output_dir)
-        if not (out / "run.json").is_file():
-            runinfo.RunRecord(out, status="failed", error=error, task=cfg.get("task_name"),
-                              overrides=list(HydraConfig.get().overrides.task))
+        existing = runinfo.load(out)
+        if existing.get("status") == "failed":
+            return
+        if existing:
+            runinfo.RunRecord.unsaved(out, **existing).fail(**recorded)
+        else:
+            runinfo.RunRecord(out, status="failed", task=cfg.get("task_name"),
+                              overrides=list(HydraConfig.get().overrides.task), **recorded)
     except Exception as e:  # never mask the job's own error
         log.warning("could not record the failure in run.json: %s", e)
 
