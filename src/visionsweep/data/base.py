@@ -110,23 +110,11 @@ class SplitDataModule(pl.LightningDataModule):
     loader_class: type[DataLoader] = SeededDataLoader
 
     def __init__(
-        self,
-        root: str | os.PathLike = ".",
-        builtin: str | None = None,
-        image_size: int | None = None,
-        crop_pct: float | None = None,
-        interpolation: str | None = None,
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.0,
-        split_seed: int = 0,
-        split_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int | str = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        output_dir: str | None = None,
-        train_transform: Callable | None = None,
-        eval_transform: Callable | None = None,
+        self, root: str | os.PathLike = ".", builtin: str | None = None, image_size: int | None = None,
+        crop_pct: float | None = None, interpolation: str | None = None, val_fraction: float = 0.2,
+        test_fraction: float = 0.0, split_seed: int = 0, split_dir: str | None = None, batch_size: int = 32,
+        num_workers: int | str = 0, pin_memory: bool | None = None, persistent_workers: bool = True,
+        output_dir: str | None = None, train_transform: Callable | None = None, eval_transform: Callable | None = None,
     ) -> None:
         super().__init__()
         validate_fractions(val_fraction, test_fraction)

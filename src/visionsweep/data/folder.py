@@ -115,8 +115,8 @@ class FolderDataModule(SplitDataModule):
         decode_reduce: bool = False,
         prefetch_factor: int | None = None,
     ) -> None:
-        super().__init__(root, builtin, image_size, crop_pct, interpolation, val_fraction, test_fraction, split_seed,
-                         split_dir, batch_size, num_workers, pin_memory, persistent_workers, output_dir,
+        super().__init__(root, builtin, image_size, crop_pct, interpolation, val_fraction, test_fraction,  # base order
+                         split_seed, split_dir, batch_size, num_workers, pin_memory, persistent_workers, output_dir,
                          train_transform, eval_transform)
         if builtin and builtin not in BUILTIN:
             raise ConfigError(f"unknown data.builtin '{builtin}': choose from {', '.join(sorted(BUILTIN))}")

@@ -130,8 +130,8 @@ class SegmentationDataModule(SplitDataModule):
     ) -> None:
         if not root:
             raise ConfigError("data.root is required: data.root=/path/to/folder with images/ and masks/")
-        super().__init__(root, builtin, image_size, crop_pct, interpolation, val_fraction, test_fraction, split_seed,
-                         split_dir, batch_size, num_workers, pin_memory, persistent_workers, output_dir,
+        super().__init__(root, builtin, image_size, crop_pct, interpolation, val_fraction, test_fraction,  # base order
+                         split_seed, split_dir, batch_size, num_workers, pin_memory, persistent_workers, output_dir,
                          train_transform, eval_transform)
         for key, value, allowed in (("builtin", builtin, (None, *SEG_BUILTIN)), ("mask_mode", mask_mode, MASK_MODES),
                                     ("eval_resize", eval_resize, EVAL_RESIZE)):
@@ -190,7 +190,8 @@ class SegmentationDataModule(SplitDataModule):
                             "the split needs at least 3 to give one to test; add images or set data.test_fraction=0")
         return None, splits
 
-    def _finish(self, classes: None, splits: dict[str, list[Pair]], source: str) -> tuple[list[str], dict[str, list[Pair]]]:
+    def _finish(self, classes: None, splits: dict[str, list[Pair]],
+                source: str) -> tuple[list[str], dict[str, list[Pair]]]:
         """Refuse an empty train or val split; the classes come from the config, classes.yaml or the masks."""
         if not splits["train"] or not splits["val"]:
             raise DataError(f"'{self.root}' gives {len(splits['train'])} train / {len(splits['val'])} val pairs: "
