@@ -138,6 +138,20 @@ def test_segmentation_split_csv_image_and_mask_columns_stay_inside_the_root(tmp_
             SegmentationDataModule(str(root), split_dir=str(splits), num_workers=0).setup()
 
 
+def test_both_data_modules_read_split_files_by_the_same_rules(tmp_path):
+    """One split-file reader: a split_dir that is not a folder, or lacks train.csv, reads the same for both tasks."""
+    root = _classes(tmp_path / "root", {"a": 2, "b": 2})
+    not_a_folder = tmp_path / "splits.txt"
+    not_a_folder.write_text("x")
+    for make in (lambda d: _dm(root, split_dir=str(d)),
+                 lambda d: SegmentationDataModule(str(root), split_dir=str(d), num_workers=0)):
+        with pytest.raises(DataError, match=r"split_dir '.*splits\.txt' is not a folder: point data.split_dir"):
+            make(not_a_folder).setup()
+        empty = _split_dir(tmp_path / "empty", {}, ())
+        with pytest.raises(DataError, match=r"split file '.*train\.csv' is missing: data.split_dir needs train.csv"):
+            make(empty).setup()
+
+
 # ----------------------------------------------------------------------------- odd names and links
 def test_a_file_name_that_is_not_utf8_is_named_in_one_line(tmp_path):
     root = _classes(tmp_path / "root", {"a": 3, "b": 3})
