@@ -153,8 +153,8 @@ def test_saved_config_is_the_config_the_job_ran_with(tmp_path, shapes_root, monk
     from visionsweep.train import train
 
     cfg = compose_cfg(tmp_path, [*FAST, f"data.root={shapes_root}", "logger=wandb", "seed=3",
-                                 "data.crop_pct=null", "data.interpolation=null", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                                 "trainer.limit_val_batches=1", "test=false"])
+                                 "data.crop_pct=null", "data.interpolation=null", "trainer.max_epochs=1",
+                                 "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"])
     _as_sweep_job(tmp_path, monkeypatch)
     used = []
     real = builders.build_trainer

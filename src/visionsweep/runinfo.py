@@ -123,7 +123,8 @@ class RunRecord:
             return self.save()
         except DiskFullError:
             remove_tmp_files(self.path.parent)
-        for data in (self.data, {k: self.data.get(k) for k in ("status", "error", "error_type", "task", "argv", "overrides")}):
+        minimal = ("status", "error", "error_type", "task", "argv", "overrides")
+        for data in (self.data, {k: self.data.get(k) for k in minimal}):
             try:
                 atomic_write(self.path, json.dumps(to_jsonable(data), indent=2, default=str))
                 return None

@@ -154,7 +154,8 @@ def describe(entry: dict[str, Any]) -> str:
         params = ", ".join(f"{k}={_short(v)}" for k, v in entry["best_params"].items())
         text += f"; best trial {entry['best_trial']}: {entry['best_value']:.4f} with {params}"
     if entry.get("importance"):
-        text += f"; importance ({entry.get('importance_evaluator', EVALUATOR)}): " + ", ".join(f"{k} {v:.2f}" for k, v in entry["importance"].items())
+        evaluator = entry.get("importance_evaluator", EVALUATOR)
+        text += f"; importance ({evaluator}): " + ", ".join(f"{k} {v:.2f}" for k, v in entry["importance"].items())
     return text + "."
 
 
