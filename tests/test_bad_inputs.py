@@ -239,6 +239,17 @@ def test_sizes_a_backbone_uses_whole_pass(name, size):
     assert resolve_input_config(name, image_size=size).image_size == size
 
 
+@pytest.mark.parametrize(("name", "size"), [("resnet34", 16), ("vgg19", 32), ("convnext_nano", 32),
+                                            ("vit_tiny_patch16_224", 16)])
+def test_image_size_auto_is_the_smallest_side_from_16_the_backbone_takes_whole(name, size):
+    """data.image_size=auto (the digits default): every backbone gets a side it runs on, none is refused."""
+    assert resolve_input_config(name, image_size="auto").image_size == size
+    resolve_input_config(name, image_size=size)  # passes the size check
+    if size > 16:
+        with pytest.raises(ConfigError):
+            resolve_input_config(name, image_size=size - 1)
+
+
 def test_cli_vgg19_at_16_px_is_one_line_and_leaves_earlier_runs_alone(tmp_path):
     earlier = tmp_path / "runs" / "earlier"
     earlier.mkdir(parents=True)

@@ -59,7 +59,7 @@ def resolve_inputs(cfg: DictConfig) -> InputConfig:
     """
     size = cfg.data.get("image_size")
     inp = resolve_input_config(
-        cfg.model.backbone, as_int(size, "data.image_size", 8) if size is not None else None,
+        cfg.model.backbone, as_int(size, "data.image_size", 8) if size not in (None, "auto") else size,
         cfg.model.get("mean"), cfg.model.get("std"), cfg.data.get("crop_pct"),
         cfg.data.get("interpolation"),
         check_size=cfg.get("task") != "segment",  # the segmenter pads any size to its encoder's stride

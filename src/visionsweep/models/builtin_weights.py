@@ -50,7 +50,7 @@ def recipe(path: str | Path) -> list[str] | None:
     classes = ",".join(str(c) for c in digits)
     # a fresh command line: the asking job's experiment and training choices do not reach it
     return [f"model.backbone={m['backbone']}", "model.pretrained=false", "model.pretrained_file=null",
-            "data=digits", f"data.classes=[{classes}]", "data.test_fraction=0.0", "data.split_seed=0",
+            "data=digits", "data.image_size=32", f"data.classes=[{classes}]", "data.test_fraction=0.0", "data.split_seed=0",
             "augmentation=light", "optimizer=adamw", "scheduler=onecycle",
             f"trainer.max_epochs={EPOCHS}", "trainer.enable_progress_bar=false",
             "test=false", "logger=csv", "seed=0"]
