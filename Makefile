@@ -8,7 +8,7 @@ ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train eval predict export pretrain sweep report see bench cache test test-scaling test-all clean
+.PHONY: help install train eval predict export pretrain sweep report see bench bench-fastai cache test test-scaling test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,15 @@ see: $(STAMP)  ## pictures of what a CNN sees: make see ARGS="see=kernels" (kern
 
 bench: $(STAMP)  ## speed ratios measured side by side (framework vs hand-written loop, loaders, cache, sweep sequential vs joblib)
 	$(PY) benchmarks/bench.py $(ARGS)
+
+.venv-fastai/.installed:
+	@echo "setting up .venv-fastai (once; fastai 2.8 beside the same torch, for make bench-fastai only)"
+	$(PYTHON) -m venv .venv-fastai
+	set -o pipefail; .venv-fastai/bin/python -m pip install --quiet 'fastai>=2.8,<2.9' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	touch $@
+
+bench-fastai: $(STAMP) .venv-fastai/.installed  ## the default job vs fastai's vision_learner + fit_one_cycle, side by side on the same core, 3 seeds (~10 min)
+	$(PY) benchmarks/vs_fastai.py $(ARGS)
 
 cache: $(STAMP)  ## pre-fill the decoded-sample cache: make cache ARGS="data=folder data.root=/photos model=resnet34"
 	$(PY) -m visionsweep.cache $(ARGS)

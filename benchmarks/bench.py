@@ -4,6 +4,9 @@ Every comparison runs in this one process on this machine, so the ratios (not th
 what to compare across machines. Each prints one JSON line (``name``, ``ratio``, ``goal``, the raw
 figures) and the lines are also written to ``--out`` (default ``runs/bench/<time>.jsonl``):
 
+0. ``time_to_accuracy``: seconds of the default job (``python -m visionsweep.train``) until val/acc >= 0.99,
+   and its fit time per epoch vs a hand-written loop on the same model, data and recipe (``ratio``: loop s
+   / ours s per epoch; goal >= 0.9). In ``bench_accuracy.py``.
 1. ``step_ratio``: framework train step rate (Trainer + ClassifierModule, metrics and logging on) vs a
    hand-written PyTorch loop; same timm model, same in-memory uint8 batches, same optimizer. Goal >= 0.95.
 2. ``loader_ratio``: FolderDataModule loader img/s vs a raw cv2 + albumentations + DataLoader loop on
@@ -44,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("step", "loader", "cache", "startup", "sweep", "ddp", "e2e")
+SECTIONS = ("step", "accuracy", "loader", "cache", "startup", "sweep", "ddp", "e2e")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -426,8 +429,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records: list[dict] = []
     if "step" not in skip:  # first line, always: the framework-vs-hand-written-loop ratio
         records.append(bench_step(a, out))
+    if "accuracy" not in skip:
+        from bench_accuracy import bench_time_to_accuracy  # beside this file
+
+        records.append(bench_time_to_accuracy(a, out, emit, REPO))
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_jpeg_folder(Path(tmp) / "jpegs", a.n_images, a.jpeg_wh) if skip != set(SECTIONS) - {"step"} else None
+        need = {"loader", "cache", "startup"} - skip
+        root = make_jpeg_folder(Path(tmp) / "jpegs", a.n_images, a.jpeg_wh) if need else None
         if "loader" not in skip or "cache" not in skip:
             records += bench_loaders(a, root, out, loader="loader" not in skip, cache="cache" not in skip)
         if "startup" not in skip:

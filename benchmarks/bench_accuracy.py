@@ -1,0 +1,103 @@
+"""The ``time_to_accuracy`` line of ``make bench`` (called by bench.py).
+
+The default job (``python -m visionsweep.train``, nothing overridden but its run dir) is timed until its
+val/acc first reaches 0.99 (``perf.json``'s per-epoch ``elapsed_s``, fit start to the end of that epoch's
+validation); its fit time per epoch is set against a hand-written loop on the same model, data and recipe
+(timm resnet34, the run's own train/val split files and augmentation, AdamW + one-cycle, same batch size
+and image size, validation every epoch), run in this process with the same thread count.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def _hand_written_epochs(run: Path, cfg: dict, epochs: int) -> float:
+    """Seconds per epoch (train + val) of a plain PyTorch loop over what the run trained on."""
+    import albumentations as A
+    import cv2
+    import numpy as np
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    data = cfg["data"]
+    root, batch = Path(data["root"]), int(data["batch_size"])
+
+    def load(split: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = list(csv.DictReader((run / "splits" / f"{split}.csv").open()))
+        images = [cv2.cvtColor(cv2.imread(str(root / r["path"])), cv2.COLOR_BGR2RGB) for r in rows]
+        return images, np.array([int(r["label"]) for r in rows])
+
+    (train_x, train_y), (val_x, val_y) = load("train"), load("val")
+    pipelines = json.loads((run / "augmentation.json").read_text())  # the run's own (resize + augment, eval)
+    augment, view = A.from_dict(pipelines["train"]), A.from_dict(pipelines["eval"])
+    val = torch.from_numpy(np.stack([view(image=x)["image"] for x in val_x])).permute(0, 3, 1, 2)
+    torch.manual_seed(0)
+    net = timm.create_model(cfg["model"]["backbone"], num_classes=int(train_y.max()) + 1)
+    opt_cfg = cfg["optimizer"]
+    opt = torch.optim.AdamW(net.parameters(), lr=float(opt_cfg["lr"]), weight_decay=float(opt_cfg["weight_decay"]),
+                            fused=bool(opt_cfg.get("fused", False)))
+    steps = epochs * (len(train_x) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, float(opt_cfg["lr"]), total_steps=steps,
+                                                pct_start=float(cfg["scheduler"]["pct_start"]))
+    mean = torch.tensor(net.pretrained_cfg["mean"]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(net.pretrained_cfg["std"]).view(1, 3, 1, 1) * 255
+    start = time.perf_counter()
+    for _ in range(epochs):
+        net.train()
+        order = np.random.permutation(len(train_x))
+        for i in range(len(train_x) // batch):  # the trailing partial batch dropped
+            idx = order[i * batch:(i + 1) * batch]
+            x = np.stack([augment(image=train_x[j])["image"] for j in idx])
+            x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
+            loss = F.cross_entropy(net(x), torch.from_numpy(train_y[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        net.eval()
+        with torch.no_grad():
+            correct = sum(int((net((val[i:i + batch].float() - mean) / std).argmax(1)
+                               == torch.from_numpy(val_y[i:i + batch])).sum()) for i in range(0, len(val), batch))
+    print(f"# hand-written loop: final val acc {correct / len(val):.4f} after {epochs} epochs", file=sys.stderr)
+    return (time.perf_counter() - start) / epochs
+
+
+def bench_time_to_accuracy(a, out: Path | None, emit: Callable, repo: Path, target: float = 0.99) -> dict:
+    """The default job until val/acc >= target, and its fit s/epoch vs the hand-written loop's."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "default"
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+        subprocess.run([sys.executable, "-m", "visionsweep.train", f"hydra.run.dir={run}",
+                        "trainer.enable_progress_bar=false"], cwd=repo, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        info = json.loads((run / "run.json").read_text())
+        epochs = json.loads((run / "perf.json").read_text())["epochs"]
+        val = {int(r["epoch"]): float(r["val/acc"]) for r in csv.DictReader((run / "metrics.csv").open())
+               if r.get("val/acc")}
+        reached = next((e for e in epochs if val.get(e["epoch"], 0.0) >= target), None)
+        import yaml
+
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        ours = float(info["fit_seconds"]) / len(epochs)
+        torch.set_num_threads(int(info.get("threads") or torch.get_num_threads()))
+        hand = _hand_written_epochs(run, cfg, epochs=min(3, len(epochs)))
+    return emit({"name": "time_to_accuracy", "target_val_acc": target,
+                 "seconds": reached["elapsed_s"] if reached else None,
+                 "epoch": reached["epoch"] + 1 if reached else None, "epochs": len(epochs),
+                 "final_val_acc": val[max(val)], "test_acc": info["metrics"].get("test/acc"),
+                 "fit_s": info["fit_seconds"], "fit_s_per_epoch": round(ours, 3),
+                 "hand_loop_s_per_epoch": round(hand, 3), "ratio": round(hand / ours, 3),
+                 "goal": "ratio >= 0.9 (framework epoch within 10% of a bare loop)",
+                 "model": cfg["model"]["backbone"], "image_size": cfg["data"]["image_size"]}, out)
