@@ -116,3 +116,19 @@ def test_wandb_offline_writes_a_run_folder_without_network(tmp_path, shapes_root
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert (tmp_path / "metrics.csv").is_file()  # CSV is always there, even with logger=wandb
     assert json.loads((tmp_path / "run.json").read_text())["wandb_id"]
+
+
+def test_digits_default_size_is_resolved_before_the_config_tree_is_printed(tmp_path, digits_root, capsys):
+    """data.image_size=auto (the digits default) is printed, saved and trained as the backbone's smallest side."""
+    from visionsweep.train import train
+
+    cfg = compose_cfg(tmp_path, ["model=resnet18", "data=digits", f"data.root={digits_root}", "logger=csv",
+                                 "trainer.enable_progress_bar=false", "trainer.max_epochs=1",
+                                 "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"])
+    assert cfg.data.image_size == "auto"
+    train(cfg)
+    tree = capsys.readouterr().out
+    assert "image_size: 16" in tree and "image_size: auto" not in tree
+    assert "image_size: 16" in (tmp_path / "config.yaml").read_text()
+    hp = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hp["image_size"] == 16

@@ -32,13 +32,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     out, lead = Path(cfg.paths.output_dir), distributed.is_rank_zero()
     config_hash = ledger.config_hash(cfg)  # of the config as composed, before anything fills it in
-    if lead:
-        print_config_tree(cfg)
     record = None
     try:
         threads = parallel.apply_threads(max(1, parallel.resolve_threads(
             cfg.get("threads"), parallel.launcher_config()) // distributed.processes_per_node(cfg.trainer)))
         resolved = run_config.complete(cfg)  # the config is final from here on (but the LR finder's lr)
+        if lead:
+            print_config_tree(cfg)  # what runs: data.image_size=auto, timm's mean/std, ... filled in
         resume, inp = resolved.resume, resolved.inputs
         builders.check_optimizer(cfg)  # optimizer.lr=-1: one line, before anything is written
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
