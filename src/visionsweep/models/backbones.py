@@ -58,11 +58,8 @@ AUTO_SIZE_FLOOR = 16  # data.image_size=auto: below 16 px resnet34 on the 8x8 di
 
 
 def smallest_input_size(name: str, floor: int = AUTO_SIZE_FLOOR, default: int = 224) -> int:
-    """The smallest square side ``>= floor`` that ``name`` runs on and sees whole (``data.image_size=auto``).
-
-    For images much smaller than a backbone's own input (the embedded 8x8 digits), larger inputs add no
-    detail, only compute: resnet34 takes 16 px, vgg19 32 (its five 2x2 pools), a ViT-16 16.
-    """
+    """The smallest square side ``>= floor`` that ``name`` runs on and sees whole (``data.image_size=auto``):
+    for tiny images (8x8 digits) more pixels add compute, not detail. resnet34 16, vgg19 32, ViT-16 16."""
     if not _probe(name, floor)[0]:  # bisect for the smallest side it runs on (larger ones run too)
         if not _probe(name, default)[0]:
             return default  # not checkable on the meta device: its own side is known to work
