@@ -49,7 +49,7 @@ bench: $(STAMP)  ## speed ratios measured side by side (framework vs hand-writte
 	$(PY) benchmarks/bench.py $(ARGS)
 
 .venv-fastai/.installed:
-	@echo "setting up .venv-fastai (once; fastai 2.8 beside the same torch, for make bench-fastai only)"
+	@echo "setting up .venv-fastai (once; fastai 2.8 in its own venv, for make bench-fastai only)"
 	$(PYTHON) -m venv .venv-fastai
 	set -o pipefail; .venv-fastai/bin/python -m pip install --quiet 'fastai>=2.8,<2.9' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	touch $@

@@ -364,7 +364,7 @@ def _device_name(device: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import torch
 
-    from visionsweep.parallel import node_cores as available_cores
+    from visionsweep.parallel import node_cores
 
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -385,7 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "px; small batches measure the DataLoader's per-batch inter-process cost more than the loader)")
     p.add_argument("--loader-repeats", type=int, default=5, help="interleaved timed passes per loader; the median counts")
     p.add_argument("--jpeg-size", default="500x375", help="generated JPEG size, WIDTHxHEIGHT")
-    p.add_argument("--workers", type=int, default=available_cores(), help="DataLoader workers (default: cores)")
+    p.add_argument("--workers", type=int, default=node_cores(), help="DataLoader workers (default: cores)")
     p.add_argument("--e2e-device", default="cuda" if cuda else None, help="run the end-to-end section here "
                    "(default: cuda when available, else skipped; 'cpu' runs it on the CPU)")
     p.add_argument("--e2e-models", default="resnet34,vgg19")
@@ -398,7 +398,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-images", type=int, default=3000)
     p.add_argument("--e2e-steps", type=int, default=50)
     p.add_argument("--e2e-warmup", type=int, default=5)
-    p.add_argument("--e2e-workers", type=int, default=available_cores())
+    p.add_argument("--e2e-workers", type=int, default=node_cores())
     p.add_argument("--e2e-cache", default="memory", choices=("none", "memory", "disk"))
     p.add_argument("--e2e-precision", default=None)
     a = p.parse_args(argv)

@@ -44,8 +44,11 @@ def _hand_written_epochs(run: Path, cfg: dict, epochs: int) -> float:
     torch.manual_seed(0)
     net = timm.create_model(cfg["model"]["backbone"], num_classes=int(train_y.max()) + 1)
     opt_cfg = cfg["optimizer"]
-    opt = torch.optim.AdamW(net.parameters(), lr=float(opt_cfg["lr"]), weight_decay=float(opt_cfg["weight_decay"]),
-                            fused=bool(opt_cfg.get("fused", False)))
+    decay = [p for n, p in net.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
+    rest = [p for n, p in net.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=float(opt_cfg["lr"]),
+                            weight_decay=float(opt_cfg["weight_decay"]), fused=bool(opt_cfg.get("fused", False)))
+    smoothing = float(cfg["model"].get("label_smoothing") or 0.0)
     steps = epochs * (len(train_x) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, float(opt_cfg["lr"]), total_steps=steps,
                                                 pct_start=float(cfg["scheduler"]["pct_start"]))
@@ -59,7 +62,7 @@ def _hand_written_epochs(run: Path, cfg: dict, epochs: int) -> float:
             idx = order[i * batch:(i + 1) * batch]
             x = np.stack([augment(image=train_x[j])["image"] for j in idx])
             x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
-            loss = F.cross_entropy(net(x), torch.from_numpy(train_y[idx]))
+            loss = F.cross_entropy(net(x), torch.from_numpy(train_y[idx]), label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -79,9 +82,10 @@ def bench_time_to_accuracy(a, out: Path | None, emit: Callable, repo: Path, targ
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "default"
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-        subprocess.run([sys.executable, "-m", "visionsweep.train", f"hydra.run.dir={run}",
-                        "trainer.enable_progress_bar=false"], cwd=repo, env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "-m", "visionsweep.train", f"hydra.run.dir={run}",
+                               "trainer.enable_progress_bar=false"], cwd=repo, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"error: the default job failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         info = json.loads((run / "run.json").read_text())
         epochs = json.loads((run / "perf.json").read_text())["epochs"]
         val = {int(r["epoch"]): float(r["val/acc"]) for r in csv.DictReader((run / "metrics.csv").open())

@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="extra train overrides for our job (after --)")
     a = p.parse_args()
     rows: list[dict] = []
+    (REPO / "runs").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=REPO / "runs") as tmp:
         for seed in (int(s) for s in a.seeds.split(",")):
             run_dir = Path(tmp) / f"seed{seed}"

@@ -86,3 +86,14 @@ def test_default_run_dir_is_timestamped_under_runs(tmp_path):
     assert "${now:" in OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
     assert cfg.hydra.job.chdir is False
     assert Path(str(OmegaConf.to_container(cfg.paths)["log_dir"])).name == "runs"
+
+
+def test_a_resumed_auto_size_run_goes_on_at_the_size_it_was_trained_at(tmp_path):
+    """data.image_size=auto + ckpt_path: the trained run's config.yaml says 32 (the old digits default)."""
+    from visionsweep.run_config import _trained_image_size
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").write_text("data:\n  image_size: 32\n")
+    assert _trained_image_size(tmp_path / "checkpoints" / "last.ckpt") == 32
+    (tmp_path / "config.yaml").write_text("data:\n  image_size: auto\n")
+    assert _trained_image_size(tmp_path / "checkpoints" / "last.ckpt") is None

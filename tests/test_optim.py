@@ -124,3 +124,14 @@ def test_ema_foreach_update_equals_a_plain_per_tensor_update():
     for k, v in reference.items():
         assert torch.allclose(got[k], v, atol=1e-6), k
     assert got["1.num_batches_tracked"] == 29
+
+
+def test_fused_from_the_defaults_is_dropped_for_optimizers_without_fused_kernels():
+    """optimizer._target_=torch.optim.RMSprop with adamw.yaml's fused: true still builds (RMSprop has no fused)."""
+    from visionsweep.optim.optimization import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert isinstance(build_optimizer({"_target_": "torch.optim.RMSprop", "lr": 0.01, "fused": True}, params),
+                      torch.optim.RMSprop)
+    fused = build_optimizer({"_target_": "torch.optim.AdamW", "lr": 0.01, "fused": True}, params)
+    assert fused.defaults["fused"] is True

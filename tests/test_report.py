@@ -184,3 +184,12 @@ def test_study_plots_are_optunas_and_name_the_importance_evaluator(tmp_path):
     for path in result["images"]:
         with Image.open(path) as im:
             assert im.size[0] > 400 and im.size[1] > 150
+
+
+def test_paired_p_is_undefined_when_every_seed_differs_by_the_same_amount():
+    from visionsweep.report.stats import paired
+
+    same = paired({1: 0.9, 2: 0.8, 3: 0.7}, {1: 0.8, 2: 0.7, 3: 0.6}, "other")
+    assert same.wins == 3 and math.isnan(same.p_value)
+    varied = paired({1: 0.9, 2: 0.85, 3: 0.7}, {1: 0.8, 2: 0.7, 3: 0.65}, "other")
+    assert 0 < varied.p_value < 1

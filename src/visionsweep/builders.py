@@ -45,7 +45,7 @@ def as_int(value: Any, key: str, minimum: int | None = None) -> int:
         if isinstance(value, float) and value != out:
             raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value}: give an integer") from None
+        raise ConfigError(f"{key}={value}: give an integer" + (" or auto" * (key == "data.image_size"))) from None
     if minimum is not None and out < minimum:
         raise ConfigError(f"{key}={value}: give an integer ≥ {minimum}")
     return out
@@ -74,12 +74,43 @@ def build_datamodule(cfg: DictConfig, inp: InputConfig, output_dir: str | Path |
     """Instantiate ``cfg.data`` with the pipelines of ``cfg.augmentation``, then prepare and scan it."""
     train_tf, eval_tf = augment.build_pipelines(
         cfg.augmentation, inp.image_size, inp.crop_pct, inp.interpolation)
+    sizes = {"image_size": inp.image_size, "crop_pct": inp.crop_pct, "interpolation": inp.interpolation}
     dm = instantiate(cfg.data, output_dir=str(output_dir) if output_dir else None,
-                     train_transform=train_tf, eval_transform=eval_tf, **overrides)
+                     train_transform=train_tf, eval_transform=eval_tf, **{**sizes, **overrides})
     dm.prepare_data()
     dm.setup("fit")
     if output_dir is not None:  # only once the data is known good: a failed setup leaves nothing
         augment.save_pipelines(train_tf, eval_tf, Path(output_dir) / "augmentation.json")
+    return dm
+
+
+def checkpoint_datamodule(model: Any, ckpt: Path, run_dir: Path, train_cfg: DictConfig | None,
+                          data_root: str | None = None, output_dir: str | Path | None = None,
+                          fallback: str = "", **overrides: Any) -> pl.LightningDataModule:
+    """The data module a checkpoint was trained on, with its run's own split (eval, ``see``).
+
+    Args:
+        model: The loaded module (its hyper-parameters give the input config and class names).
+        ckpt: The checkpoint file (named in errors).
+        run_dir: Its training run dir (``config.yaml``, ``splits/``).
+        train_cfg: That run's config (None: a ConfigError naming the missing file).
+        data_root: Another folder with the same classes instead of the run's split.
+        output_dir: Where the data module writes its split files (None: nowhere).
+        fallback: What the user can do instead, appended to the missing-config error.
+        **overrides: More data-module arguments (``batch_size``...).
+    """
+    if train_cfg is None:
+        raise ConfigError(f"ckpt_path '{ckpt}': no config.yaml in its run dir {run_dir} "
+                          f"(was it written by visionsweep.train?){fallback}")
+    hp = model.hparams
+    inp = InputConfig(hp.image_size, tuple(hp.mean), tuple(hp.std), hp.crop_pct, hp.interpolation)
+    if data_root:
+        overrides["root"] = str(Path(data_root).expanduser().resolve())
+    elif (run_dir / "splits").is_dir():
+        overrides["split_dir"] = str(run_dir / "splits")
+    dm = build_datamodule(train_cfg, inp, output_dir, **overrides)
+    if list(dm.classes) != list(model.class_names):
+        raise ConfigError(f"data classes {dm.classes} differ from the checkpoint's {list(model.class_names)}")
     return dm
 
 

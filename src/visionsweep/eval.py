@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 
 from visionsweep import builders, checkpoints, runinfo
 from visionsweep.errors import ConfigError
-from visionsweep.models.backbones import InputConfig
 from visionsweep.utils.cli import guarded, precheck
 
 log = logging.getLogger("visionsweep.eval")
@@ -33,22 +32,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     loaded = checkpoints.load(cfg.ckpt_path, cfg.paths.log_dir)
     ckpt, run_dir, model = loaded.path, loaded.run_dir, loaded.model
-    train_cfg = loaded.train_config()
-    if train_cfg is None:
-        raise ConfigError(f"ckpt_path '{ckpt}': no config.yaml in its run dir {run_dir} "
-                          "(was it written by visionsweep.train?)")
-    hp = model.hparams
-    inp = InputConfig(hp.image_size, tuple(hp.mean), tuple(hp.std), hp.crop_pct, hp.interpolation)
-    overrides: dict[str, Any] = {}
-    if cfg.get("data_root"):
-        overrides["root"] = str(Path(cfg.data_root).expanduser().resolve())
-    elif (run_dir / "splits").is_dir():
-        overrides["split_dir"] = str(run_dir / "splits")
-    if cfg.get("batch_size"):
-        overrides["batch_size"] = int(cfg.batch_size)
-    dm = builders.build_datamodule(train_cfg, inp, out, **overrides)
-    if list(dm.classes) != list(model.class_names):
-        raise ConfigError(f"data classes {dm.classes} differ from the checkpoint's {model.class_names}")
+    extra = {"batch_size": int(cfg.batch_size)} if cfg.get("batch_size") else {}
+    dm = builders.checkpoint_datamodule(model, ckpt, run_dir, loaded.train_config(), cfg.get("data_root"), out,
+                                        **extra)
     split = cfg.split
     if split not in ("test", "val"):
         raise ConfigError(f"split={split}: use test or val")

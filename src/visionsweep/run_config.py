@@ -44,10 +44,23 @@ def complete(cfg: DictConfig) -> Resolved:
 
     cfg.seed = as_int(cfg.seed, "seed", 0)
     resume = resume_checkpoint(cfg)  # data.split_dir and logger.wandb.id/resume of the resumed run
+    if resume is not None and cfg.data.get("image_size") == "auto":
+        cfg.data.image_size = _trained_image_size(resume) or "auto"  # go on at the size it was trained at
     inputs = resolve_inputs(cfg)  # data.image_size / crop_pct / interpolation from timm
     if cfg.get("logger") and cfg.logger.get("wandb"):
         label_wandb_run(cfg)
     return Resolved(inputs, resume)
+
+
+def _trained_image_size(ckpt: Path) -> int | None:
+    """``data.image_size`` of the run a checkpoint belongs to (its saved config.yaml), if it says."""
+    from omegaconf import OmegaConf
+
+    from visionsweep.checkpoints import run_dir_of
+
+    saved = run_dir_of(ckpt) / "config.yaml"
+    size = OmegaConf.select(OmegaConf.load(saved), "data.image_size") if saved.is_file() else None
+    return int(size) if isinstance(size, int) else None
 
 
 def label_wandb_run(cfg: DictConfig) -> None:

@@ -22,6 +22,7 @@ from visionsweep.utils.cli import guarded, precheck
 
 log = logging.getLogger("visionsweep.see")
 
+
 def modes() -> dict[str, Callable[[DictConfig, Index], None]]:
     """Mode (``name`` of conf/see/<mode>.yaml) → the function that writes its pictures into the index.
 

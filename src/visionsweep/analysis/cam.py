@@ -16,8 +16,8 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from visionsweep.analysis import plots
-from visionsweep.analysis.common import (backbone, image_probs, image_scores, image_title, load_checkpoint,
-                                         load_images, run_images, uint8_hwc)
+from visionsweep.analysis.common import (backbone, checkpoint_and_images, image_probs, image_scores, image_title,
+                                         uint8_hwc)
 from visionsweep.analysis.features import feature_points
 from visionsweep.errors import ConfigError
 
@@ -114,10 +114,8 @@ def cam_figure(views: np.ndarray, titles: list[str], columns: list[tuple[list[in
 
 def run(cfg: DictConfig, index: plots.Index) -> None:
     """``see=gradcam``: rows = images; columns = input | CAM of the prediction | CAM of each chosen class."""
-    ck = load_checkpoint(cfg)
+    ck, paths, labels, x = checkpoint_and_images(cfg, index)
     opts = cfg.see
-    paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4), index)
-    x = ck.prepare(load_images(paths))
     name, layer = cam_layer(ck.model, x, opts.get("layer"))
     last = feature_points(ck.backbone)[-1]["module"]
     if not opts.get("layer") and name != last:

@@ -215,25 +215,20 @@ def run_images(ck: Checkpoint, cfg: DictConfig, limit: int,
     return [p for p, _ in samples], [y for _, y in samples]
 
 
+def checkpoint_and_images(cfg: DictConfig, index: Any) -> tuple[Checkpoint, list[Path], list, torch.Tensor]:
+    """The ``see`` modes' common start: the checkpoint, its images (``image=`` or chosen, ``see.max_images``,
+    default 4), their labels (None where unknown) and the prepared batch."""
+    ck = load_checkpoint(cfg)
+    paths, labels = run_images(ck, cfg, int(cfg.see.get("max_images") or 4), index)
+    return ck, paths, labels, ck.prepare(load_images(paths))
+
+
 def run_datamodule(ck: Checkpoint, cfg: DictConfig) -> Any:
     """The checkpoint run's data module with the run's own split (as ``visionsweep.eval`` builds it)."""
     from visionsweep import builders
-    from visionsweep.models.backbones import InputConfig
 
-    if ck.train_cfg is None:
-        raise ConfigError(f"ckpt_path '{ck.path}': no config.yaml in its run dir {ck.run_dir} "
-                          "(was it written by visionsweep.train?); give image=<file or folder> instead")
-    hp = ck.hp
-    inp = InputConfig(hp.image_size, tuple(hp.mean), tuple(hp.std), hp.crop_pct, hp.interpolation)
-    overrides: dict[str, Any] = {}
-    if cfg.get("data_root"):
-        overrides["root"] = str(Path(cfg.data_root).expanduser().resolve())
-    elif (ck.run_dir / "splits").is_dir():
-        overrides["split_dir"] = str(ck.run_dir / "splits")
-    dm = builders.build_datamodule(ck.train_cfg, inp, None, **overrides)
-    if list(dm.classes) != ck.classes:
-        raise ConfigError(f"data classes {dm.classes} differ from the checkpoint's {ck.classes}")
-    return dm
+    return builders.checkpoint_datamodule(ck.model, ck.path, ck.run_dir, ck.train_cfg, cfg.get("data_root"),
+                                          fallback="; give image=<file or folder> instead")
 
 
 def uint8_hwc(batch: torch.Tensor) -> np.ndarray:

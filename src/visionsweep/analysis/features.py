@@ -16,7 +16,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from visionsweep.analysis import plots
-from visionsweep.analysis.common import backbone, image_title, load_checkpoint, load_images, run_images, uint8_hwc
+from visionsweep.analysis.common import backbone, checkpoint_and_images, image_title, load_checkpoint, uint8_hwc
 from visionsweep.errors import ConfigError
 
 MAX_DEFAULT_LAYERS = 6
@@ -115,10 +115,8 @@ def _one_pixel_scale(act: torch.Tensor) -> dict[str, float]:
 
 def run_features(cfg: DictConfig, index: plots.Index) -> None:
     """``see=features``: per layer, rows = images, columns = input | top-k channels; plus an overview."""
-    ck = load_checkpoint(cfg)
+    ck, paths, labels, x = checkpoint_and_images(cfg, index)
     opts = cfg.see
-    paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4), index)
-    x = ck.prepare(load_images(paths))
     info = feature_points(ck.backbone)
     layers = OmegaConf.to_container(opts.layers) if opts.get("layers") is not None else None
     indices = choose_layers(info, layers)

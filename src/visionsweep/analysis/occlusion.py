@@ -14,8 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from visionsweep.analysis import plots
-from visionsweep.analysis.common import (image_probs, image_title, load_checkpoint, load_images, predicted,
-                                         run_images, uint8_hwc)
+from visionsweep.analysis.common import checkpoint_and_images, image_probs, image_title, predicted, uint8_hwc
 from visionsweep.errors import ConfigError
 
 
@@ -138,10 +137,8 @@ def occlusion_figure(views: np.ndarray, maps: np.ndarray, titles: list[str], exp
 
 def run(cfg: DictConfig, index: plots.Index) -> None:
     """``see=occlusion``: rows = images; columns = input | drop map | overlay."""
-    ck = load_checkpoint(cfg)
+    ck, paths, labels, x = checkpoint_and_images(cfg, index)
     opts = cfg.see
-    paths, labels = run_images(ck, cfg, int(opts.get("max_images") or 4), index)
-    x = ck.prepare(load_images(paths))
     with torch.no_grad():
         probs = image_probs(ck.model, x)
     targets = pick_targets(ck, probs, labels, opts.get("target"))

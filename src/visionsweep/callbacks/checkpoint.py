@@ -63,6 +63,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.last_every_s = float(last_every_s)
         self._last_written = time.monotonic()  # from the start of fit (set again in on_train_start)
         self._last_pending = False  # an epoch's last.ckpt was skipped by the interval
+        self._last_step: int | None = None  # the global step last.ckpt was last written at
 
     def _is_last(self, filepath: str) -> bool:
         return Path(filepath).name == f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
@@ -112,11 +113,12 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._last_written, self._last_pending = time.monotonic(), False
+        self._last_written, self._last_pending, self._last_step = time.monotonic(), False, None
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any],
                               force: bool = False) -> None:
-        if not force and self.last_every_s > 0 and not _final_epoch(trainer):
+        # (an exception's save runs on the failing rank alone: no broadcast there, it would wait forever)
+        if not force and self.last_every_s > 0 and not _final_epoch(trainer) and not trainer.interrupted:
             # every rank must take the same decision (a save is collective): rank 0's clock decides
             due = trainer.strategy.broadcast(time.monotonic() - self._last_written >= self.last_every_s)
             if not due:
@@ -124,11 +126,14 @@ class RunCheckpoint(ModelCheckpoint):
                 return
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_written, self._last_pending = time.monotonic(), False
+        self._last_step = trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run:  # Lightning's on_train_end writes last.ckpt even then
             return
-        if self._last_pending and self.save_last:  # fit ended otherwise (max_time, ...) after a skipped save
+        if self.save_last and (self._last_pending or self._last_step not in (None, trainer.global_step)):
+            # fit ended after a skipped save or past the last save point (max_time, max_steps, an epoch
+            # without validation); a state from the middle of an epoch resumes close to, not exactly as, the run
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer), force=True)
         super().on_train_end(trainer, pl_module)
 

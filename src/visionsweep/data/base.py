@@ -120,6 +120,9 @@ class SplitDataModule(pl.LightningDataModule):
         validate_fractions(val_fraction, test_fraction)
         if int(batch_size) < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
+        if image_size is not None and not isinstance(image_size, int):  # e.g. auto: resolved for a backbone first
+            raise ConfigError(f"data.image_size={image_size}: the data module needs a side in pixels (visionsweep "
+                              "resolves auto for the backbone: builders.resolve_inputs)")
         self.num_workers = resolve_workers(num_workers)
         self.root = Path(os.fspath(root)).expanduser()
         self.builtin = builtin

@@ -10,12 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from visionsweep.data.splits import SPLITS
 from visionsweep.errors import DataError
+from visionsweep.utils.atomic import atomic_open  # <name>.tmp + rename, and the one-line full-disk error
 
 SplitRow = tuple[Path, int, dict[str, str]]  # (CSV file, line number, row)
 
@@ -36,14 +36,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         text: Content.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", fsync=False, newline="", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def csv_path(path: Path, root: Path) -> str:

@@ -126,10 +126,12 @@ class ClassifierModule(pl.LightningModule):
         """Logits for a uint8 NCHW batch."""
         return self.net(self.normalize(x))
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor],
+                     smoothing: float = 0.0) -> tuple[torch.Tensor, ...]:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        # label smoothing trains; val/test losses stay plain cross-entropy (comparable across configs, as timm)
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         return loss, logits.argmax(dim=1), y
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +172,7 @@ class ClassifierModule(pl.LightningModule):
             loss = SoftTargetCrossEntropy()(logits, soft)
             preds, y = logits.argmax(dim=1), soft.argmax(dim=1)  # accuracy against the dominant class
         else:
-            loss, preds, y = self._shared_step(batch)
+            loss, preds, y = self._shared_step(batch, float(self.hparams.label_smoothing))
         self.train_loss(loss)
         self.train_acc(preds, y)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)

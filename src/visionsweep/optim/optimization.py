@@ -29,6 +29,16 @@ _OPTIMIZER_KEYS = {"learning rate": "lr", "weight_decay": "weight_decay", "beta 
                    "alpha": "alpha", "lr_decay": "lr_decay", "rho": "rho"}
 
 
+def _takes(target: Any, name: str) -> bool:
+    """Whether the optimizer class ``target`` (a dotted path) has an argument ``name``."""
+    import inspect
+
+    try:
+        return name in inspect.signature(hydra.utils.get_class(str(target))).parameters
+    except Exception:  # noqa: BLE001 - an unknown target fails (with its own message) when it is built
+        return True
+
+
 def build_optimizer(opt_cfg: Mapping[str, Any], params: Any) -> torch.optim.Optimizer:
     """The ``optimizer`` config (``_target_`` + arguments) made for ``params``.
 
@@ -40,6 +50,8 @@ def build_optimizer(opt_cfg: Mapping[str, Any], params: Any) -> torch.optim.Opti
         ConfigError: A value the optimizer rejects (``optimizer.lr=-1``), named as the config key.
     """
     cfg = {**opt_cfg, "_partial_": True}
+    if cfg.get("fused") and not _takes(cfg.get("_target_"), "fused"):
+        cfg.pop("fused")  # the defaults ask for fused kernels; optimizers without them (RMSprop, NAdam...) run
     try:
         return hydra.utils.instantiate(cfg)(params=params)
     except (ValueError, TypeError) as e:

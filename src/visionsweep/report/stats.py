@@ -90,5 +90,7 @@ def paired(best: Mapping[Any, float], other: Mapping[Any, float], other_label: s
             warnings.simplefilter("ignore", RuntimeWarning)
             test = stats.ttest_rel(ours, theirs)
             low, high = test.confidence_interval(confidence)
-        ci, p = float(high - low) / 2, float(test.pvalue)
+        ci = float(high - low) / 2
+        # the same difference on every seed (to float noise): the t statistic is undefined, not "p = 0"
+        p = math.nan if np.allclose(diffs, diffs[0], rtol=0.0, atol=1e-12) else float(test.pvalue)
     return Paired(other_label, seeds, diffs.tolist(), mean, ci, int((diffs > 0).sum()), p, unit)

@@ -80,8 +80,10 @@ def _record_failure(cfg: DictConfig, recorded: dict[str, str]) -> None:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from visionsweep import runinfo
+    from visionsweep import distributed, runinfo
 
+    if not distributed.is_rank_zero():  # rank 0 owns run.json (a failing DDP rank must not race it)
+        return
     try:
         out = Path(HydraConfig.get().runtime.output_dir)
         existing = runinfo.load(out)
