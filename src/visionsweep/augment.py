@@ -37,6 +37,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from visionsweep.errors import ConfigError  # noqa: E402
+from visionsweep.utils.jsonsafe import json_default  # noqa: E402
 
 __all__ = ["INTERPOLATIONS", "build_pipelines", "pipeline_to_dict", "reseed_in_worker", "save_pipelines"]
 
@@ -313,15 +314,6 @@ def pipeline_to_dict(pipeline: A.BasicTransform | A.BaseCompose) -> dict[str, An
     return A.to_dict(pipeline)
 
 
-def _json_default(obj: Any) -> Any:
-    """JSON fallback for numpy scalars/arrays and other odd values inside transform arguments."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return repr(obj)
-
-
 def save_pipelines(train: A.Compose, evaluate: A.Compose, path: str | os.PathLike[str]) -> Path:
     """Write both pipelines to one JSON file so a run directory records its exact transforms.
 
@@ -336,5 +328,5 @@ def save_pipelines(train: A.Compose, evaluate: A.Compose, path: str | os.PathLik
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"train": pipeline_to_dict(train), "eval": pipeline_to_dict(evaluate)}
-    path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(payload, indent=2, default=json_default) + "\n", encoding="utf-8")
     return path

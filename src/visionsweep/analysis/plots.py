@@ -20,6 +20,8 @@ matplotlib.use("Agg")  # never open a window, also on machines with a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from visionsweep.utils.jsonsafe import json_default  # noqa: E402
+
 PANEL = 2.0     # inches per grid cell
 TITLE = 0.35    # inches of title strip above each cell
 DPI = 100
@@ -158,7 +160,7 @@ class Index:
         """Write ``index.json`` and ``index.md``; returns the JSON path."""
         payload = {"mode": self.mode, "files": self.files, "notes": self.notes, **self.data}
         path = self.out_dir / "index.json"
-        path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+        path.write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
         lines = [f"# see={self.mode}", ""]
         lines += [f"- [{f['file']}]({f['file']}): {f['title']} ({f['width']}x{f['height']} px)"
                   for f in self.files]
@@ -166,11 +168,3 @@ class Index:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         (self.out_dir / "index.md").write_text("\n".join(lines) + "\n")
         return path
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
