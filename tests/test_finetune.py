@@ -336,3 +336,18 @@ def test_fine_tune_resumed_from_its_checkpoint_continues_the_same_schedule(tmp_p
     assert len(resumed_lrs.lrs[0]) > 2  # layer-wise groups again after the resume
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float()), name
+
+
+def test_fine_tune_refuses_a_segmenter_in_one_line():
+    from visionsweep.callbacks.finetune import FineTune
+    from visionsweep.errors import ConfigError
+    from visionsweep.models.segmenter import SegmenterModule
+
+    class _Trainer:
+        lr_scheduler_configs: list = []
+        max_epochs = 2
+
+    seg = SegmenterModule(backbone="resnet18", num_classes=2, pretrained=False, image_size=32)
+    with pytest.raises(ConfigError, match="works with the classifier") as info:
+        FineTune(freeze_epochs=1).on_fit_start(_Trainer(), seg)
+    assert "\n" not in str(info.value)

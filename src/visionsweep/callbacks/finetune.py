@@ -108,9 +108,14 @@ class FineTune(pl.Callback):
         if trainer.lr_scheduler_configs:
             raise ConfigError("training=fine_tune sets the learning rates itself (one-cycle per phase): "
                               "use scheduler=none")
-        if not isinstance(getattr(pl_module, "optimization", None), Optimization):
-            raise ConfigError(f"training=fine_tune: {type(pl_module).__name__} has no visionsweep.optim.Optimization "
-                              "to take the learning rates from (use the classifier)")
+        from visionsweep.models.classifier import ClassifierModule  # (the callback is imported by the models)
+
+        if not isinstance(pl_module, ClassifierModule) or not isinstance(
+                getattr(pl_module, "optimization", None), Optimization):
+            # the body/head split and timm's layer groups are the classifier's; a U-Net has neither
+            raise ConfigError(f"training=fine_tune works with the classifier (task=classify), not "
+                              f"{type(pl_module).__name__}: fine-tune a segmenter with model.pretrained=true "
+                              "and its default schedule")
         if trainer.max_epochs is not None and 0 < trainer.max_epochs <= self.freeze_epochs:
             rank_zero_warn(f"fine_tune: max_epochs={trainer.max_epochs} ≤ freeze_epochs={self.freeze_epochs}: "
                            "the body is never unfrozen")
