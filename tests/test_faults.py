@@ -185,18 +185,17 @@ def test_a_last_batch_of_one_image_trains_to_the_end(tmp_path, caplog):
 
 
 def test_a_train_set_smaller_than_one_batch_trains_and_one_image_is_refused(tmp_path):
-    from visionsweep.data.loader import NoSingleBatchSampler
-    from visionsweep.data.transport import SlotDataLoader
+    from visionsweep.data.loader import NoSingleBatchSampler, SeededDataLoader
     from visionsweep.errors import DataError
 
     one = torch.zeros(3, 4, 4, dtype=torch.uint8)
-    loader = SlotDataLoader([(one, 0)] * 5, batch_size=32, shuffle=True)  # fewer than a batch: one batch of 5
+    loader = SeededDataLoader([(one, 0)] * 5, batch_size=32, shuffle=True)  # fewer than a batch: one batch of 5
     assert [len(y) for _, y in loader] == [5] and len(loader) == 1
     for n, bs in ((161, 32), (33, 32), (64, 32), (7, 3), (4, 3)):
         sampler = NoSingleBatchSampler(range(n), bs, False)
         sizes = [len(b) for b in sampler]
         assert len(sampler) == len(sizes) and 1 not in sizes and sum(sizes) in (n, n - 1), (n, bs, sizes)
-    assert [len(y) for _, y in SlotDataLoader([(one, 0)] * 33, batch_size=32)] == [32, 1]  # eval keeps all
+    assert [len(y) for _, y in SeededDataLoader([(one, 0)] * 33, batch_size=32)] == [32, 1]  # eval keeps all
     from visionsweep.data.base import SplitDataModule
 
     dm = SplitDataModule()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -157,7 +156,9 @@ class DataWaitMonitor(pl.Callback):
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         fixes = []
         workers = getattr(dm, "num_workers", None)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        from visionsweep.parallel import node_cores
+
+        cores = node_cores()
         if workers is None or workers < (cores or 1):
             now = f"now {workers}, " if workers is not None else ""
             fixes.append(f"more loader workers (data.num_workers: {now}this machine has {cores} cores, "
