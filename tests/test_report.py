@@ -162,7 +162,7 @@ def test_report_html_renders_in_headless_chromium_with_the_csv_numbers(sweep, tm
     assert colours[1] - colours[0] > 100  # something was drawn, not a blank page
 
 
-def test_study_plots_are_optunas_and_name_the_importance_evaluator(tmp_path):
+def test_study_plots_are_optunas_and_name_the_importance_evaluator(tmp_path, monkeypatch):
     import optuna
 
     from visionsweep.report.study import describe, safe_stem, study_report
@@ -175,7 +175,11 @@ def test_study_plots_are_optunas_and_name_the_importance_evaluator(tmp_path):
                    + (t.suggest_categorical("aug", ["none", "basic"]) == "basic"), n_trials=5)
     expected = optuna.importance.get_param_importances(
         study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+    calls, evaluate = [], optuna.importance.PedAnovaImportanceEvaluator.evaluate
+    monkeypatch.setattr(optuna.importance.PedAnovaImportanceEvaluator, "evaluate",
+                        lambda self, *a, **k: calls.append(1) or evaluate(self, *a, **k))
     result = study_report(db, tmp_path)
+    assert len(calls) == 1  # the table and the plot share one PED-ANOVA computation
     [entry] = result["studies"]
     assert entry["importance"] == pytest.approx(expected) and entry["importance_evaluator"] == "PED-ANOVA"
     assert "importance (PED-ANOVA)" in describe(entry)

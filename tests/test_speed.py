@@ -179,6 +179,15 @@ def test_default_callbacks_include_data_wait_and_compile(tmp_path):
     assert {"DataWaitMonitor", "CompileModel"} <= names
 
 
+def test_a_config_yaml_from_before_the_rename_still_builds_its_callbacks(tmp_path):
+    from visionsweep import builders
+
+    cfg = compose_cfg(tmp_path, ["callbacks.throughput._target_=visionsweep.callbacks.throughput.ThroughputMonitor"])
+    with pytest.warns(FutureWarning, match="DataWaitMonitor"):
+        callbacks = builders.build_callbacks(cfg)
+    assert any(type(cb).__name__ == "ThroughputMonitor" and cb.threshold == 0.2 for cb in callbacks)
+
+
 def test_bench_writes_json_lines_with_ratios_step_ratio_first(tmp_path, monkeypatch):
     """Tiny sizes, CPU; the GPU-only end-to-end section forced onto the CPU. No timing is asserted."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))

@@ -57,12 +57,13 @@ def study_report(db: Path, out_dir: Path) -> dict[str, Any]:
         if done:
             best = study.best_trial
             entry.update(best_trial=best.number, best_value=best.value, best_params=best.params)
-            entry["importance"] = _importance(study) if len(done) >= 3 else {}
+            evaluator = _evaluator()
+            entry["importance"] = _importance(study, evaluator) if len(done) >= 3 else {}
             entry["importance_evaluator"] = EVALUATOR
             stem = safe_stem(study.study_name)
             result["images"].append(_plot_history(study, out_dir / f"optuna_history_{stem}.png"))
             if entry["importance"]:
-                result["images"].append(_plot_importance(study, len(entry["importance"]),
+                result["images"].append(_plot_importance(study, evaluator, len(entry["importance"]),
                                                          out_dir / f"optuna_importance_{stem}.png"))
         result["studies"].append(entry)
     return result
@@ -90,18 +91,29 @@ def _plain(text: str) -> str:
 
 
 def _evaluator() -> Any:
+    """PED-ANOVA, computed once per study: the importance table and its plot share the result."""
     # named explicitly (it is Optuna 4+'s default too), so the label on the plot says what was computed
-    from optuna.importance import PedAnovaImportanceEvaluator
+    from optuna.importance import BaseImportanceEvaluator, PedAnovaImportanceEvaluator
 
-    return PedAnovaImportanceEvaluator()
+    class Once(BaseImportanceEvaluator):
+        def __init__(self) -> None:
+            self.inner, self.done = PedAnovaImportanceEvaluator(), {}
+
+        def evaluate(self, study: Any, params: Any = None, *, target: Any = None) -> dict[str, float]:
+            key = (study.study_name, tuple(params or ()), target)
+            if key not in self.done:
+                self.done[key] = self.inner.evaluate(study, params=params, target=target)
+            return self.done[key]
+
+    return Once()
 
 
-def _importance(study: Any) -> dict[str, float]:
+def _importance(study: Any, evaluator: Any) -> dict[str, float]:
     import optuna
 
     try:
         return {k: float(v) for k, v in
-                optuna.importance.get_param_importances(study, evaluator=_evaluator()).items()}
+                optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
     except Exception as e:  # too few distinct values, a single parameter, ...
         log.info("parameter importance unavailable: %s", e)
         return {}
@@ -126,11 +138,11 @@ def _plot_history(study: Any, path: Path) -> Path:
     return _save(ax, f"Optuna study {study.study_name}: history", (7, 4), path)
 
 
-def _plot_importance(study: Any, n_params: int, path: Path) -> Path:
+def _plot_importance(study: Any, evaluator: Any, n_params: int, path: Path) -> Path:
     from optuna.visualization.matplotlib import plot_param_importances
 
     with _quiet():
-        ax = plot_param_importances(study, evaluator=_evaluator())
+        ax = plot_param_importances(study, evaluator=evaluator)
     ax.set_yticks(ax.get_yticks(), [_plain(t.get_text()) for t in ax.get_yticklabels()])
     ax.set_xlabel(f"importance ({EVALUATOR})")
     return _save(ax, f"Optuna study {study.study_name}: parameter importance", (7, 0.5 * n_params + 1.5), path)
