@@ -229,7 +229,7 @@ def test_builtin_weights_are_built_once_by_concurrent_jobs(tmp_path, monkeypatch
             (Path(out) / "run.json").write_text(json.dumps({"best_checkpoint": "x.ckpt", "metrics": {}}))
         else:
             Path(out).write_bytes(b"weights")
-            Path(out).with_suffix(".json").write_text("{}")
+            Path(out).with_suffix(".json").write_text(json.dumps({"path": out, "use": f"model.pretrained_file={out}"}))
 
     monkeypatch.setattr(bw, "_run", fake_run)
     target = tmp_path / "pre" / "resnet18_digits0-4.safetensors"
@@ -240,7 +240,9 @@ def test_builtin_weights_are_built_once_by_concurrent_jobs(tmp_path, monkeypatch
     for job in jobs:
         job.join()
     assert results == [True] * 4 and calls == ["pre-training", "exporting"]
-    assert target.read_bytes() == b"weights" and target.with_suffix(".json").is_file()
+    assert target.read_bytes() == b"weights"
+    meta = json.loads(target.with_suffix(".json").read_text())  # names the final file, not the temporary one
+    assert meta == {"path": str(target), "use": f"model.pretrained_file={target}"}
     assert not list(target.parent.glob("*.tmp-*"))  # the temporary export was renamed, not left behind
     assert bw.ensure_weights(tmp_path / "other.safetensors") is False  # no recipe: the caller's error
 

@@ -119,6 +119,9 @@ def ensure_weights(path: str | Path) -> bool:
         try:
             _run([sys.executable, "-m", "visionsweep.export", f"ckpt_path={ckpt}", "format=state_dict",
                   f"output={tmp}", f"hydra.run.dir={run / 'export'}"], log_file, "exporting")
+            meta = json.loads(tmp.with_suffix(".json").read_text())  # names the temporary file: point it at the final
+            meta.update(path=str(path), use=str(meta.get("use", "")).replace(str(tmp), str(path)))
+            tmp.with_suffix(".json").write_text(json.dumps(meta, indent=2))
             os.replace(tmp.with_suffix(".json"), path.with_suffix(".json"))
             os.replace(tmp, path)  # last: the file's existence means "complete"
         finally:
