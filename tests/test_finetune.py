@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import CONF, FAST, compose_cfg
@@ -280,15 +281,15 @@ def test_three_people_fine_tune_beats_scratch_by_a_margin(tmp_path):
         run = json.loads(run_json.read_text())
         arm = next(o.split("=")[1] for o in run["overrides"] if o.startswith("training="))
         acc[arm][run["seed"]] = run["metrics"]["test/acc"]
-        assert "3 classes (7, 8, 9), 15 train" in run["data"]["description"]
+        assert "3 classes (7, 8, 9), 12 train" in run["data"]["description"]
+        config = OmegaConf.load(run_json.parent / "config.yaml")
+        assert config.data.split_seed == run["seed"]  # each seed its own draw of images, the same for both arms
         assert (run["pretrained"] is not None) == (arm == "fine_tune")
     assert all(len(v) == 3 for v in acc.values()), acc
     tuned, scratch = mean(acc["fine_tune"].values()), mean(acc["scratch"].values())
-    # measured 2026-12: 0.931 vs 0.843 (+0.089) at 2 threads; every seed ahead
-    assert tuned >= 0.85 and tuned >= scratch + 0.05, acc
+    # the bar (15.3); measured 2026-12: 0.900 vs 0.753 (+0.147) at 2 threads, 0.900 vs 0.709 at 1
+    assert tuned >= 0.85 and tuned >= scratch + 0.10, acc
     assert all(acc["fine_tune"][s] > acc["scratch"][s] for s in acc["scratch"]), acc
-    if tuned < scratch + 0.10:  # the bar (15.3), not reached on every machine by this recipe: say so
-        pytest.xfail(f"fine_tune {tuned:.3f} vs scratch {scratch:.3f}: +{tuned - scratch:.3f} < the issue's +0.10")
 
 
 def test_freeze_bn_stats_keeps_the_pretrained_statistics(pretrained, tmp_path):
