@@ -16,6 +16,17 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config) -> None:
+    """Pin every test (and the processes tests start) to the CPU unless the GPU tests were asked for.
+
+    ``trainer.accelerator: auto`` would otherwise put the exact-equality tests (resume, re-run) on a
+    CUDA host's GPU, where they assert something else. ``pytest -m gpu`` keeps the GPUs visible.
+    """
+    expr = (config.getoption("markexpr", "") or "").replace(" ", "")
+    if "gpu" not in expr or "notgpu" in expr:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 CONF = REPO / "conf"
 
 

@@ -2,7 +2,7 @@
 
 Each job's run.json carries ``status`` and ``config_hash``, the hash of its composed config without
 what says *where* or *how* it runs rather than *what* it computes (``hydra``, ``paths``, ``ckpt_path``,
-``threads``). A sweeper re-running the same command reads this ledger first: ok + same hash → skip,
+``threads``, ``gpus``). A sweeper re-running the same command reads this ledger first: ok + same hash → skip,
 running (the sweep died) → resume from the job's own last.ckpt, failed / missing → run again.
 """
 
@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-# keys that never change what a job computes: where it writes, which launcher, its thread budget
-EXCLUDED = ("hydra", "paths", "ckpt_path", "threads")
+# keys that never change what a job computes: where it writes, which launcher, its threads and GPUs
+EXCLUDED = ("hydra", "paths", "ckpt_path", "threads", "gpus")
 LEDGER_FILE = "ledger.json"
 # errors a job records when it is stopped from outside rather than failing by itself
 INTERRUPTS = ("KeyboardInterrupt", "SystemExit", "Interrupted", "SIGTERM")
@@ -30,7 +30,7 @@ def _plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
-    """SHA-256 (16 hex digits) of a job's composed config without hydra, paths, ckpt_path, threads.
+    """SHA-256 (16 hex digits) of a job's composed config without the keys of ``EXCLUDED``.
 
     Args:
         cfg: the job's config (with or without its ``hydra`` node).

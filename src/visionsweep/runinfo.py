@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -118,12 +119,12 @@ class RunRecord:
         the failed write took), then the full record is tried, then a minimal one; if even that cannot
         be written the failure is only logged, since run.json is never written in place.
         """
-        self.data.update(status="failed", error=error, error_type=error_type)
+        self.data.update(status="failed", error=error, error_type=error_type, finished=round(time.time(), 3))
         try:
             return self.save()
         except DiskFullError:
             remove_tmp_files(self.path.parent)
-        minimal = ("status", "error", "error_type", "task", "argv", "overrides")
+        minimal = ("status", "error", "error_type", "task", "argv", "overrides", "started", "finished", "gpu")
         for data in (self.data, {k: self.data.get(k) for k in minimal}):
             try:
                 atomic_write(self.path, json.dumps(to_jsonable(data), indent=2, default=str))
@@ -141,9 +142,15 @@ def load(run_dir: str | Path) -> dict[str, Any]:
 
 
 def images_per_s(metrics: dict[str, float], trainer: Any, dm: Any, epochs: int, fit_s: float) -> float:
-    """Training images/s: the throughput callback's step-inclusive rate, else batches seen / fit time."""
+    """Training images/s of the whole job: the throughput callback's step-inclusive rate, else batches
+    seen / fit time.
+
+    Under DDP both count every rank's images: ``perf/img_s`` is rank 0's rate (its shard, its time; the ranks
+    step in lockstep) times the world size, and ``dm.batch_size`` is already the global batch.
+    """
+    world = max(1, int(getattr(trainer, "world_size", 1) or 1))
     if metrics.get("perf/img_s"):
-        return round(metrics["perf/img_s"], 1)
+        return round(metrics["perf/img_s"] * world, 1)
     seen = min(trainer.num_training_batches * dm.batch_size, len(dm.train_samples)) * max(epochs, 1)
     return round(seen / fit_s, 1)
 

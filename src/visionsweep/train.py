@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from visionsweep import builders, distributed, ledger, outcome, parallel, run_config, runinfo
+from visionsweep import builders, distributed, gpus, ledger, outcome, parallel, run_config, runinfo
 from visionsweep.optim import lr_find
 from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.cli import guarded, is_multirun, precheck, user_error
@@ -32,7 +32,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     out, lead = Path(cfg.paths.output_dir), distributed.is_rank_zero()
     config_hash = ledger.config_hash(cfg)  # of the config as composed, before anything fills it in
-    record = None
+    lease = gpus.current()  # taken by the GpuLease Hydra callback before this job's CUDA started
+    started, record = round(lease.started if lease else time.time(), 3), None
     try:
         threads = parallel.apply_threads(max(1, parallel.resolve_threads(
             cfg.get("threads"), parallel.launcher_config()) // distributed.processes_per_node(cfg.trainer)))
@@ -55,11 +56,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 data={"description": dm.describe(), "fingerprint": dm.fingerprint(), "classes": dm.classes,
                       "split": dm.split_source, "bad_images": [str(p) for p, _ in dm.bad_images]},
                 params=builders.count_params(model), lr_find=lr_found, config_hash=config_hash,
-                threads=threads, pretrained=getattr(model, "weights_report", None))
+                threads=threads, pretrained=getattr(model, "weights_report", None), started=started)
         start_epoch = pl.callbacks.LambdaCallback(  # epochs done before a resume, for images/s
             on_train_start=lambda tr, _: record and record.update(start_epoch=tr.current_epoch))
         trainer = builders.build_trainer(cfg, out, extra_callbacks=[start_epoch])
         if lead:
+            record.update(gpu=gpus.record(lease, trainer.strategy.root_device.type == "cuda"))
             builders.record_logger_ids(trainer, record)
         start = time.perf_counter()
         trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -79,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             fit_seconds=round(fit_s, 2),
             train_images_per_s=runinfo.images_per_s(metrics, trainer, dm, epochs, fit_s),
             perf=runinfo.read_json(out / "perf.json"),
-            test_report=getattr(model, "test_report", None) or None)
+            test_report=getattr(model, "test_report", None) or None, finished=round(time.time(), 3))
         outcome.drop_last_checkpoint(trainer, is_multirun())
         outcome.print_summary(metrics, fit_s, out, state)
         return metrics
@@ -87,7 +89,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         full = outcome.disk_full(e, out)
         err = full or (user_error(e) if isinstance(e, Exception) else None)
         if lead and (record is not None or full is not None):  # a full disk: "failed" even without run.json
-            record = record or runinfo.RunRecord.unsaved(out, task=cfg.get("task_name"), overrides=_overrides())
+            record = record or runinfo.RunRecord.unsaved(out, task=cfg.get("task_name"), overrides=_overrides(),
+                                                         started=started)
             record.fail(**outcome.failure(full or e))
         elif lead and err is not None and not is_multirun():
             outcome.remove_if_only_hydra_files(out)  # a bad path or value leaves no half-made run dir

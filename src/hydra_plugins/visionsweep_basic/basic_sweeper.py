@@ -27,10 +27,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
-# command-line keys that change where or how jobs run, never what they compute
-EXECUTION_KEYS = ("threads", "ckpt_path")
-
-
 @dataclass
 class VisionSweepBasicConf:
     _target_: str = "hydra_plugins.visionsweep_basic.basic_sweeper.VisionSweepBasicSweeper"
@@ -54,11 +50,14 @@ def with_checkpoint(overrides: Sequence[str], ckpt: Path) -> List[str]:
 
 
 def task_overrides(cfg: Any) -> Dict[str, str]:
-    """key → value of the task overrides a sweep was started with, minus execution-only keys."""
+    """key → value of the task overrides a sweep was started with, minus those of where / how jobs run
+    (the ledger's excluded keys: ``threads``, ``ckpt_path``, ``gpus.*``, ...)."""
+    from visionsweep.ledger import EXCLUDED
+
     out: Dict[str, str] = {}
     for line in list(OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []):
         key, _, value = str(line).partition("=")
-        if key.lstrip("+~") not in EXECUTION_KEYS:
+        if key.lstrip("+~").replace("/", ".").split(".")[0] not in EXCLUDED:
             out[key] = value
     return out
 

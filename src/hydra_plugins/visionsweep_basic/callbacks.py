@@ -56,3 +56,30 @@ class ThreadBudget(Callback):
             return
         parallel.apply_threads(n, parallel.concurrent_jobs(launcher))
         log.info("threads: %d (threads=%s)", n, config.get("threads", "auto"))
+
+
+class GpuLease(Callback):
+    """Lease the job's GPUs (``gpus.*``, visionsweep.gpus) before CUDA initialises; give them back after.
+
+    Runs in the job's own process, after :class:`ThreadBudget`. A process that dies holding a lease
+    loses it with its locks, so a killed job never keeps a GPU.
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from visionsweep import gpus
+        from visionsweep.errors import ConfigError
+        from visionsweep.utils.cli import fail
+
+        multirun = str(config.hydra.mode).endswith("MULTIRUN")
+        try:
+            gpus.acquire_for(config, config.hydra.launcher if multirun else None,
+                             label=str(config.hydra.runtime.output_dir))
+        except ConfigError as e:
+            if not multirun:
+                fail(str(e))
+            log.error("%s", e)  # the sweep goes on; this job runs without a lease and records it
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from visionsweep import gpus
+
+        gpus.release()
