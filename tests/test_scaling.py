@@ -231,3 +231,65 @@ def test_a_killed_sweep_rerun_skips_finished_jobs_and_resumes_the_interrupted_on
     [line] = other.stderr.strip().splitlines()
     assert line.startswith("error: ") and "seed: 1,2,3 -> 1,2,5" in line
     assert _hashes(_jobs(sweep)) == done
+
+
+# ---------------------------------------------------------------------------- Optuna without a batch barrier
+def _idle_spans(jobs: list[tuple[float, float]], slots: int) -> list[float]:
+    """Lengths of the spans, from the first start to the last, in which fewer than ``slots`` jobs ran."""
+    events = sorted({t for job in jobs for t in job})
+    last_start = max(s for s, _ in jobs)
+    spans, open_at = [], None
+    for a, b in zip(events, events[1:]):
+        if a >= last_start:
+            break
+        busy = sum(s <= a < e for s, e in jobs)
+        if busy < slots and open_at is None:
+            open_at = a
+        elif busy >= slots and open_at is not None:
+            spans.append(a - open_at)
+            open_at = None
+    if open_at is not None:
+        spans.append(last_start - open_at)
+    return spans
+
+
+def _random_seed_with_mixed_lengths(choices: list[int], n: int) -> tuple[int, list[int]]:
+    """A RandomSampler seed whose first ``n`` asks start long then short (so a batch would wait)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"trainer.max_epochs": optuna.distributions.CategoricalDistribution(choices)}
+    for seed in range(100):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        asked = [study.ask(space).params["trainer.max_epochs"] for _ in range(n)]
+        if asked[:2] == [choices[1], choices[0]] and asked.count(choices[0]) >= 2 and choices[1] in asked[2:]:
+            return seed, asked
+    raise AssertionError("no seed found")
+
+
+@pytest.mark.scaling  # 5 trials through joblib (~1 min on 2 cores)
+def test_parallel_optuna_keeps_every_slot_busy_while_trials_are_left(tmp_path, digits_root):
+    import optuna
+
+    seed, lengths = _random_seed_with_mixed_lengths([1, 8], 5)
+    sweep = tmp_path / "study"
+    proc = run_cli("train", "-m", *TINY, f"data.root={digits_root}", "trainer.limit_train_batches=6",
+                   "trainer.limit_val_batches=1", "test=false", "hydra/sweeper=visionsweep_optuna",
+                   "hydra.sweeper.n_trials=5", "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.name=random",
+                   f"hydra.sweeper.sampler.seed={seed}", "trainer.max_epochs=choice(1,8)",
+                   "optimized_metric=val/acc_best", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   "++threads=1", f"hydra.sweep.dir={sweep}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads((sweep / str(i) / "run.json").read_text()) for i in range(5)]
+    assert [r["status"] for r in runs] == ["ok"] * 5 and [r["epochs"] for r in runs] == lengths
+    jobs = [(r["started"], r["finished"]) for r in runs]
+    long_s = max(e - s for s, e in jobs) - min(e - s for s, e in jobs)
+    spans = _idle_spans(jobs, 2)
+    # a batched sweep leaves a slot idle for about long_s (the short trial's slot waits for the long one);
+    # here a slot is only idle between a trial's end and the next trial's start (tell, ask, job set-up)
+    assert long_s > 12 and max(spans, default=0) < 6, (spans, jobs)
+    study = optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    print("trials (epochs, start, end, relative s):",
+          [(n, round(s - jobs[0][0], 1), round(e - jobs[0][0], 1)) for n, (s, e) in zip(lengths, jobs)])

@@ -140,6 +140,21 @@ def apply_threads(n: int, concurrent: int = 1) -> int:
     return n
 
 
+def export_thread_budget(config: Any, batch_size: int) -> None:
+    """Before a sweeper launches ``batch_size`` jobs at once: their thread budget, in this process's
+    environment, which the processes a launcher starts inherit (read back by :func:`concurrent_jobs`).
+
+    Args:
+        config: the sweep's config (``hydra.launcher``, ``threads``).
+        batch_size: jobs the sweeper has running at once.
+    """
+    launcher_cfg = config.hydra.launcher
+    concurrent = launcher_concurrency(launcher_cfg, node_cores(), batch_size)
+    os.environ[JOBS_PER_NODE_VAR] = str(concurrent)
+    threads = resolve_threads(config.get("threads", "auto"), launcher_cfg)
+    os.environ.update(launch_env(threads, concurrent))
+
+
 def launcher_config() -> Any:
     """``hydra.launcher`` inside a job of a multirun, else None (a single run: one job on this node)."""
     from hydra.core.hydra_config import HydraConfig

@@ -15,7 +15,6 @@ jobs' thread budget goes into the environment of the processes the launcher star
 # no `from __future__ import annotations`: Hydra execs plugin modules outside sys.modules, where
 # dataclasses cannot resolve string annotations.
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -91,7 +90,7 @@ class VisionSweepBasicSweeper(BasicSweeper):
             fail(str(e))
 
     def _sweep(self, arguments: List[str]) -> Any:
-        from visionsweep import ledger
+        from visionsweep import ledger, parallel
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         params = self._parse_config() + list(arguments)
@@ -111,7 +110,7 @@ class VisionSweepBasicSweeper(BasicSweeper):
             first = run[0][0]
             batch = [overrides for _, _, overrides in run]
             self.validate_batch_is_legal(batch)
-            self._export_thread_budget(len(batch))
+            parallel.export_thread_budget(self.config, len(batch))
             results = self.launcher.launch(batch, initial_job_idx=first)
             for r in results:
                 _ = r.return_value  # a job that raised (not a user error) stops the sweep, as in Hydra's
@@ -185,14 +184,3 @@ class VisionSweepBasicSweeper(BasicSweeper):
             else:
                 runs.append([item])
         return runs
-
-    def _export_thread_budget(self, batch_size: int) -> None:
-        """Thread counts (and passive OpenMP waits) for the processes this launch starts."""
-        from visionsweep import parallel
-
-        assert self.config is not None
-        launcher_cfg = self.config.hydra.launcher
-        concurrent = parallel.launcher_concurrency(launcher_cfg, parallel.node_cores(), batch_size)
-        os.environ[parallel.JOBS_PER_NODE_VAR] = str(concurrent)
-        threads = parallel.resolve_threads(self.config.get("threads", "auto"), launcher_cfg)
-        os.environ.update(parallel.launch_env(threads, concurrent))

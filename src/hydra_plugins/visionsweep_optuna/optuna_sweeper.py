@@ -9,11 +9,20 @@ Hydra's sweep grammar: ``choice(a,b)``, ``interval(0,1)``, ``tag(log, interval(1
 The study lives in ``<sweep dir>/optuna.db`` unless ``storage`` says otherwise; ``n_trials`` is the
 study's total, so re-running with ``hydra.sweep.dir=<that dir>`` resumes it (new jobs get new numbers).
 A job that fails or returns no value is told to Optuna as FAIL and the search goes on.
+
+``n_jobs`` trials are in flight at any time: when one ends (or is pruned) its result is told and the next
+trial is asked and launched at once, so no slot waits for the slowest trial of a batch (Hydra #2257,
+#3091). Each trial is its own ``launcher.launch([job])`` call on a thread of this process; the
+launcher (joblib, submitit, Ray) still runs the job where it decides. ``batched: true`` keeps the old
+mode (ask ``n_jobs``, wait for all): slower, but the trials' parameters then do not depend on which
+trial happened to finish first. The basic launcher runs jobs inside this process: one at a time.
 """
 # no `from __future__ import annotations`: Hydra execs plugin modules outside sys.modules, where
 # dataclasses cannot resolve string annotations.
 import logging
 import math
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional  # real types: OmegaConf reads these dataclasses
@@ -60,7 +69,8 @@ class VisionSweepOptunaConf:
     storage: Optional[str] = None  # None: sqlite:///<sweep dir>/optuna.db
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: PrunerConf = field(default_factory=PrunerConf)
-    n_jobs: int = 1  # trials asked at once and handed to the launcher together (joblib, submitit, Ray)
+    n_jobs: int = 1  # trials in flight at once (joblib, submitit, Ray run them); the basic launcher: 1
+    batched: bool = False  # true: ask n_jobs trials, wait for all of them (reproducible asks, idle slots)
     params: Dict[str, str] = field(default_factory=dict)
 
 
@@ -137,7 +147,7 @@ def consecutive(trials: list[Any]) -> list[list[Any]]:
 
 
 class OptunaSweeper(Sweeper):
-    """Ask Optuna for parameters, launch the trials (``n_jobs`` at once), tell it each job's result.
+    """Ask Optuna for parameters, keep ``n_jobs`` trials running, tell it each job's result.
 
     Args:
         direction: ``maximize`` or ``minimize`` the task's return value.
@@ -147,18 +157,20 @@ class OptunaSweeper(Sweeper):
         sampler: ``name`` and ``seed`` of the sampler.
         params: parameter name → Hydra sweep expression.
         pruner: ``name`` and arguments of the pruner (``none``: no pruning).
-        n_jobs: trials asked at once and launched together; the launcher decides where they run.
+        n_jobs: trials in flight at once; the launcher decides where they run.
+        batched: launch ``n_jobs`` trials together and wait for all before asking more.
     """
 
     def __init__(self, direction: str, n_trials: int, study_name: str | None, storage: str | None,
-                 sampler: Any, params: dict[str, str] | None, pruner: Any = None, n_jobs: int = 1) -> None:
+                 sampler: Any, params: dict[str, str] | None, pruner: Any = None, n_jobs: int = 1,
+                 batched: bool = False) -> None:
         self.direction, self.n_trials = direction, int(n_trials)
         self.study_name, self.storage = study_name, storage
         self.sampler_cfg = sampler
         self.params = dict(params or {})
         self.pruner_cfg = {k: v for k, v in (OmegaConf.to_container(pruner) if isinstance(pruner, DictConfig)
                                              else dict(pruner or {})).items() if v is not None}
-        self.n_jobs = int(n_jobs)
+        self.n_jobs, self.batched = int(n_jobs), bool(batched)
         if self.n_jobs < 1:
             raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}: give an integer >= 1")
 
@@ -199,19 +211,85 @@ class OptunaSweeper(Sweeper):
         log.info("Optuna study %s (%s): %d of %d trials done, %d at once, pruner %s; space: %s",
                  study.study_name, storage, done, self.n_trials, self.n_jobs,
                  self.pruner_cfg.get("name", "none"), ", ".join(space))
+        in_flight = self._in_flight()
+        self._export_thread_budget(in_flight)
+        run = self._run_batched if self.batched or in_flight == 1 else self._run_unbatched
+        returns = run(study, space, fixed, storage, self.n_trials - done, in_flight)
+        self._save_results(study, sweep_dir)
+        return returns
+
+    def _in_flight(self) -> int:
+        """Trials at once: ``n_jobs``, or 1 under the basic launcher (it runs jobs in this process)."""
+        target = str(self.config.hydra.launcher.get("_target_", "")).lower()
+        if self.n_jobs > 1 and "basic" in target:
+            log.warning("hydra.sweeper.n_jobs=%d needs a launcher that runs jobs apart (hydra/launcher=joblib, "
+                        "submitit_local, submitit_slurm, ray): the basic launcher runs one trial at a time", self.n_jobs)
+            return 1
+        return self.n_jobs
+
+    def _export_thread_budget(self, in_flight: int) -> None:
+        """Threads per trial for ``threads=auto``: the node's cores / the trials running at once on it."""
+        from visionsweep import parallel
+
+        parallel.export_thread_budget(self.config, in_flight)
+        if "ray" in str(self.config.hydra.launcher.get("_target_", "")).lower():
+            import ray  # started once here, as the launcher would, before trials launch from threads
+
+            if not ray.is_initialized():
+                ray.init(**OmegaConf.to_container(self.config.hydra.launcher.ray.init, resolve=True))
+
+    def _job(self, trial: Any, fixed: list[str], storage: str) -> list[str]:
+        return fixed + [f"{k}={v}" for k, v in trial.params.items()] + [self._trial_env(trial, storage)]
+
+    def _run_batched(self, study: Any, space: dict, fixed: list[str], storage: str, todo: int,
+                     in_flight: int) -> list[Any]:
+        """Ask ``in_flight`` trials, launch them together, tell every result, repeat."""
         returns = []
-        while done < self.n_trials:
-            batch = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
-            done += len(batch)
+        while todo > 0:
+            batch = [study.ask(space) for _ in range(min(in_flight, todo))]
+            todo -= len(batch)
             for run in consecutive(batch):  # job dir = trial number: a re-asked trial never reuses a dir
-                jobs = [fixed + [f"{k}={v}" for k, v in t.params.items()] + [self._trial_env(t, storage)]
-                        for t in run]
+                jobs = [self._job(t, fixed, storage) for t in run]
                 self.validate_batch_is_legal(jobs)
                 results = self.launcher.launch(jobs, initial_job_idx=run[0].number)
                 for trial, result in zip(run, results):
                     self._tell(study, trial, result)
                 returns.append(list(results))
-        self._save_results(study, sweep_dir)
+        return returns
+
+    def _run_unbatched(self, study: Any, space: dict, fixed: list[str], storage: str, todo: int,
+                       in_flight: int) -> list[Any]:
+        """Keep ``in_flight`` trials running: each ending trial is told, and the next one asked, at once.
+
+        Asks and tells stay on this thread (one Optuna client); a daemon thread per trial only waits
+        on ``launcher.launch`` (a Ctrl-C here is not held up by them).
+        """
+        import optuna
+
+        done: queue.Queue = queue.Queue()
+        running, returns = 0, []
+
+        def launch(trial: Any, job: list[str]) -> None:
+            try:
+                done.put((trial, self.launcher.launch([job], initial_job_idx=trial.number), None))
+            except BaseException as e:  # the launcher itself broke: re-raised on the sweep's thread
+                done.put((trial, None, e))
+
+        while todo > 0 or running:
+            while running < in_flight and todo > 0:
+                trial = study.ask(space)
+                job = self._job(trial, fixed, storage)
+                self.validate_batch_is_legal([job])
+                threading.Thread(target=launch, args=(trial, job), daemon=True,
+                                 name=f"trial-{trial.number}").start()
+                running, todo = running + 1, todo - 1
+            trial, results, error = done.get()
+            running -= 1
+            if error is not None:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise error
+            self._tell(study, trial, results[0])
+            returns.append(list(results))
         return returns
 
     def _trial_env(self, trial: Any, storage: str) -> str:
