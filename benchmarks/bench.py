@@ -21,6 +21,9 @@ figures) and the lines are also written to ``--out`` (default ``runs/bench/<time
 7. ``ddp_ratio``: one training job (same model and data) as 1 process vs ``trainer=ddp trainer.devices=2``
    (2 gloo processes on CPU, 1 thread each; the single process gets both threads): wall-clock ratio, and
    each side's val/acc_best (not equal: a DDP step sees two shards of the batch). In ``bench_scaling.py``.
+8. ``optuna_unbatched``: 6 Optuna trials of 1 or 4 epochs at ``hydra.sweeper.n_jobs=2`` (joblib), wall clock over
+   the ideal (summed job times / 2) for ``hydra.sweeper.batched=true`` and for the default (a new trial as soon
+   as one ends). Goal <= 1.2. In ``bench_optuna.py``.
 5. GPU only (or ``--e2e-device cpu``): ``e2e_<model>``: end-to-end training img/s from the JPEG folder
    (data.cache=memory, workers = cores, bf16, channels_last) vs model-only img/s on device-resident
    batches, for resnet34 and vgg19 at 224 px. Goal >= 0.90 for resnet34 on H100-class hardware.
@@ -47,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("step", "accuracy", "loader", "cache", "startup", "sweep", "ddp", "e2e")
+SECTIONS = ("step", "accuracy", "loader", "cache", "startup", "sweep", "ddp", "optuna", "e2e")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -446,6 +449,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         records.append(bench_sweep(a, out, emit, REPO))
     if "ddp" not in skip:
         records.append(bench_ddp(a, out, emit, REPO))
+    if "optuna" not in skip:
+        from bench_optuna import bench_optuna  # beside this file
+
+        records.append(bench_optuna(a, out, emit, REPO))
     if "e2e" not in skip and a.e2e_device:
         records += bench_e2e(a, out)
     elif "e2e" not in skip:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,17 +38,6 @@ def _holder(lock_dir: Path, pool: str, per_job: int = 1, jobs_per_gpu: int = 1) 
     return proc, line
 
 
-def _acquire_within(seconds: float, **kw) -> gpus.Lease | None:
-    """acquire() in a thread: the lease, or None if it is still waiting after ``seconds``."""
-    import threading
-
-    box: list = []
-    t = threading.Thread(target=lambda: box.append(gpus.acquire(**kw)), daemon=True)
-    t.start()
-    t.join(seconds)
-    return box[0] if box else None
-
-
 @pytest.fixture
 def clean_lease(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -73,16 +61,15 @@ def test_a_job_gets_a_free_gpu_and_sees_only_it(tmp_path, clean_lease):
 def test_a_full_pool_waits_and_a_killed_holder_gives_its_gpu_back(tmp_path, clean_lease):
     holder, seen = _holder(tmp_path, "3")
     try:
-        assert _acquire_within(1.5, pool=[3], lock_dir=tmp_path) is None  # waits, never oversubscribes
+        with pytest.raises(TimeoutError):  # it waits, never oversubscribes
+            gpus.acquire(pool=[3], lock_dir=tmp_path, timeout=1.0)
         holder.send_signal(signal.SIGKILL)  # no clean-up code runs: the kernel drops its lock
         holder.wait()
-        start = time.time()
-        lease = _acquire_within(10, pool=[3], lock_dir=tmp_path)
-        assert lease is not None and lease.ids == ["3"] and time.time() - start < 5
+        lease = gpus.acquire(pool=[3], lock_dir=tmp_path, timeout=5)
+        assert lease.ids == ["3"]
     finally:
         holder.kill()
         holder.wait()
-        gpus.release()
 
 
 def test_jobs_per_gpu_packs_that_many_jobs_on_one_gpu(tmp_path, clean_lease):
@@ -90,12 +77,12 @@ def test_jobs_per_gpu_packs_that_many_jobs_on_one_gpu(tmp_path, clean_lease):
     second, seen2 = _holder(tmp_path, "0", jobs_per_gpu=2)
     try:
         assert seen1 == seen2 == "0"
-        assert _acquire_within(1.0, pool=[0], jobs_per_gpu=2, lock_dir=tmp_path) is None  # a third waits
+        with pytest.raises(TimeoutError):  # a third waits
+            gpus.acquire(pool=[0], jobs_per_gpu=2, lock_dir=tmp_path, timeout=1.0)
     finally:
         for p in (first, second):
             p.kill()
             p.wait()
-    gpus.release()
 
 
 def test_packed_jobs_spread_over_the_gpus_before_they_share(tmp_path, clean_lease):
@@ -145,6 +132,13 @@ def test_a_bad_gpus_value_on_the_command_line_is_one_line(tmp_path, shapes_root)
                    f"gpus.lock_dir={tmp_path / 'locks'}", f"paths.log_dir={tmp_path / 'runs'}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "gpus.per_job=2" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "runs").rglob("*.yaml"))  # no half-made run dir left behind
+    # in a sweep the job fails on it and records why (it never runs on GPUs it did not lease)
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train", "-m", *FAST, f"data.root={shapes_root}", "gpus.pool=[0]", "gpus.per_job=2",
+                   f"gpus.lock_dir={tmp_path / 'locks'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    record = json.loads((sweep / "0" / "run.json").read_text())
+    assert record["status"] == "failed" and "gpus.per_job=2" in record["error"], (record, proc.stderr[-2000:])
 
 
 def _intervals(sweep: Path, n: int) -> list[dict]:
@@ -173,3 +167,19 @@ def test_a_joblib_sweep_never_holds_one_gpu_twice(tmp_path, shapes_root):
     assert most >= 2, events
     print("lease timeline (id, start, end, relative s):",
           [(j["ids"][0], round(j["start"] - events[0][0], 1), round(j["end"] - events[0][0], 1)) for j in jobs])
+
+
+def test_a_process_whose_cuda_started_leases_only_what_it_still_sees(tmp_path, clean_lease, monkeypatch):
+    """A joblib worker's second job: CUDA initialised under the first lease cannot see other GPUs."""
+    holder, seen = _holder(tmp_path, "1")
+    try:
+        monkeypatch.setattr(gpus, "_bound", ["1"])
+        monkeypatch.setattr(gpus, "_cuda_initialised", lambda: True)
+        with pytest.raises(TimeoutError):  # GPU 0 is free, but this process cannot see it
+            gpus.acquire(pool=[0, 1], lock_dir=tmp_path, timeout=1.0)
+        with pytest.raises(ConfigError, match="can still see 1 GPU"):
+            gpus.acquire(2, 1, [0, 1], tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert gpus.acquire(pool=[0, 1], lock_dir=tmp_path, timeout=5).ids == ["1"]

@@ -46,6 +46,7 @@ _bound: list[str] | None = None  # what CUDA saw in this process when it initial
 _original_visible: str | None = None  # CUDA_VISIBLE_DEVICES before the first lease in this process
 _captured = False
 _node: list[str] | None = None  # node_gpus(), counted once per process (before any lease narrows it)
+_refused: ConfigError | None = None  # why this process's job got no lease (a bad gpus.* value)
 
 
 @dataclass
@@ -219,7 +220,7 @@ def _cuda_initialised() -> bool:
 
 
 def acquire(per_job: Any = 1, jobs_per_gpu: Any = 1, pool: Sequence[Any] | None = None,
-            lock_dir: Any = None, label: str = "") -> Lease | None:
+            lock_dir: Any = None, label: str = "", timeout: float | None = None) -> Lease | None:
     """Lease GPUs for the job about to run in this process and make them the only ones it sees.
 
     Args:
@@ -228,12 +229,14 @@ def acquire(per_job: Any = 1, jobs_per_gpu: Any = 1, pool: Sequence[Any] | None 
         pool: GPU ids to lease from; None: this node's GPUs (none: no lease, returns None).
         lock_dir: folder of the lease files; None: :func:`default_lock_dir`.
         label: who holds it, written into the lock files (the job's run dir).
+        timeout: seconds to wait for a free slot; None: as long as it takes.
 
     Returns:
         The lease (also kept as this process's :func:`current` lease), or None when there are no GPUs.
 
     Raises:
         ConfigError: a key has a bad value, or the pool can never satisfy ``per_job``.
+        TimeoutError: no lease within ``timeout`` seconds.
     """
     global _held, _bound
     per_job, jobs_per_gpu = _positive("per_job", per_job), _positive("jobs_per_gpu", jobs_per_gpu)
@@ -251,14 +254,13 @@ def acquire(per_job: Any = 1, jobs_per_gpu: Any = 1, pool: Sequence[Any] | None 
     directory = _lock_dir(lock_dir)
     owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "job": label})
     waited = None
-    while True:
-        lease = _try_lease(candidates, per_job, jobs_per_gpu, directory, owner)
-        if lease is not None:
-            break
+    while (lease := _try_lease(candidates, per_job, jobs_per_gpu, directory, owner)) is None:
         if waited is None:
             waited = time.time()
             log.info("waiting for a GPU lease: every slot of %s is held (gpus.jobs_per_gpu=%d, %s)",
                      ",".join(candidates), jobs_per_gpu, directory)
+        elif timeout is not None and time.time() - waited > timeout:
+            raise TimeoutError(f"no free GPU slot among {','.join(candidates)} within {timeout} s")
         time.sleep(POLL_S * (1 + random.random()))  # jitter: waiting jobs do not poll in step
     if waited is not None:
         log.info("GPU lease after %.1f s of waiting", time.time() - waited)
@@ -280,7 +282,14 @@ def release() -> None:
 
 
 def current() -> Lease | None:
-    """The lease this process holds now, if any."""
+    """The lease this process holds now, if any.
+
+    Raises:
+        ConfigError: the job's ``gpus.*`` values were refused when its lease was taken (a sweep job
+            fails on them here, in its own run, instead of running on GPUs it did not lease).
+    """
+    if _refused is not None:
+        raise _refused
     return _held
 
 
@@ -349,11 +358,17 @@ def acquire_for(cfg: Any, launcher_cfg: Any, label: str = "") -> Lease | None:
         launcher_cfg: ``hydra.launcher`` (None for a single run).
         label: the job's run dir, written into the lock files.
     """
+    global _refused
+    _refused = None
     if not wanted(cfg, launcher_cfg):
         return None
     gpus = cfg.get("gpus") or {}
     devices = (cfg.get("trainer") or {}).get("devices", 1)
-    per_job = _positive("per_job", gpus.get("per_job", 1))
-    if str(devices).isdigit() and int(devices) > per_job:
-        per_job = int(devices)  # trainer.devices=N (DDP) needs N GPUs in its lease
-    return acquire(per_job, gpus.get("jobs_per_gpu", 1), gpus.get("pool"), gpus.get("lock_dir"), label)
+    try:
+        per_job = _positive("per_job", gpus.get("per_job", 1))
+        if str(devices).isdigit() and int(devices) > per_job:
+            per_job = int(devices)  # trainer.devices=N (DDP) needs N GPUs in its lease
+        return acquire(per_job, gpus.get("jobs_per_gpu", 1), gpus.get("pool"), gpus.get("lock_dir"), label)
+    except ConfigError as e:
+        _refused = e
+        raise

@@ -32,9 +32,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     out, lead = Path(cfg.paths.output_dir), distributed.is_rank_zero()
     config_hash = ledger.config_hash(cfg)  # of the config as composed, before anything fills it in
-    lease = gpus.current()  # taken by the GpuLease Hydra callback before this job's CUDA started
-    started, record = round(lease.started if lease else time.time(), 3), None
+    started, record = round(time.time(), 3), None
     try:
+        lease = gpus.current()  # taken by the GpuLease Hydra callback before this job's CUDA started
+        started = round(lease.started, 3) if lease else started
         threads = parallel.apply_threads(max(1, parallel.resolve_threads(
             cfg.get("threads"), parallel.launcher_config()) // distributed.processes_per_node(cfg.trainer)))
         resolved = run_config.complete(cfg)  # the config is final from here on (but the LR finder's lr)

@@ -76,8 +76,11 @@ class GpuLease(Callback):
                              label=str(config.hydra.runtime.output_dir))
         except ConfigError as e:
             if not multirun:
+                from visionsweep.outcome import remove_if_only_hydra_files
+
+                remove_if_only_hydra_files(Path(config.hydra.runtime.output_dir))  # a mistake leaves no run dir
                 fail(str(e))
-            log.error("%s", e)  # the sweep goes on; this job runs without a lease and records it
+            log.error("%s", e)  # the job fails on it (gpus.current() in train) and records it; the sweep goes on
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from visionsweep import gpus
