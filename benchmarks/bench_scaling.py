@@ -43,7 +43,8 @@ def bench_sweep(a, out: Path | None, emit: Callable, repo: Path) -> dict:
 
 
 def bench_ddp(a, out: Path | None, emit: Callable, repo: Path) -> dict:
-    """One job as a single process and as ``trainer=ddp trainer.devices=2`` (gloo on CPU)."""
+    """One job as a single process and as ``trainer=ddp trainer.devices=2`` (gloo on CPU): the speed ratio, and
+    whether both end at the same val acc (within 0.03: ``data.batch_size`` is the global batch)."""
     from visionsweep.data.builtin import export_digits
     from visionsweep.parallel import node_cores
 
@@ -65,6 +66,10 @@ def bench_ddp(a, out: Path | None, emit: Callable, repo: Path) -> dict:
             record = json.loads((run / "run.json").read_text())
             seconds[name] = record["fit_seconds"]  # fit only: both pay the same start-up
             acc[name], threads[name] = record["metrics"].get("val/acc_best"), record.get("threads")
+    # data.batch_size is the global batch (each rank loads half): the result must not depend on the ranks
+    diff = abs(acc["single"] - acc["ddp2"]) if None not in (acc["single"], acc["ddp2"]) else None
     return emit({"name": "ddp_ratio", "ratio": round(seconds["single"] / seconds["ddp2"], 2),
                  "single_fit_s": seconds["single"], "ddp2_fit_s": seconds["ddp2"], "val_acc_best": acc,
+                 "val_acc_diff": None if diff is None else round(diff, 4), "acc_tolerance": 0.03,
+                 "same_result": diff is not None and diff <= 0.03,
                  "threads": threads, "cores": node_cores(), "model": a.sweep_model, "device": "cpu"}, out)

@@ -43,6 +43,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print_config_tree(cfg)  # what runs: data.image_size=auto, timm's mean/std, ... filled in
         resume, inp = resolved.resume, resolved.inputs
         builders.check_optimizer(cfg)  # optimizer.lr=-1: one line, before anything is written
+        distributed.check_batch_size(cfg)  # DDP: the global data.batch_size must divide among the ranks
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d, %d threads", cfg.seed, threads)
         dm = builders.build_datamodule(cfg, inp, out if lead else None)

@@ -94,7 +94,8 @@ class SplitDataModule(pl.LightningDataModule):
         test_fraction: Test share of the seeded split.
         split_seed: Seed of the split (independent of the training seed).
         split_dir: Folder with ``train.csv``/``val.csv``[/``test.csv``] to re-use instead of splitting.
-        batch_size: Batch size of every loader.
+        batch_size: The global batch of every loader: under DDP each rank loads ``batch_size / world
+            size`` (:attr:`rank_batch_size`), so the steps and the result do not depend on the ranks.
         num_workers: DataLoader worker processes, or ``"auto"``: the cores this process may use.
         pin_memory: Pin host memory; None means "if CUDA is available".
         persistent_workers: Keep workers alive between epochs (only when ``num_workers > 0``).
@@ -283,6 +284,26 @@ class SplitDataModule(pl.LightningDataModule):
         return ""
 
     # ------------------------------------------------------------------ loaders
+    @property
+    def world_size(self) -> int:
+        """Training processes of the attached trainer (1 outside a Trainer or on one device)."""
+        return max(1, int(getattr(self.trainer, "world_size", 1) or 1))
+
+    @property
+    def rank_batch_size(self) -> int:
+        """The batch of each process's loaders: ``batch_size`` (the global batch) / :attr:`world_size`.
+
+        Raises:
+            ConfigError: ``batch_size`` does not divide among the processes (one line naming values that do).
+        """
+        if self.world_size <= 1:
+            return self.batch_size
+        from visionsweep.distributed import rank_batch_size
+
+        trainer = self.trainer
+        nodes = max(1, int(getattr(trainer, "num_nodes", 1) or 1))
+        return rank_batch_size(self.batch_size, self.world_size // nodes, nodes)
+
     def eval_pipeline(self) -> Callable | None:
         """The val/test/predict transform."""
         return self.eval_transform
@@ -290,26 +311,38 @@ class SplitDataModule(pl.LightningDataModule):
     def _loader(self, split: str, transform: Callable | None, shuffle: bool) -> DataLoader:
         workers = self.num_workers
         return self.loader_class(
-            self._dataset(split, transform), batch_size=self.batch_size, shuffle=shuffle, num_workers=workers,
+            self._dataset(split, transform), batch_size=self.rank_batch_size, shuffle=shuffle, num_workers=workers,
             pin_memory=self.pin_memory, persistent_workers=self.persistent_workers and workers > 0,
             **self._loader_options(split, transform))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training loader (``train_transform``); a last batch of one image is left out.
 
+        Under DDP each rank's loader takes its share of the batch (:attr:`rank_batch_size`) and the
+        distributed sampler gives it ``ceil(n / world size)`` samples: as many steps as one process.
+
         Raises:
             DataError: The training split has fewer than 2 samples (BatchNorm needs 2 per batch).
+            ConfigError: ``batch_size`` does not divide among the processes.
         """
-        n, batch = len(self.train_samples), int(getattr(self, "batch_size", 0) or 0)
+        n, world = len(self.train_samples), self.world_size
         if n < 2:
             raise DataError(f"the training split has {n} sample(s): training needs at least 2 "
                             "(BatchNorm cannot learn from one); add images or lower data.val_fraction / "
                             "data.test_fraction")
-        if batch > 1 and n % batch == 1 and not getattr(self, "_said_single", False):
-            self._said_single = True  # once: Lightning asks for the loader more than once
-            log.info("train: %d samples in batches of %d: the last batch would hold 1 sample, which "
+        batch = self.rank_batch_size
+        said = getattr(self, "_said", set())  # once each: Lightning asks for the loader more than once
+        self._said = said
+        if world > 1 and world not in said:
+            said.add(world)
+            log.info("data.batch_size=%d is the global batch: %d per process x %d processes, %d training "
+                     "samples a process", self.batch_size, batch, world, -(-n // world))
+        n_rank = -(-n // world)  # the distributed sampler pads the shards to equal length
+        if batch > 1 and n_rank % batch == 1 and "single" not in said:
+            said.add("single")
+            log.info("train: %d samples%s in batches of %d: the last batch would hold 1 sample, which "
                      "BatchNorm cannot train on, so it is left out each epoch (a different one each "
-                     "time, the order is shuffled)", n, batch)
+                     "time, the order is shuffled)", n_rank, " a process" if world > 1 else "", batch)
         return self._loader("train", self.train_transform, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
