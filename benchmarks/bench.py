@@ -116,8 +116,9 @@ def _batches(n: int, batch: int, size: int, classes: int, seed: int = 0):
 
 
 def hand_loop_rate(model_name: str, batches: list, warmup: int, device: str, precision: str,
-                   channels_last: bool) -> float:
-    """img/s of a minimal hand-written training loop (normalise on device, CE, AdamW)."""
+                   channels_last: bool, compile: bool = False) -> float:
+    """img/s of a minimal hand-written training loop (normalise on device, CE, AdamW; ``compile``: the
+    network through ``torch.compile``, its compile time inside the warm-up steps)."""
     import timm
     import torch
     import torch.nn.functional as F
@@ -126,6 +127,8 @@ def hand_loop_rate(model_name: str, batches: list, warmup: int, device: str, pre
     net = timm.create_model(model_name, num_classes=4, pretrained=False).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    if compile:
+        net.compile()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
@@ -306,9 +309,9 @@ def bench_startup(a, root: Path, out: Path | None) -> dict:
 
 
 # ---------------------------------------------------------------------------- 5. end-to-end (GPU)
-def model_only_rate(model_name: str, a, device: str, size: int, batch: int) -> float:
+def model_only_rate(model_name: str, a, device: str, size: int, batch: int, compile: bool = False) -> float:
     return hand_loop_rate(model_name, _device_batches(a.e2e_warmup + a.e2e_steps, batch, size, device),
-                          a.e2e_warmup, device, a.e2e_precision, device == "cuda")
+                          a.e2e_warmup, device, a.e2e_precision, device == "cuda", compile)
 
 
 def _device_batches(n: int, batch: int, size: int, device: str) -> list:
@@ -317,9 +320,11 @@ def _device_batches(n: int, batch: int, size: int, device: str) -> list:
     return [(x, y)] * n  # already on the device: the model alone, no input pipeline at all
 
 
-def e2e_rate(model_name: str, root: Path, a, device: str, size: int, batch: int) -> dict:
+def e2e_rate(model_name: str, root: Path, a, device: str, size: int, batch: int, compile: bool = False) -> list[dict]:
+    """Per-epoch stats of 2 epochs of the framework on the JPEG folder (the cache fills in epoch 1)."""
     import torch
 
+    from visionsweep.callbacks.compile import CompileModel
     from visionsweep.augment import build_pipelines
     from visionsweep.callbacks.data_wait import DataWaitMonitor
     from visionsweep.data.folder import FolderDataModule
@@ -334,20 +339,27 @@ def e2e_rate(model_name: str, root: Path, a, device: str, size: int, batch: int)
     model = ClassifierModule(model_name, num_classes=4, image_size=size, channels_last=device == "cuda",
                              optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-3}, scheduler=None)
     monitor = DataWaitMonitor(warmup_batches=a.e2e_warmup, filename=None, log_metrics=False)
-    _trainer(device, a.e2e_precision, -1, monitor, max_epochs=2).fit(model, datamodule=dm)
-    return monitor.epochs[-1]  # epoch 2: workers warm, cache filled
+    trainer = _trainer(device, a.e2e_precision, -1, monitor, max_epochs=2)
+    if compile:
+        trainer.callbacks.append(CompileModel(enabled=True))
+    trainer.fit(model, datamodule=dm)
+    return monitor.epochs  # epoch 2: workers warm, cache filled
 
 
 def bench_e2e(a, out: Path | None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = make_jpeg_folder(Path(tmp) / "jpegs", a.e2e_images, a.jpeg_wh)
-        for name in a.e2e_models.split(","):
+        variants = {"off": [False], "on": [True], "both": [False, True]}[a.e2e_compile]
+        for name, compile in ((n, c) for n in a.e2e_models.split(",") for c in variants):
             batch = a.e2e_batch_size
-            ref = model_only_rate(name, a, a.e2e_device, a.e2e_size, batch)
-            stats = e2e_rate(name, root, a, a.e2e_device, a.e2e_size, batch)
-            rows.append(emit({"name": f"e2e_{name}", "ratio": round(stats["img_s"] / ref, 3),
+            ref = model_only_rate(name, a, a.e2e_device, a.e2e_size, batch, compile)
+            epochs = e2e_rate(name, root, a, a.e2e_device, a.e2e_size, batch, compile)
+            stats = epochs[-1]
+            rows.append(emit({"name": f"e2e_{name}" + ("_compile" if compile else ""),
+                              "ratio": round(stats["img_s"] / ref, 3),
                               "goal": 0.90 if name == "resnet34" else None, "e2e_img_s": stats["img_s"],
+                              "first_epoch_img_s": epochs[0]["img_s"], "compile": compile,
                               "model_only_img_s": round(ref, 1), "data_wait_frac": stats["data_wait_frac"],
                               "image_size": a.e2e_size, "batch_size": batch, "workers": a.e2e_workers,
                               "cache": a.e2e_cache, "precision": a.e2e_precision,
@@ -391,7 +403,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=node_cores(), help="DataLoader workers (default: cores)")
     p.add_argument("--e2e-device", default="cuda" if cuda else None, help="run the end-to-end section here "
                    "(default: cuda when available, else skipped; 'cpu' runs it on the CPU)")
-    p.add_argument("--e2e-models", default="resnet34,vgg19")
+    p.add_argument("--e2e-models", default="resnet34,vgg19", help="the README's GPU table: resnet34,resnet50,"
+                   "vgg19,convnext_tiny,efficientnet_b0,vit_small_patch16_224 with --e2e-compile both")
+    p.add_argument("--e2e-compile", default="off", choices=("off", "on", "both"),
+                   help="torch.compile the network in both the model-only and the end-to-end run")
     p.add_argument("--sweep-model", default="resnet18", help="sweep section: model of the 4 jobs")
     p.add_argument("--sweep-size", type=int, default=32, help="sweep section: image side")
     p.add_argument("--sweep-epochs", type=int, default=2, help="sweep section: epochs per job")
