@@ -235,11 +235,13 @@ def test_a_killed_sweep_rerun_skips_finished_jobs_and_resumes_the_interrupted_on
 
 # ---------------------------------------------------------------------------- Optuna without a batch barrier
 def _idle_spans(jobs: list[tuple[float, float]], slots: int) -> list[float]:
-    """Lengths of the spans, from the first start to the last, in which fewer than ``slots`` jobs ran."""
-    events = sorted({t for job in jobs for t in job})
+    """Lengths of the spans in which fewer than ``slots`` jobs ran, from the moment every slot first held a
+    job (before it, the launcher's workers are still starting) to the last job's start."""
+    first_full = sorted(s for s, _ in jobs)[slots - 1]
+    events = sorted({t for job in jobs for t in job if t >= first_full})
     last_start = max(s for s, _ in jobs)
     spans, open_at = [], None
-    for a, b in zip(events, events[1:]):
+    for a in events:
         if a >= last_start:
             break
         busy = sum(s <= a < e for s, e in jobs)
@@ -286,8 +288,9 @@ def test_parallel_optuna_keeps_every_slot_busy_while_trials_are_left(tmp_path, d
     long_s = max(e - s for s, e in jobs) - min(e - s for s, e in jobs)
     spans = _idle_spans(jobs, 2)
     # a batched sweep leaves a slot idle for about long_s (the short trial's slot waits for the long one);
-    # here a slot is only idle between a trial's end and the next trial's start (tell, ask, job set-up)
-    assert long_s > 12 and max(spans, default=0) < 6, (spans, jobs)
+    # here a slot is only idle between a trial's end and the next trial's start (tell, ask, the job's set-up:
+    # a few seconds, more on a loaded machine)
+    assert long_s > 12 and max(spans, default=0) < max(5.0, long_s / 3), (spans, long_s, jobs)
     study = optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{sweep / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
     assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
