@@ -5,10 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= .whl
+GPU_CHECK_OUT ?= runs/gpu-check
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train eval predict export pretrain sweep report see bench bench-fastai cache test test-scaling test-all clean
+.PHONY: help install train eval predict export pretrain sweep report see bench bench-fastai cache test test-scaling test-all gpu-wheels gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -68,6 +71,12 @@ test-scaling: $(STAMP)  ## launcher (joblib, submitit, ray), resume, DDP sweeps 
 
 test-all: $(STAMP)  ## run every test, slow ones included
 	$(PY) -m pytest -m "" $(ARGS)
+
+gpu-wheels: $(STAMP)  ## where the package index is reachable: the wheels a bare PyTorch GPU image lacks → .whl/ (GPU_PYTHON=3.12)
+	$(PY) tools/gpu_check.py wheels --python-version $(GPU_PYTHON) --dest $(GPU_WHEELS)
+
+gpu-check:  ## on the GPU machine, no network: install .whl/ into a temporary prefix, pytest -m gpu + GPU bench lines → runs/gpu-check/gpu-check.json (PYTHON=<python with torch>)
+	$(PYTHON) tools/gpu_check.py check --wheels $(GPU_WHEELS) --out $(GPU_CHECK_OUT) $(ARGS)
 
 clean:  ## remove caches (keeps .venv, data/ and runs/)
 	rm -rf .pytest_cache src/*.egg-info
