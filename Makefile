@@ -73,10 +73,10 @@ test-all: $(STAMP)  ## run every test, slow ones included
 	$(PY) -m pytest -m "" $(ARGS)
 
 gpu-wheels: $(STAMP)  ## where the package index is reachable: the wheels a bare PyTorch GPU image lacks → .whl/ (GPU_PYTHON=3.12)
-	$(PY) tools/gpu_check.py wheels --python-version $(GPU_PYTHON) --dest $(GPU_WHEELS)
+	$(PY) tools/gpu_wheels.py --python-version $(GPU_PYTHON) --dest $(GPU_WHEELS)
 
 gpu-check:  ## on the GPU machine, no network: install .whl/ into a temporary prefix, pytest -m gpu + GPU bench lines → runs/gpu-check/gpu-check.json (PYTHON=<python with torch>)
-	$(PYTHON) tools/gpu_check.py check --wheels $(GPU_WHEELS) --out $(GPU_CHECK_OUT) $(ARGS)
+	$(PYTHON) tools/gpu_check.py --wheels $(GPU_WHEELS) --out $(GPU_CHECK_OUT) $(ARGS)
 
 clean:  ## remove caches (keeps .venv, data/ and runs/)
 	rm -rf .pytest_cache src/*.egg-info

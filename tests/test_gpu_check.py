@@ -1,6 +1,6 @@
 """``make gpu-wheels`` + ``make gpu-check`` on a CPU machine: the installer of the air-gapped GPU check.
 
-The "GPU image" is a venv holding only what a bare PyTorch image holds (``tools/gpu_check.py``'s
+The "GPU image" is a venv holding only what a bare PyTorch image holds (``tools/gpu_common.py``'s
 ``IMAGE_HAS`` and what those need), linked from this .venv instead of reinstalled; the check installs
 everything else from the wheels alone, without network, and its GPU tests skip here (no CUDA).
 """
@@ -33,8 +33,9 @@ def test_gpu_check_own_probe():
 '''
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
+def _tool(name: str):
+    """``tools/<name>.py`` as a module (it imports ``gpu_common`` from its own folder)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -92,8 +93,8 @@ def wheels(tmp_path_factory) -> Path:
     if manifest.exists() and json.loads(manifest.read_text()).get("python_version") == LOCAL:
         return repo
     dest = tmp_path_factory.mktemp("whl")
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "wheels", "--python-version",
-                           LOCAL, "--dest", str(dest)], cwd=REPO, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_wheels.py"), "--python-version", LOCAL,
+                           "--dest", str(dest)], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return dest
@@ -104,7 +105,7 @@ def image(tmp_path_factory) -> Path:
     """A venv that holds only the GPU image's packages: its python."""
     tmp = tmp_path_factory.mktemp("image")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp / "venv")], check=True, timeout=120)
-    _link_image(_tool(), tmp / "site")
+    _link_image(_tool("gpu_wheels"), tmp / "site")
     py = tmp / "venv" / "bin" / "python"
     purelib = subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                       text=True).strip()
@@ -114,7 +115,7 @@ def image(tmp_path_factory) -> Path:
 
 @pytest.mark.package
 def test_gpu_check_installs_from_the_wheels_alone_and_runs(wheels, image, tmp_path):
-    gc = _tool()
+    gc = _tool("gpu_common")
     python = str(image)
     # the "image" lacks what the check has to bring, and has what it must not need
     bare = subprocess.run([python, "-c", "import importlib.util as u, json; print(json.dumps({m: u.find_spec(m) is not "

@@ -18,11 +18,12 @@ def _study(sweep: Path):
     return optuna.load_study(study_name="optuna_lr", storage=f"sqlite:///{sweep / 'optuna.db'}")
 
 
-@pytest.mark.scaling  # 8 short trials
+@pytest.mark.scaling  # 8 short trials, 2 at a time (a pruned trial's slot takes the next trial at once)
 def test_median_pruner_stops_hopeless_trials(tmp_path, digits_root):
     sweep = tmp_path / "prune"
     # lr 1e-7 learns nothing in 3 epochs, 3e-3 does; the pruner compares each epoch with the median
     proc = run_cli("train", "-m", "experiment=optuna_lr", *TINY, f"data.root={digits_root}", "trainer.max_epochs=3",
+                   "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                    "trainer.limit_train_batches=8", "hydra.sweeper.n_trials=8", "hydra.sweeper.pruner.name=median",
                    "hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.sampler.name=random",
                    "optimizer.lr=choice(1e-7, 3e-3)", "augmentation=choice(none)",  # join the space

@@ -1,25 +1,17 @@
 #!/usr/bin/env python3
-"""The GPU check for air-gapped GPU machines: ``make gpu-wheels`` here, ``make gpu-check`` there.
+"""The GPU check on an air-gapped GPU machine (``make gpu-check``), from the wheels of ``make gpu-wheels``.
 
-Standard library only: ``check`` runs before anything of ours is installed.
+Standard library only: it runs before anything of ours is installed.
 
-``wheels`` (run by the local .venv's Python, where the package index is reachable): the dependency closure of
-visionsweep's own requirements (importlib.metadata, markers evaluated for the target Python), minus the
-closure of what a bare PyTorch GPU image already holds (:data:`IMAGE_HAS`), minus the optional loggers
-(:data:`NOT_SHIPPED`: wandb, mlflow — the project runs without them), each pinned to the version installed
-here, downloaded as wheels for ``--python-version`` (default 3.12) into ``--dest`` (default ``.whl/``),
-one version per package, plus ``manifest.json``. A package published as an sdist only is built here into a
-wheel when it is pure Python (else the command names it and stops).
-
-``check`` (run by the interpreter that already holds torch, e.g. on the GPU machine, no network): installs
-``--wheels`` alone (``pip install --no-index --no-deps --target <temporary prefix>``: nothing system-wide, no
-dependency resolution), imports the stack from ``<prefix>:src``, runs ``pytest -m gpu`` and the GPU lines of
+Run by the interpreter that already holds torch, e.g. on the GPU machine, no network: installs ``--wheels``
+alone (``pip install --no-index --no-deps --target <temporary prefix>``: nothing system-wide, no dependency
+resolution), imports the stack from ``<prefix>:src``, runs ``pytest -m gpu`` and the GPU lines of
 ``benchmarks/bench.py --full`` (``step`` and ``e2e``; skipped without CUDA), and writes ``gpu-check.json``
 and ``gpu-check.log`` into ``--out`` (default ``runs/gpu-check/``). Exit 0 when nothing failed (GPU tests
-skipped for want of CUDA count as not failed; the JSON says they were skipped and why).
+skipped for want of CUDA count as not failed; the JSON says they were skipped and why). The wheels come
+from ``tools/gpu_wheels.py``.
 
-    python tools/gpu_check.py wheels --python-version 3.12 --dest .whl
-    python tools/gpu_check.py check --wheels .whl --out runs/gpu-check
+    python tools/gpu_check.py --wheels .whl --out runs/gpu-check
 """
 
 from __future__ import annotations
@@ -27,43 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # run by path it is there already (not under -P, -I)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import MUST_IMPORT, REPO, Tee, run  # noqa: E402
 
-# What a bare PyTorch GPU image already holds (with whatever these need): never shipped as wheels.
-IMAGE_HAS = (
-    "torch", "torchvision", "pytorch-lightning", "lightning", "torchmetrics", "timm", "opencv-python-headless",
-    "onnx", "onnxruntime", "onnxscript", "scikit-learn", "scipy", "matplotlib", "tensorboard", "safetensors",
-    "huggingface-hub", "rich", "pyyaml", "numpy", "pandas", "pillow", "joblib", "filelock", "psutil", "tqdm",
-    "pytest", "pytest-xdist", "pytest-timeout",
-)
-# Main dependencies that are optional in practice (a logger the run does not choose): not shipped, not needed.
-NOT_SHIPPED = ("wandb", "mlflow", "mlflow-skinny", "mlflow-tracing", "ray")
-# What must import from the prefix after the install (module: distribution).
-MUST_IMPORT = {
-    "hydra": "hydra-core", "omegaconf": "omegaconf", "antlr4": "antlr4-python3-runtime",
-    "albumentations": "albumentations", "optuna": "optuna", "segmentation_models_pytorch":
-    "segmentation-models-pytorch", "captum": "captum", "submitit": "submitit",
-    "hydra_plugins.hydra_joblib_launcher": "hydra-joblib-launcher",
-    "hydra_plugins.hydra_submitit_launcher": "hydra-submitit-launcher",
-}
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-GPU_PYTHON_FULL = {"3.12": "3.12.3"}  # the GPU image's interpreter (for markers on python_full_version)
 BENCH_GPU = ("step", "e2e")  # the sections of benchmarks/bench.py that are GPU lines with --full
-SIZE_LIMIT = 60 * 1000 * 1000  # the source tree and .whl/ travel together, 64 MiB in all
-NOISE = "is ignored: it is neither a file nor a directory"  # pip about this machine's file:// indexes
 
 
 def bench_skip() -> str:
@@ -77,255 +47,6 @@ def bench_skip() -> str:
     raise RuntimeError("benchmarks/bench.py has no SECTIONS tuple")
 
 
-def canon(name: str) -> str:
-    """PEP 503 normalised name."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def wheel_name_version(filename: str) -> tuple[str, str]:
-    """``(canonical name, version)`` of a wheel file name."""
-    parts = Path(filename).name[:-len(".whl")].split("-")
-    return canon(parts[0]), parts[1]
-
-
-class Tee:
-    """Lines to stdout and to the log file."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.f = path.open("w", encoding="utf-8") if path else None
-        self.lock = threading.Lock()
-
-    def __call__(self, line: str = "") -> None:
-        with self.lock:
-            print(line, flush=True)
-            if self.f:
-                self.f.write(line + "\n")
-                self.f.flush()
-
-    def close(self) -> None:
-        if self.f:
-            self.f.close()
-
-
-def run(cmd: list[str], tee: Tee, timeout: float | None = None, **kw) -> tuple[int | None, list[str], float]:
-    """Run ``cmd``; its output (stdout + stderr) goes to ``tee`` line by line.
-
-    Returns ``(exit code or None on timeout, output lines, seconds)``; on timeout the whole process group is
-    killed.
-    """
-    tee("$ " + " ".join(c if "\n" not in c else "'<script>'" for c in cmd))
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            start_new_session=True, **kw)
-    lines: list[str] = []
-
-    def pump() -> None:
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            lines.append(line)
-            if NOISE not in line:
-                tee(line)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        rc: int | None = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        rc = None
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=10)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        tee(f"# timed out after {timeout:.0f} s: killed")
-    reader.join(timeout=10)
-    return rc, lines, time.monotonic() - start
-
-
-# ================================================================================ wheels (local .venv)
-def _packaging():
-    try:
-        from packaging.markers import default_environment
-        from packaging.requirements import Requirement
-    except ImportError:  # pip vendors it
-        from pip._vendor.packaging.markers import default_environment
-        from pip._vendor.packaging.requirements import Requirement
-    return Requirement, default_environment
-
-
-def marker_env(python_version: str) -> dict[str, str]:
-    """PEP 508 marker environment of the target interpreter (Linux x86_64 CPython ``python_version``)."""
-    _, default_environment = _packaging()
-    env = dict(default_environment())
-    local = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if python_version != local:
-        full = GPU_PYTHON_FULL.get(python_version, python_version + ".0")
-        env.update(python_version=python_version, python_full_version=full, implementation_version=full)
-    env.update(sys_platform="linux", platform_system="Linux", os_name="posix", platform_machine="x86_64",
-               implementation_name="cpython", platform_python_implementation="CPython")
-    return env
-
-
-def closure(roots: list[str], env: dict[str, str], stop: set[str] = frozenset()) -> tuple[dict, dict]:
-    """Installed distributions reachable from the requirement strings ``roots`` (markers evaluated in
-    ``env``), not walking into ``stop``.
-
-    Returns ``({canonical name: Distribution}, {canonical name: Requirement not installed here})``.
-    """
-    from importlib import metadata
-
-    Requirement, _ = _packaging()
-    found: dict = {}
-    absent: dict = {}
-    done: set[tuple[str, frozenset]] = set()
-    todo = [Requirement(r) for r in roots]
-    while todo:
-        req = todo.pop()
-        name, extras = canon(req.name), frozenset(req.extras)
-        if name in stop or (name, extras) in done:
-            continue
-        done.add((name, extras))
-        try:
-            dist = found.get(name) or metadata.distribution(req.name)
-        except metadata.PackageNotFoundError:
-            absent[name] = req
-            continue
-        found[name] = dist
-        for spec in dist.requires or []:
-            r = Requirement(spec)
-            if r.marker is None or any(r.marker.evaluate({**env, "extra": e}) for e in ("", *extras)):
-                todo.append(r)
-    return found, absent
-
-
-def project_requirements() -> list[str]:
-    """visionsweep's own requirements (no extras): from the installed metadata, else pyproject.toml."""
-    from importlib import metadata
-
-    try:
-        reqs = metadata.requires("visionsweep") or []
-        return [r for r in reqs if "extra ==" not in r.replace('"', "'").replace(" ", " ")
-                and "extra==" not in r.replace(" ", "")]
-    except metadata.PackageNotFoundError:
-        import tomllib
-
-        return list(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
-
-
-def plan(python_version: str) -> dict:
-    """The wheels a bare GPU image lacks: ``{"ship": {name: (dist name, pin)}, "absent": [...], ...}``."""
-    env = marker_env(python_version)
-    skip = {canon(n) for n in (*IMAGE_HAS, *NOT_SHIPPED)}
-    image, image_absent = closure(list(IMAGE_HAS), env)
-    wanted, absent = closure(project_requirements(), env, stop=skip)
-    ship = {}
-    for name, dist in sorted(wanted.items()):
-        if name not in image:
-            ship[name] = f"{dist.metadata['Name']}=={dist.version}"
-    for name, req in sorted(absent.items()):  # required for the target Python but not installed here
-        if name not in image and name not in skip:
-            ship[name] = str(req.name) + str(req.specifier)
-    return {"ship": ship, "image": sorted(image), "image_absent_here": sorted(image_absent),
-            "not_shipped": sorted(canon(n) for n in NOT_SHIPPED)}
-
-
-def pip_download(specs: list[str], python_version: str, dest: Path, tee: Tee) -> tuple[int | None, str | None]:
-    """``pip download`` the wheels of ``specs`` for CPython ``python_version`` on manylinux x86_64.
-
-    Returns the exit code and, on failure, the requirement pip found no wheel for (when it says which).
-    """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-           python_version, "--implementation", "cp", "--progress-bar", "off", "--disable-pip-version-check"]
-    for p in PLATFORMS:
-        cmd += ["--platform", p]
-    rc, lines, _ = run(cmd + ["-d", str(dest), *specs], tee)
-    failed = next((m.group(1) for x in lines if (m := re.search(r"satisfies the requirement (\S+)", x))), None)
-    return rc, failed
-
-
-def build_pure_wheel(spec: str, dest: Path, tee: Tee) -> Path | None:
-    """A wheel built here from the sdist of ``spec``, if it is pure Python (``*-none-any.whl``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        rc, _, _ = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
-                        "--progress-bar", "off", "-w", tmp, spec], tee)
-        built = list(Path(tmp).glob("*.whl"))
-        if rc != 0 or len(built) != 1 or not built[0].name.endswith("-none-any.whl"):
-            return None
-        return Path(shutil.move(str(built[0]), dest / built[0].name))
-
-
-def cmd_wheels(a: argparse.Namespace) -> int:
-    tee = Tee(None)
-    dest = Path(a.dest).resolve()
-    p = plan(a.python_version)
-    specs = list(p["ship"].values())
-    tee(f"# {len(specs)} packages a bare GPU image lacks (Python {a.python_version}): {', '.join(specs)}")
-    dest.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest))
-    try:
-        built, todo, no_wheel = [], list(specs), []
-        while todo:  # pip stops at the first requirement without a wheel: set it aside, go on with the rest
-            rc, failed = pip_download(todo, a.python_version, staging, tee)
-            if rc == 0:
-                break
-            match = [s for s in todo if canon(re.split(r"[=<>!~\[; ]", s)[0]) == canon(re.split(r"[=<>!~\[; ]",
-                                                                                          failed or "?")[0])]
-            if not match:
-                tee(f"error: pip download failed (exit {rc}) for {todo}")
-                return 2
-            no_wheel.append(match[0])
-            todo.remove(match[0])
-        for spec in no_wheel:
-            wheel = build_pure_wheel(spec, staging, tee)
-            if wheel is None:
-                tee(f"error: {spec} has no wheel for CPython {a.python_version} on manylinux x86_64 and its "
-                    f"sdist does not build into a pure-Python wheel here: build it with Python "
-                    f"{a.python_version} and put it into {dest}")
-                return 2
-            built.append(wheel.name)
-            tee(f"# {spec}: sdist only on the index, built here into {wheel.name} (pure Python)")
-        files = sorted(staging.glob("*.whl"))
-        got = {}
-        for f in files:
-            name, version = wheel_name_version(f.name)
-            if name in got:
-                tee(f"error: two wheels for {name}: {got[name].name}, {f.name}")
-                return 2
-            got[name] = f
-        if missing := set(p["ship"]) - set(got):
-            tee(f"error: no wheel came for {sorted(missing)}")
-            return 2
-        for old in dest.glob("*.whl"):  # one version of each package, for this Python only
-            old.unlink()
-        for f in files:
-            shutil.move(str(f), dest / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    wheels = []
-    for f in sorted(dest.glob("*.whl")):
-        name, version = wheel_name_version(f.name)
-        wheels.append({"name": name, "version": version, "file": f.name, "bytes": f.stat().st_size,
-                       **({"built_here": True} if f.name in built else {})})
-    total = sum(w["bytes"] for w in wheels)
-    manifest = {"python_version": a.python_version, "platforms": list(PLATFORMS), "total_bytes": total,
-                "made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wheels": wheels,
-                "image_has": p["image"], "not_shipped": p["not_shipped"]}
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    for w in wheels:
-        tee(f"  {w['name']:<34} {w['version']:<14} {w['bytes'] / 1e6:7.2f} MB" + "  (built here)" * ("built_here" in w))
-    tee(f"# {len(wheels)} wheels, {total / 1e6:.1f} MB in {dest} for Python {a.python_version}")
-    if total > SIZE_LIMIT:
-        tee(f"warning: {dest} holds {total / 1e6:.1f} MB, over the {SIZE_LIMIT / 1e6:.0f} MB that travel with "
-            f"the source tree")
-    return 0
-
-
-# ================================================================================ check (target machine)
 PLUGIN = r'''
 """pytest plugin of tools/gpu_check.py: one JSON line per test phase, written as the tests run."""
 import json, os
@@ -446,6 +167,7 @@ print("GPU_CHECK_PROBE " + json.dumps(out))
 
 
 def cmd_check(a: argparse.Namespace) -> int:
+    """``make gpu-check``: install, probe the imports, ``pytest -m gpu``, the bench lines; write the report."""
     start = time.monotonic()
     deadline = start + a.budget
     out = Path(a.out).resolve()
@@ -581,29 +303,29 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line (a leading ``check``, the subcommand this script once had, is accepted and dropped)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:
+        argv = argv[1:]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("wheels", help="download the wheels a bare GPU image lacks (local .venv, index reachable)")
-    w.add_argument("--python-version", default="3.12", help="the GPU image's Python, MAJOR.MINOR (default 3.12)")
-    w.add_argument("--dest", default=str(REPO / ".whl"))
-    c = sub.add_parser("check", help="install the wheels into a temporary prefix, run pytest -m gpu and the GPU bench")
-    c.add_argument("--wheels", default=str(REPO / ".whl"))
-    c.add_argument("--out", default=str(REPO / "runs" / "gpu-check"))
-    c.add_argument("--prefix", default=None, help="install here and keep it (default: a temporary folder, removed)")
-    c.add_argument("--keep-prefix", action="store_true", help="keep the temporary prefix (its path is in the JSON)")
-    c.add_argument("--tests", nargs="*", default=None, help="pytest paths (default: tests)")
-    c.add_argument("--pytest-args", default="", help='more pytest arguments, one string: --pytest-args="-x -k amp"')
-    c.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450: "
+    if argv[:1] == ["wheels"]:
+        p.error("the wheels are made by tools/gpu_wheels.py now (make gpu-wheels)")
+    p.add_argument("--wheels", default=str(REPO / ".whl"))
+    p.add_argument("--out", default=str(REPO / "runs" / "gpu-check"))
+    p.add_argument("--prefix", default=None, help="install here and keep it (default: a temporary folder, removed)")
+    p.add_argument("--keep-prefix", action="store_true", help="keep the temporary prefix (its path is in the JSON)")
+    p.add_argument("--tests", nargs="*", default=None, help="pytest paths (default: tests)")
+    p.add_argument("--pytest-args", default="", help='more pytest arguments, one string: --pytest-args="-x -k amp"')
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450: "
                    "under 8 min with the start); pytest and the bench lines are stopped at it")
-    c.add_argument("--pytest-timeout", type=float, default=300.0, help="at most this for pytest -m gpu (default 300)")
-    c.add_argument("--bench-reserve", type=float, default=150.0, help="seconds of the budget kept for the bench "
+    p.add_argument("--pytest-timeout", type=float, default=300.0, help="at most this for pytest -m gpu (default 300)")
+    p.add_argument("--bench-reserve", type=float, default=150.0, help="seconds of the budget kept for the bench "
                    "lines when there is a GPU (default 150)")
-    c.add_argument("--bench-timeout", type=float, default=None, help="at most this for the bench lines "
+    p.add_argument("--bench-timeout", type=float, default=None, help="at most this for the bench lines "
                    "(default: the rest of the budget)")
-    c.add_argument("--bench-args", default="", help='more bench.py arguments, one string: --bench-args="--e2e-models resnet34"')
-    c.add_argument("--no-bench", action="store_true", help="skip the bench lines")
-    a = p.parse_args(argv)
-    return cmd_wheels(a) if a.cmd == "wheels" else cmd_check(a)
+    p.add_argument("--bench-args", default="", help='more bench.py arguments, one string: --bench-args="--e2e-models resnet34"')
+    p.add_argument("--no-bench", action="store_true", help="skip the bench lines")
+    return cmd_check(p.parse_args(argv))
 
 
 if __name__ == "__main__":
