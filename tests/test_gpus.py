@@ -183,3 +183,47 @@ def test_a_process_whose_cuda_started_leases_only_what_it_still_sees(tmp_path, c
         holder.kill()
         holder.wait()
     assert gpus.acquire(pool=[0, 1], lock_dir=tmp_path, timeout=5).ids == ["1"]
+
+
+def test_a_job_after_a_lease_sees_the_gpus_the_process_started_with(tmp_path, clean_lease, monkeypatch):
+    monkeypatch.setattr(gpus, "_captured", True)
+    monkeypatch.setattr(gpus, "_original_visible", "0,1")
+    monkeypatch.setattr(gpus, "_node", None)
+    gpus.acquire(pool=[1], lock_dir=tmp_path)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    gpus.release()  # the next job of this process (a reused worker) leases from both again
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1" and gpus.node_gpus() == ["0", "1"]
+    with pytest.raises(ConfigError, match=r"gpus.pool=\[0, 2\] names GPUs outside CUDA_VISIBLE_DEVICES=0,1"):
+        gpus.acquire(pool=[0, 2], lock_dir=tmp_path)
+
+
+def test_a_reused_worker_trains_on_the_index_of_its_lease(monkeypatch):
+    """CUDA started here under an earlier two-GPU lease (a DDP job): a one-GPU lease of "1" is cuda:1 here."""
+    monkeypatch.setattr(gpus, "_bound", ["0", "1"])
+    assert gpus.trainer_devices(gpus.Lease(ids=["1"])) == [1]
+    assert gpus.trainer_devices(gpus.Lease(ids=["0"])) is None  # cuda:0 = trainer.devices=1 as configured
+    monkeypatch.setattr(gpus, "_bound", ["1"])  # the usual case: the lease set the view
+    assert gpus.trainer_devices(gpus.Lease(ids=["1"])) is None
+
+
+def test_ranks_other_launchers_started_and_other_commands_take_no_lease(monkeypatch):
+    cfg = OmegaConf.create({"gpus": {"pool": None}, "trainer": {"accelerator": "gpu", "devices": 1}})
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert gpus.wanted(cfg, None)
+    assert not gpus.wanted(OmegaConf.create({"trainer": {"devices": 1}}), None)  # eval / predict / see
+    for var, value in (("WORLD_SIZE", "4"), ("TORCHELASTIC_RUN_ID", "x"), ("SLURM_STEP_NUM_TASKS", "4")):
+        monkeypatch.setenv(var, value)
+        assert not gpus.wanted(cfg, None), var
+        monkeypatch.delenv(var)
+
+
+def test_rank_zero_environment_is_restored_after_a_ddp_job(monkeypatch):
+    from visionsweep import distributed
+
+    monkeypatch.setenv("MASTER_ADDR", "head")  # set by the user: kept
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    distributed._remember_env()
+    os.environ.update(WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")  # what the launcher sets
+    distributed.restore_env()
+    assert "WORLD_SIZE" not in os.environ and "LOCAL_RANK" not in os.environ and os.environ["MASTER_ADDR"] == "head"

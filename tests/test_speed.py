@@ -194,7 +194,7 @@ def test_bench_writes_json_lines_with_ratios_step_ratio_first(tmp_path, monkeypa
     import bench
 
     out = tmp_path / "bench.jsonl"
-    records = bench.main(["--out", str(out), "--device", "cpu", "--skip", "accuracy,startup,sweep,ddp",
+    records = bench.main(["--out", str(out), "--device", "cpu", "--skip", "accuracy,startup,sweep,ddp,optuna",
                           "--steps", "2", "--warmup", "1", "--repeats", "1", "--batch-size", "8", "--image-size", "32",
                           "--model", "resnet10t", "--n-images", "24", "--loader-size", "32", "--loader-batch-size", "8",
                           "--loader-repeats", "1", "--jpeg-size", "64x48", "--workers", "0",
@@ -210,6 +210,9 @@ def test_bench_writes_json_lines_with_ratios_step_ratio_first(tmp_path, monkeypa
     assert lines[0]["framework_img_s"] > 0 and lines[0]["reference_img_s"] > 0
     assert sys.modules["bench"].SECTIONS  # the script is importable (make bench runs it as a file)
     assert callable(sys.modules["bench_scaling"].bench_ddp)  # its scaling lines too (whole sweeps: not here)
+    import bench_optuna
+
+    assert callable(bench_optuna.bench_optuna)
     import bench_accuracy
 
     assert callable(bench_accuracy.bench_time_to_accuracy)  # the default job's line: not here either

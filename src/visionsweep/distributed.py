@@ -180,6 +180,7 @@ class DDPStrategy(_LightningDDP):
             run_dir, call = self.run_dir, launcher._call_children_scripts
 
             def call_children() -> None:
+                _remember_env()
                 os.environ[CHILD_RUN_DIR] = str(run_dir)
                 # Hydra or not (a job started from Python), the ranks run the job's saved config
                 with mock.patch.object(subprocess_script, "_hydra_subprocess_cmd",
@@ -189,6 +190,29 @@ class DDPStrategy(_LightningDDP):
                     call()
 
             launcher._call_children_scripts = call_children
+
+
+# what Lightning's launcher (and ours) set in rank 0's own environment to start the other ranks
+RANK_ENV = (CHILD_RUN_DIR, "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_saved_env: dict[str, str | None] | None = None
+
+
+def _remember_env() -> None:
+    global _saved_env
+    if _saved_env is None:
+        _saved_env = {k: os.environ.get(k) for k in RANK_ENV}
+
+
+def restore_env() -> None:
+    """After a DDP job: rank 0's environment as it was before it started its ranks, so the next job of the
+    same process (a reused sweep worker) is not taken for a rank of this one (and takes its own GPU lease)."""
+    global _saved_env
+    for key, value in (_saved_env or {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_env = None
 
 
 def processes_per_node(trainer_cfg: Any) -> int:

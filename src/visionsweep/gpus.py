@@ -39,6 +39,9 @@ from visionsweep.errors import ConfigError
 log = logging.getLogger("visionsweep.gpus")
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
+# the GPUs of the node as the sweep's own process saw them, for jobs started in an environment that hides
+# them (submitit's local executor sets CUDA_VISIBLE_DEVICES="" for jobs without gpus_per_node)
+POOL_ENV = "VISIONSWEEP_GPU_POOL"
 POLL_S = 0.25  # how often a waiting job looks for a free slot
 
 _held: Lease | None = None  # this process's lease (one job at a time per process)
@@ -66,8 +69,10 @@ class Lease:
 
 
 def default_lock_dir() -> Path:
-    """The node-wide folder of lease files (every user's sweeps on this node share it)."""
-    return Path(tempfile.gettempdir()) / "visionsweep-gpu-leases"
+    """The node-wide folder of lease files (every user's sweeps on this node share it): ``/tmp``'s, not
+    ``$TMPDIR``'s, which schedulers often make per job."""
+    root = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
+    return root / "visionsweep-gpu-leases"
 
 
 def _lock_dir(value: Any) -> Path:
@@ -99,6 +104,9 @@ def node_gpus() -> list[str]:
     _capture_original()
     if _node is not None:
         return list(_node)
+    if os.environ.get(POOL_ENV) is not None:
+        _node = [x for x in os.environ[POOL_ENV].split(",") if x]
+        return list(_node)
     if _original_visible is not None:
         _node = [x.strip() for x in _original_visible.split(",") if x.strip() and x.strip() != "-1"]
         return list(_node)
@@ -125,7 +133,18 @@ def pool_ids(pool: Sequence[Any] | None) -> list[str]:
     ids = [str(x).strip() for x in pool]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"gpus.pool={pool}: an id is listed twice; give each GPU once")
+    _capture_original()
+    allowed = [x.strip() for x in (_original_visible or "").split(",") if x.strip()]
+    if allowed and not set(ids) <= set(allowed):  # empty: no GPU here, the ids are pretend ones
+        raise ConfigError(f"gpus.pool={pool} names GPUs outside {VISIBLE}={_original_visible}, which this "
+                          f"command was started with: choose ids among those, or start it without {VISIBLE}")
     return ids
+
+
+def export_pool() -> None:
+    """Before a launcher starts jobs: hand them this process's view of the node's GPUs (:data:`POOL_ENV`)."""
+    if os.environ.get(POOL_ENV) is None:
+        os.environ[POOL_ENV] = ",".join(node_gpus())
 
 
 def _positive(key: str, value: Any) -> int:
@@ -143,9 +162,34 @@ def _slot_file(lock_dir: Path, gpu: str, slot: int) -> Path:
     return lock_dir / f"gpu-{safe}.slot{slot}.lock"
 
 
+def _open_slot(path: Path) -> int:
+    """The slot file opened read-write; created (and opened to every user) when it does not exist yet.
+
+    Raises:
+        ConfigError: it exists but may not be opened (another user's file where ``protected_regular``
+            forbids opening it with ``O_CREAT``, or one made without the shared mode).
+    """
+    try:
+        return os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        raise ConfigError(f"GPU lease file {path} may not be opened by this user: set gpus.lock_dir to a folder "
+                          "all of this node's jobs may write") from None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:  # another job created it a moment ago
+        return _open_slot(path)
+    try:
+        os.fchmod(fd, 0o666)  # another user's job may lock it next (the umask took write away)
+    except OSError:
+        pass
+    return fd
+
+
 def _try_slot(path: Path, owner: str) -> int | None:
     """Lock one slot file without waiting: its fd, or None when another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_slot(path)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -153,10 +197,6 @@ def _try_slot(path: Path, owner: str) -> int | None:
         if e.errno in (errno.EACCES, errno.EAGAIN):
             return None
         raise
-    try:
-        os.fchmod(fd, 0o666)  # another user's job may lock it next
-    except OSError:
-        pass
     os.ftruncate(fd, 0)
     os.pwrite(fd, owner.encode(), 0)
     return fd
@@ -274,11 +314,21 @@ def acquire(per_job: Any = 1, jobs_per_gpu: Any = 1, pool: Sequence[Any] | None 
 
 
 def release() -> None:
-    """Give this process's lease back (no-op without one). Process exit does the same."""
-    global _held
+    """Give this process's lease back (no-op without one). Process exit does the same.
+
+    The next job of this process (a reused worker) then sees the GPUs the process started with again,
+    unless CUDA already started here: it can see no others any more.
+    """
+    global _held, _bound
     if _held is not None:
         _close(_held)
         _held = None
+    if _captured and not _cuda_initialised():
+        if _original_visible is None:
+            os.environ.pop(VISIBLE, None)
+        else:
+            os.environ[VISIBLE] = _original_visible
+        _bound = None
 
 
 def current() -> Lease | None:
@@ -295,10 +345,24 @@ def current() -> Lease | None:
 
 def device_index(lease: Lease | None) -> int | None:
     """The CUDA index (in this process's view) of the lease's first GPU; None without a lease."""
+    indices = device_indices(lease)
+    return indices[0] if indices else None
+
+
+def device_indices(lease: Lease | None) -> list[int] | None:
+    """The CUDA indices of the leased GPUs in this process's view: ``[0..n-1]`` when the lease set the view
+    (the usual case), their places in the older view when CUDA had started here before (a reused worker)."""
     if lease is None:
         return None
-    view = _bound or lease.ids
-    return view.index(lease.ids[0]) if lease.ids[0] in view else 0
+    view = _bound or node_gpus() or lease.ids
+    return [view.index(g) if g in view else i for i, g in enumerate(lease.ids)]
+
+
+def trainer_devices(lease: Lease | None) -> list[int] | None:
+    """``trainer.devices`` for a job whose lease is not CUDA's first devices here (a reused worker whose
+    CUDA started under an earlier lease): the leased indices; None when ``trainer.devices`` is right as is."""
+    indices = device_indices(lease)
+    return indices if indices and indices != list(range(len(indices))) else None
 
 
 def record(lease: Lease | None, on_cuda: bool) -> dict[str, Any] | None:
@@ -333,13 +397,20 @@ def launcher_assigns_gpus(launcher_cfg: Any) -> bool:
 def wanted(cfg: Any, launcher_cfg: Any) -> bool:
     """Whether a job with this config takes a lease.
 
-    An explicit ``gpus.pool`` always leases (also on a CPU, as pretend ids); otherwise a job leases when
-    it may train on a GPU (``trainer.accelerator`` not ``cpu``), its launcher does not assign GPUs, it
-    is not an extra DDP rank (rank 0 leased for all), and ``trainer.devices`` is a count.
+    An explicit ``gpus.pool`` always leases (also on a CPU, as pretend ids); otherwise a training job
+    leases when it may train on a GPU (``trainer.accelerator`` not ``cpu``), its launcher does not assign
+    GPUs, it is not a rank another launcher started (rank 0 leased for its own ranks), and
+    ``trainer.devices`` is a count.
     """
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("VISIONSWEEP_DDP_RUN_DIR"):
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return False
+    # ranks started by srun / torchrun / a multi-task submitit job: their launcher placed them already
+    if os.environ.get("TORCHELASTIC_RUN_ID") or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 \
+            or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         return False
     if launcher_assigns_gpus(launcher_cfg):
+        return False
+    if cfg.get("gpus") is None:  # eval, predict, export, see: they choose their device themselves
         return False
     gpus = cfg.get("gpus") or {}
     if gpus.get("pool") is not None:

@@ -153,6 +153,9 @@ def export_thread_budget(config: Any, batch_size: int) -> None:
     os.environ[JOBS_PER_NODE_VAR] = str(concurrent)
     threads = resolve_threads(config.get("threads", "auto"), launcher_cfg)
     os.environ.update(launch_env(threads, concurrent))
+    from visionsweep import gpus
+
+    gpus.export_pool()  # jobs see the node's GPUs as this process does (submitit_local hides them)
 
 
 def launcher_config() -> Any:

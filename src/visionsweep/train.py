@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from visionsweep import builders, distributed, gpus, ledger, outcome, parallel, run_config, runinfo
 from visionsweep.optim import lr_find
@@ -38,6 +38,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         started = round(lease.started, 3) if lease else started
         threads = parallel.apply_threads(max(1, parallel.resolve_threads(
             cfg.get("threads"), parallel.launcher_config()) // distributed.processes_per_node(cfg.trainer)))
+        if (devices := gpus.trainer_devices(lease)) is not None:  # a worker whose CUDA started earlier
+            with open_dict(cfg):
+                cfg.trainer.devices = devices
         resolved = run_config.complete(cfg)  # the config is final from here on (but the LR finder's lr)
         if lead:
             print_config_tree(cfg)  # what runs: data.image_size=auto, timm's mean/std, ... filled in
@@ -101,6 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         builders.finish_wandb()
+        distributed.restore_env()
 
 
 def _overrides() -> list[str]:

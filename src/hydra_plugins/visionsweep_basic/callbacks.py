@@ -83,6 +83,15 @@ class GpuLease(Callback):
             log.error("%s", e)  # the job fails on it (gpus.current() in train) and records it; the sweep goes on
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        import sys
+
         from visionsweep import gpus
 
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():  # a reused worker: free what the job cached
+            import gc
+
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
         gpus.release()

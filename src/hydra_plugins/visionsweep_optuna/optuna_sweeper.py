@@ -220,11 +220,16 @@ class OptunaSweeper(Sweeper):
 
     def _in_flight(self) -> int:
         """Trials at once: ``n_jobs``, or 1 under the basic launcher (it runs jobs in this process)."""
-        target = str(self.config.hydra.launcher.get("_target_", "")).lower()
+        from visionsweep import parallel
+
+        launcher = self.config.hydra.launcher
+        target = str(launcher.get("_target_", "")).lower()
         if self.n_jobs > 1 and "basic" in target:
             log.warning("hydra.sweeper.n_jobs=%d needs a launcher that runs jobs apart (hydra/launcher=joblib, "
                         "submitit_local, submitit_slurm, ray): the basic launcher runs one trial at a time", self.n_jobs)
             return 1
+        if "joblib" in target:  # joblib with one job at a time runs it in the calling thread, i.e. here
+            return max(1, min(self.n_jobs, parallel.launcher_concurrency(launcher, parallel.node_cores())))
         return self.n_jobs
 
     def _export_thread_budget(self, in_flight: int) -> None:
@@ -285,7 +290,11 @@ class OptunaSweeper(Sweeper):
                 running, todo = running + 1, todo - 1
             trial, results, error = done.get()
             running -= 1
-            if error is not None:
+            if isinstance(error, Exception):  # this trial could not be launched: the search goes on
+                log.error("trial %d failed to launch: %s", trial.number, error)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            if error is not None:  # KeyboardInterrupt, SystemExit: trials in flight stay RUNNING (resumable)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise error
             self._tell(study, trial, results[0])
