@@ -100,6 +100,9 @@ def test_a_ddp_job_leases_trainer_devices_gpus(tmp_path, clean_lease):
                             "trainer": {"accelerator": "gpu", "devices": 2}})
     lease = gpus.acquire_for(cfg, None)
     assert len(lease.ids) == 2 and os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(lease.ids)
+    gpus.release()
+    every = OmegaConf.merge(cfg, {"trainer": {"devices": -1}})  # "all GPUs": the whole pool, not just one
+    assert gpus.acquire_for(every, None).ids == ["0", "1", "2"]
 
 
 def test_who_takes_a_lease(monkeypatch):

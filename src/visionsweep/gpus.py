@@ -42,6 +42,7 @@ VISIBLE = "CUDA_VISIBLE_DEVICES"
 # the GPUs of the node as the sweep's own process saw them, for jobs started in an environment that hides
 # them (submitit's local executor sets CUDA_VISIBLE_DEVICES="" for jobs without gpus_per_node)
 POOL_ENV = "VISIONSWEEP_GPU_POOL"
+ALL_DEVICES = ("-1", "auto")  # trainer.devices meaning "every GPU": such a job leases the whole pool
 POLL_S = 0.25  # how often a waiting job looks for a free slot
 
 _held: Lease | None = None  # this process's lease (one job at a time per process)
@@ -400,7 +401,8 @@ def wanted(cfg: Any, launcher_cfg: Any) -> bool:
     An explicit ``gpus.pool`` always leases (also on a CPU, as pretend ids); otherwise a training job
     leases when it may train on a GPU (``trainer.accelerator`` not ``cpu``), its launcher does not assign
     GPUs, it is not a rank another launcher started (rank 0 leased for its own ranks), and
-    ``trainer.devices`` is a count.
+    ``trainer.devices`` is a count or "every GPU" (-1, auto: it leases the whole pool); a list of
+    indices is the user's own choice and takes no lease.
     """
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return False
@@ -418,7 +420,7 @@ def wanted(cfg: Any, launcher_cfg: Any) -> bool:
     trainer = cfg.get("trainer") or {}
     if str(trainer.get("accelerator", "auto")).lower() == "cpu":
         return False
-    return str(trainer.get("devices", 1)).isdigit()
+    return str(trainer.get("devices", 1)).isdigit() or str(trainer.get("devices")).strip() in ALL_DEVICES
 
 
 def acquire_for(cfg: Any, launcher_cfg: Any, label: str = "") -> Lease | None:
@@ -439,6 +441,8 @@ def acquire_for(cfg: Any, launcher_cfg: Any, label: str = "") -> Lease | None:
         per_job = _positive("per_job", gpus.get("per_job", 1))
         if str(devices).isdigit() and int(devices) > per_job:
             per_job = int(devices)  # trainer.devices=N (DDP) needs N GPUs in its lease
+        elif str(devices).strip() in ALL_DEVICES:
+            per_job = max(1, len(pool_ids(gpus.get("pool"))))  # every GPU: it waits until all are free
         return acquire(per_job, gpus.get("jobs_per_gpu", 1), gpus.get("pool"), gpus.get("lock_dir"), label)
     except ConfigError as e:
         _refused = e
