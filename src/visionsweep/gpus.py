@@ -21,20 +21,18 @@ longer change what it sees; it leases among the GPUs it was given before, and wa
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
 import random
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from visionsweep.errors import ConfigError
+from visionsweep.utils import slot_locks
 
 log = logging.getLogger("visionsweep.gpus")
 
@@ -67,26 +65,6 @@ class Lease:
     slots: list[Path] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     _fds: list[int] = field(default_factory=list, repr=False)
-
-
-def default_lock_dir() -> Path:
-    """The node-wide folder of lease files (every user's sweeps on this node share it): ``/tmp``'s, not
-    ``$TMPDIR``'s, which schedulers often make per job."""
-    root = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
-    return root / "visionsweep-gpu-leases"
-
-
-def _lock_dir(value: Any) -> Path:
-    path = Path(str(value)).expanduser() if value else default_lock_dir()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not value:
-            os.chmod(path, 0o1777)  # shared like /tmp: each user's leases in one place
-    except PermissionError:
-        if not os.access(path, os.W_OK):
-            raise ConfigError(f"gpus.lock_dir={path} is not writable: set gpus.lock_dir to a folder you may "
-                              "write (the same for every job on this node)") from None
-    return path
 
 
 def _capture_original() -> None:
@@ -158,61 +136,16 @@ def _positive(key: str, value: Any) -> int:
     return n
 
 
-def _slot_file(lock_dir: Path, gpu: str, slot: int) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in gpu)
-    return lock_dir / f"gpu-{safe}.slot{slot}.lock"
-
-
-def _open_slot(path: Path) -> int:
-    """The slot file opened read-write; created (and opened to every user) when it does not exist yet.
-
-    Raises:
-        ConfigError: it exists but may not be opened (another user's file where ``protected_regular``
-            forbids opening it with ``O_CREAT``, or one made without the shared mode).
-    """
-    try:
-        return os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        pass
-    except PermissionError:
-        raise ConfigError(f"GPU lease file {path} may not be opened by this user: set gpus.lock_dir to a folder "
-                          "all of this node's jobs may write") from None
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:  # another job created it a moment ago
-        return _open_slot(path)
-    try:
-        os.fchmod(fd, 0o666)  # another user's job may lock it next (the umask took write away)
-    except OSError:
-        pass
-    return fd
-
-
-def _try_slot(path: Path, owner: str) -> int | None:
-    """Lock one slot file without waiting: its fd, or None when another process holds it."""
-    fd = _open_slot(path)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EACCES, errno.EAGAIN):
-            return None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, owner.encode(), 0)
-    return fd
-
-
 def _try_lease(candidates: list[str], per_job: int, jobs_per_gpu: int, lock_dir: Path, owner: str) -> Lease | None:
     """``per_job`` distinct GPUs with a free slot each, all or nothing (no partial lease is kept)."""
     lease = Lease(ids=[])
     # the least loaded GPUs first, so packed jobs spread before they share
-    order = sorted(candidates, key=lambda g: sum(_slot_file(lock_dir, g, s).exists() and _busy(_slot_file(lock_dir, g, s))
+    order = sorted(candidates, key=lambda g: sum(slot_locks.busy(slot_locks.slot_file(lock_dir, g, s))
                                                for s in range(jobs_per_gpu)))
     for gpu in order:
         for slot in range(jobs_per_gpu):
-            path = _slot_file(lock_dir, gpu, slot)
-            fd = _try_slot(path, owner)
+            path = slot_locks.slot_file(lock_dir, gpu, slot)
+            fd = slot_locks.try_slot(path, owner)
             if fd is not None:
                 lease.ids.append(gpu)
                 lease.slots.append(path)
@@ -223,22 +156,6 @@ def _try_lease(candidates: list[str], per_job: int, jobs_per_gpu: int, lock_dir:
             return lease
     _close(lease)
     return None
-
-
-def _busy(path: Path) -> bool:
-    """Whether another process holds this slot (a probe lock, released at once)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.lockf(fd, fcntl.LOCK_UN)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def _close(lease: Lease) -> None:
@@ -268,7 +185,7 @@ def acquire(per_job: Any = 1, jobs_per_gpu: Any = 1, pool: Sequence[Any] | None 
         per_job: GPUs per job (a DDP job of ``trainer.devices=N`` needs N).
         jobs_per_gpu: jobs that may share one GPU at once (2–4 packs small models).
         pool: GPU ids to lease from; None: this node's GPUs (none: no lease, returns None).
-        lock_dir: folder of the lease files; None: :func:`default_lock_dir`.
+        lock_dir: folder of the lease files; None: :func:`visionsweep.utils.slot_locks.default_lock_dir`.
         label: who holds it, written into the lock files (the job's run dir).
         timeout: seconds to wait for a free slot; None: as long as it takes.
 
@@ -292,7 +209,7 @@ def acquire(per_job: Any = 1, jobs_per_gpu: Any = 1, pool: Sequence[Any] | None 
         where = "this process can still see" if candidates != ids else "gpus.pool holds"
         raise ConfigError(f"gpus.per_job={per_job} but {where} {len(candidates)} GPU(s) ({','.join(candidates) or '-'}): "
                           f"lower gpus.per_job (or trainer.devices), or widen gpus.pool")
-    directory = _lock_dir(lock_dir)
+    directory = slot_locks.lock_dir(lock_dir)
     owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "job": label})
     waited = None
     while (lease := _try_lease(candidates, per_job, jobs_per_gpu, directory, owner)) is None:
