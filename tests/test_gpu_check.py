@@ -171,3 +171,16 @@ def test_gpu_check_installs_from_the_wheels_alone_and_runs(wheels, image, tmp_pa
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "ok"
+
+
+def test_gpu_wheels_refuses_a_folder_with_wheels_it_did_not_write(tmp_path):
+    dest = tmp_path / "wheels"
+    dest.mkdir()
+    (dest / "mine-1.0-py3-none-any.whl").write_text("my own build")
+    (dest / "ours-2.0-py3-none-any.whl").write_text("an earlier download")
+    (dest / "manifest.json").write_text(json.dumps({"wheels": [{"file": "ours-2.0-py3-none-any.whl"}]}))
+    assert _tool("gpu_wheels").foreign_wheels(dest) == ["mine-1.0-py3-none-any.whl"]
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_wheels.py"), "--python-version", LOCAL,
+                           "--dest", str(dest)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2 and "mine-1.0-py3-none-any.whl" in proc.stdout + proc.stderr
+    assert (dest / "mine-1.0-py3-none-any.whl").read_text() == "my own build"  # nothing deleted

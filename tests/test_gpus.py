@@ -130,6 +130,16 @@ def test_a_bad_gpus_value_is_one_line_naming_the_key(tmp_path, clean_lease, kw, 
     assert "\n" not in str(e.value)
 
 
+def test_a_lock_dir_that_is_a_file_is_one_line_and_the_file_is_untouched(tmp_path, clean_lease):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes")
+    with pytest.raises(ConfigError, match="gpus.lock_dir=.*notes.txt is not a"):
+        gpus.acquire(pool=[0], lock_dir=mine)
+    with pytest.raises(ConfigError, match="gpus.lock_dir="):
+        gpus.acquire(pool=[0], lock_dir=mine / "sub")
+    assert mine.read_text() == "my notes"
+
+
 def test_a_bad_gpus_value_on_the_command_line_is_one_line(tmp_path, shapes_root):
     proc = run_cli("train", *FAST, f"data.root={shapes_root}", "gpus.pool=[0]", "gpus.per_job=2",
                    f"gpus.lock_dir={tmp_path / 'locks'}", f"paths.log_dir={tmp_path / 'runs'}", cwd=tmp_path)

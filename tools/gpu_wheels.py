@@ -145,6 +145,15 @@ def build_pure_wheel(spec: str, dest: Path, tee: Tee) -> Path | None:
         return Path(shutil.move(str(built[0]), dest / built[0].name))
 
 
+def foreign_wheels(dest: Path) -> list[str]:
+    """Wheels in ``dest`` that its ``manifest.json`` (written by an earlier run of this command) does not list."""
+    try:
+        ours = {w["file"] for w in json.loads((dest / "manifest.json").read_text()).get("wheels", [])}
+    except (OSError, ValueError, TypeError, KeyError):
+        ours = set()
+    return sorted(f.name for f in dest.glob("*.whl") if f.name not in ours)
+
+
 def cmd_wheels(a: argparse.Namespace) -> int:
     """``make gpu-wheels``: download (or build) the wheels into ``a.dest``, write its ``manifest.json``."""
     tee = Tee(None)
@@ -152,6 +161,10 @@ def cmd_wheels(a: argparse.Namespace) -> int:
     p = plan(a.python_version)
     specs = list(p["ship"].values())
     tee(f"# {len(specs)} packages a bare GPU image lacks (Python {a.python_version}): {', '.join(specs)}")
+    if foreign := foreign_wheels(dest):  # never delete what this command did not write
+        tee(f"error: {dest} holds wheels make gpu-wheels did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): give an empty folder, e.g. GPU_WHEELS=.whl-gpu")
+        return 2
     dest.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest))
     try:

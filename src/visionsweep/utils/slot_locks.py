@@ -25,15 +25,24 @@ def default_lock_dir() -> Path:
 
 
 def lock_dir(value: Any) -> Path:
+    """The folder of the lease files (``gpus.lock_dir``, or :func:`default_lock_dir`), made if missing.
+
+    Raises:
+        ConfigError: it is not a folder this process may write.
+    """
     path = Path(str(value)).expanduser() if value else default_lock_dir()
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not value:
             os.chmod(path, 0o1777)  # shared like /tmp: each user's leases in one place
     except PermissionError:
-        if not os.access(path, os.W_OK):
-            raise ConfigError(f"gpus.lock_dir={path} is not writable: set gpus.lock_dir to a folder you may "
-                              "write (the same for every job on this node)") from None
+        pass  # a shared folder another user made: writable is what counts
+    except OSError as e:  # a file of that name, a path through a file, ...
+        raise ConfigError(f"gpus.lock_dir={path} is not a folder ({e.strerror}): set gpus.lock_dir to a folder "
+                          "every job on this node may write") from None
+    if not path.is_dir() or not os.access(path, os.W_OK):
+        raise ConfigError(f"gpus.lock_dir={path} is not a writable folder: set gpus.lock_dir to a folder every "
+                          "job on this node may write")
     return path
 
 
