@@ -29,6 +29,7 @@ from pytorch_lightning.strategies.launchers import subprocess_script
 from pytorch_lightning.utilities import rank_zero_only
 
 from visionsweep.errors import ConfigError
+from visionsweep.utils import checks
 
 CHILD_RUN_DIR = "VISIONSWEEP_DDP_RUN_DIR"  # set in the environment of ranks started by rank 0
 
@@ -100,7 +101,8 @@ def check_batch_size(cfg: Any) -> int:
     if batch is None:
         return 0
     per_node = processes_per_node(cfg.trainer)
-    return rank_batch_size(int(batch), per_node, world_size(cfg.trainer) // per_node)
+    batch = checks.whole(batch, "data.batch_size", 1, None, 32)
+    return rank_batch_size(batch, per_node, world_size(cfg.trainer) // per_node)
 
 
 #: devices whose tensors torch's SyncBatchNorm takes (torch/nn/modules/batchnorm.py; not CPU, not MPS)

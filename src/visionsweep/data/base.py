@@ -32,6 +32,7 @@ from visionsweep.data.split_files import (
 from visionsweep.data.splits import SPLITS, validate_fractions
 from visionsweep.errors import ConfigError, DataError
 from visionsweep.parallel import node_cores
+from visionsweep.utils.checks import check_image_size, flag, whole
 
 log = logging.getLogger("visionsweep.data")
 Splits = dict[str, list[Any]]
@@ -45,13 +46,10 @@ def resolve_workers(num_workers: int | str) -> int:
     """
     if isinstance(num_workers, str) and num_workers.lower() == "auto":
         return node_cores()
-    try:
-        workers = int(num_workers)
-    except (TypeError, ValueError):
-        raise ConfigError(f"data.num_workers={num_workers}: give an integer >= 0 or auto") from None
-    if workers < 0:
-        raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
-    return workers
+    # each worker is a process holding a copy of the data set: far more than the cores only waits and
+    # exhausts memory (100000 workers spent minutes starting, then failed with a traceback)
+    most = max(64, 8 * node_cores())
+    return whole(num_workers, "data.num_workers", 0, most, "auto", also=" or auto (one per core)")
 
 
 def fingerprint_files(paths: Iterable[Path], root: Path) -> dict[str, Any]:
@@ -119,8 +117,10 @@ class SplitDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         validate_fractions(val_fraction, test_fraction)
-        if int(batch_size) < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
+        batch_size = whole(batch_size, "data.batch_size", 1, None, 32)
+        split_seed = whole(split_seed, "data.split_seed", 0, 2**32 - 1, 0)  # numpy's seed range
+        if isinstance(image_size, int) and not isinstance(image_size, bool):
+            check_image_size(image_size, batch_size)
         if image_size is not None and not isinstance(image_size, int):  # e.g. auto: resolved for a backbone first
             raise ConfigError(f"data.image_size={image_size}: the data module needs a side in pixels (visionsweep "
                               "resolves auto for the backbone: builders.resolve_inputs)")
@@ -132,8 +132,8 @@ class SplitDataModule(pl.LightningDataModule):
         self.split_seed = int(split_seed)
         self.split_dir = Path(split_dir).expanduser() if split_dir else None
         self.batch_size = int(batch_size)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        self.persistent_workers = bool(persistent_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else flag(pin_memory, "data.pin_memory")
+        self.persistent_workers = flag(persistent_workers, "data.persistent_workers")
         self.output_dir = Path(output_dir).expanduser() if output_dir else None
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.bad_images: list[tuple[Path, str]] = []  # (path, reason) of files skipped as unreadable

@@ -38,6 +38,7 @@ from visionsweep.data.splits import (
 )
 from visionsweep.data.transport import SlotDataLoader
 from visionsweep.errors import ConfigError, DataError
+from visionsweep.utils.checks import flag, number, whole
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +124,17 @@ class FolderDataModule(SplitDataModule):
         self.cache_mode = check_mode(cache)
         if self.cache_mode != "none" and not image_size:
             raise ConfigError("data.cache needs data.image_size (the training script fills it from the backbone)")
-        if not float(cache_scale) >= 1.0:
-            raise ConfigError(f"data.cache_scale={cache_scale}: give a factor >= 1.0, e.g. 1.15")
-        if prefetch_factor is not None and int(prefetch_factor) < 1:
-            raise ConfigError(f"data.prefetch_factor={prefetch_factor}: give an integer >= 1 or null")
+        cache_scale = number(cache_scale, "data.cache_scale", 1.0, 4.0, 1.15)
+        if prefetch_factor is not None:
+            prefetch_factor = whole(prefetch_factor, "data.prefetch_factor", 1, 64, 2, also=" or null")
         self.kfold = check_fold(folds, fold)  # (K, k) or None
         self.class_subset = check_class_subset(classes)
         self.train_per_class = check_train_per_class(train_per_class)
-        self.skip_bad_images, self.verify_images = bool(skip_bad_images), bool(verify_images)
+        self.skip_bad_images = flag(skip_bad_images, "data.skip_bad_images")
+        self.verify_images = flag(verify_images, "data.verify_images")
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root / CACHE_DIRNAME
-        self.cache_scale, self.decode_reduce = float(cache_scale), bool(decode_reduce)
-        self.prefetch_factor = int(prefetch_factor) if prefetch_factor is not None else None
+        self.cache_scale, self.decode_reduce = cache_scale, flag(decode_reduce, "data.decode_reduce")
+        self.prefetch_factor = prefetch_factor
         self._caches: dict[str, Any] = {}
 
     def prepare_data(self) -> None:

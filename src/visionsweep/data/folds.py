@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from visionsweep.errors import ConfigError, DataError
+from visionsweep.utils.checks import whole
 
 Sample = tuple[Path, int]
 
@@ -30,14 +31,11 @@ def check_fold(folds: int | None, fold: int | None) -> tuple[int, int] | None:
     """
     if not folds:
         return None
-    try:
-        k, i = int(folds), int(fold if fold is not None else 0)
-    except (TypeError, ValueError):
-        raise ConfigError(f"data.folds={folds} data.fold={fold}: give integers, e.g. data.folds=5 data.fold=0") from None
-    if k < 2:
-        raise ConfigError(f"data.folds={folds}: give at least 2 folds (or null for the plain split)")
+    k = whole(folds, "data.folds", 2, None, 5, also=" (or null for the plain split)")
+    i = whole(0 if fold is None else fold, "data.fold", None, None, 0)
     if not 0 <= i < k:
-        raise ConfigError(f"data.fold={fold} is outside 0..{k - 1} for data.folds={k}")
+        raise ConfigError(f"data.fold={fold} is outside 0..{k - 1} for data.folds={k}: give a fold from 0 to "
+                          f"{k - 1}, e.g. data.fold=0")
     return k, i
 
 

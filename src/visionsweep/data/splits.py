@@ -12,6 +12,7 @@ from typing import TypeVar
 import numpy as np
 
 from visionsweep.errors import ConfigError, DataError
+from visionsweep.utils.checks import fail, fraction
 
 Sample = tuple[Path, int]
 SPLITS = ("train", "val", "test")
@@ -29,8 +30,9 @@ def validate_fractions(val_fraction: float, test_fraction: float) -> None:
         ConfigError: Naming ``data.val_fraction`` / ``data.test_fraction``.
     """
     for key, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
-        if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-            raise ConfigError(f"{key}={value} is outside [0, 1): use e.g. {key}=0.2")
+        if isinstance(value, str):  # "0.2" would pass the number check, but the split needs a float
+            raise fail(key, value, "a number from 0 to 1 (excluded)", 0.2)
+        fraction(value, key, 0.2, high_open=True)
     if val_fraction + test_fraction >= 1.0:
         raise ConfigError(
             f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction:g} >= 1 leaves no "

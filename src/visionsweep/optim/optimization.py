@@ -20,6 +20,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from visionsweep.errors import ConfigError
 from visionsweep.optim.param_groups import GroupInfo, param_groups, wants_layer_groups
+from visionsweep.utils import checks
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
 
@@ -63,6 +64,49 @@ def build_optimizer(opt_cfg: Mapping[str, Any], params: Any) -> torch.optim.Opti
         raise ConfigError(f"optimizer ({opt_cfg.get('_target_')}): {text}") from None
 
 
+#: scheduler.<argument> → its check (OneCycleLR, CosineAnnealingLR, StepLR ...): torch takes most of these
+#: silently (div_factor=-1 gives negative learning rates) or fails deep inside fit (pct_start=0 divides by zero)
+_SCHEDULER_VALUES = {
+    "pct_start": lambda v, k: checks.fraction(v, k, 0.25, low_open=True, high_open=True),
+    "div_factor": lambda v, k: checks.number(v, k, 0, None, 25.0, low_open=True),
+    "final_div_factor": lambda v, k: checks.number(v, k, 0, None, 10000.0, low_open=True),
+    "max_lr": lambda v, k: checks.number(v, k, 0, None, 0.003, low_open=True),
+    "eta_min": lambda v, k: checks.number(v, k, 0, None, 0.0),
+    "total_steps": lambda v, k: checks.whole(v, k, 1, None, 1000),
+    "T_max": lambda v, k: checks.whole(v, k, 1, None, 1000),
+    "step_size": lambda v, k: checks.whole(v, k, 1, None, 10),
+    "gamma": lambda v, k: checks.number(v, k, 0, None, 0.1, low_open=True),
+    "anneal_strategy": lambda v, k: checks.choice(v, k, ("cos", "linear")),
+}
+
+
+def check_scheduler_values(sched_cfg: Mapping[str, Any]) -> None:
+    """The ``scheduler`` group's arguments, each named in one line when bad.
+
+    Raises:
+        ConfigError: e.g. ``scheduler.pct_start=0: give a number from 0 (excluded) to 1 (excluded), e.g. 0.25``.
+    """
+    for key, check in _SCHEDULER_VALUES.items():
+        if sched_cfg.get(key) is not None:
+            check(sched_cfg[key], f"scheduler.{key}")
+
+
+def check_scheduler(sched_cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, steps: int = 100) -> None:
+    """Check the ``scheduler`` values and build it for ``optimizer`` once (a dry run over ``steps``).
+
+    Raises:
+        ConfigError: A bad value, or an argument the scheduler class rejects (named with the class).
+    """
+    check_scheduler_values(sched_cfg)
+    try:
+        build_scheduler(sched_cfg, optimizer, steps)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to build is a bad scheduler config
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"scheduler ({sched_cfg.get('_target_')}): {text}") from None
+
+
 def build_scheduler(sched_cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer,
                     steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The ``scheduler`` config made for ``optimizer``, planned for a run of ``steps`` optimizer steps.
@@ -75,6 +119,7 @@ def build_scheduler(sched_cfg: Mapping[str, Any], optimizer: torch.optim.Optimiz
         optimizer: The optimizer to schedule.
         steps: The run's optimizer steps (``trainer.estimated_stepping_batches``).
     """
+    check_scheduler_values(sched_cfg)
     cfg = {**sched_cfg, "_partial_": True}
     factory = hydra.utils.instantiate(cfg)
     params = inspect.signature(factory.func).parameters
