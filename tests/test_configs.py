@@ -88,12 +88,32 @@ def test_default_run_dir_is_timestamped_under_runs(tmp_path):
     assert Path(str(OmegaConf.to_container(cfg.paths)["log_dir"])).name == "runs"
 
 
-def test_a_resumed_auto_size_run_goes_on_at_the_size_it_was_trained_at(tmp_path):
-    """data.image_size=auto + ckpt_path: the trained run's config.yaml says 32 (the old digits default)."""
-    from visionsweep.run_config import _trained_image_size
+def test_a_resumed_run_takes_what_shaped_it_from_its_own_config_and_refuses_a_contradiction(tmp_path):
+    """ckpt_path=latest after a resnet18 run with the defaults saying resnet34: it resumes the resnet18."""
+    from visionsweep.errors import ConfigError
+    from visionsweep.run_config import adopt_resumed_run
 
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "config.yaml").write_text("data:\n  image_size: 32\n")
-    assert _trained_image_size(tmp_path / "checkpoints" / "last.ckpt") == 32
-    (tmp_path / "config.yaml").write_text("data:\n  image_size: auto\n")
-    assert _trained_image_size(tmp_path / "checkpoints" / "last.ckpt") is None
+    run = tmp_path / "old"
+    (run / "checkpoints").mkdir(parents=True)
+    old = compose_cfg(run, ["model=resnet18", "data.image_size=24", "seed=7", "optimizer.lr=0.005",
+                            "trainer.max_epochs=3", "data.num_workers=0"])
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(old, resolve=True))
+    ckpt = run / "checkpoints" / "last.ckpt"
+
+    cfg = compose_cfg(tmp_path / "new", ["ckpt_path=x", "data.num_workers=1", "data.image_size=auto"])
+    adopt_resumed_run(cfg, ckpt, ["ckpt_path=x", "data.num_workers=1", "data.image_size=auto"])
+    assert cfg.model.backbone == "resnet18" and cfg.data.image_size == 24 and cfg.seed == 7
+    assert cfg.optimizer.lr == 0.005 and cfg.trainer.max_epochs == 3
+    assert cfg.data.num_workers == 1  # how the data is loaded stays as given
+
+    for override, key in (("model=vgg19", "model.backbone"), ("optimizer.lr=0.1", "optimizer.lr"),
+                          ("data.batch_size=8", "data.batch_size")):
+        cfg = compose_cfg(tmp_path / "new", ["ckpt_path=x", override])
+        with pytest.raises(ConfigError, match=rf"trained with {key}=.*this run sets {key}=") as err:
+            adopt_resumed_run(cfg, ckpt, ["ckpt_path=x", override])
+        assert "\n" not in str(err.value) and f"drop {override.split('=')[0]}=" in str(err.value)
+    # the same value as the run's is no contradiction; more epochs on another schedule may be asked for
+    given = ["ckpt_path=x", "model=resnet18", "trainer.max_epochs=9", "scheduler=none"]
+    cfg = compose_cfg(tmp_path / "new", given)
+    adopt_resumed_run(cfg, ckpt, given)
+    assert cfg.model.backbone == "resnet18" and cfg.trainer.max_epochs == 9 and cfg.scheduler.get("_target_") is None

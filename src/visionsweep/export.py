@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import torch
@@ -27,10 +28,24 @@ from omegaconf import DictConfig
 from visionsweep import checkpoints, runinfo
 from visionsweep.errors import ConfigError
 from visionsweep.models.deploy import Deployable, max_abs_diff, random_images, sidecar, to_onnx
+from visionsweep.utils import checks
+from visionsweep.utils.atomic import atomic_write, tmp_path
 from visionsweep.utils.cli import guarded, precheck
+from visionsweep.utils.outputs import check_output_file
 
 log = logging.getLogger("visionsweep.export")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "state_dict": ".safetensors"}
+
+
+def _opset(value: Any, key: str) -> int:
+    import onnx  # the newest opset this onnx knows
+
+    return checks.whole(value, key, 7, onnx.defs.onnx_opset_version(), 18)
+
+
+#: export's own numeric keys and flags → their check
+VALUES = {"opset": _opset, "tolerance": lambda v, k: checks.number(v, k, 0, None, 1e-4, low_open=True),
+          "softmax": checks.flag, "check": checks.flag}
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -40,10 +55,37 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"format={fmt}: use onnx, torchscript or state_dict")
     if cfg.input_dtype not in ("uint8", "float32"):
         raise ConfigError(f"input_dtype={cfg.input_dtype}: use uint8 or float32")
-    loaded = checkpoints.load(cfg.ckpt_path, cfg.paths.log_dir)
-    model, ckpt = loaded.model, loaded.path
+    checks.keys(cfg, VALUES)
+    ckpt = checkpoints.resolve(cfg.ckpt_path, cfg.paths.log_dir)
     out_dir = Path(cfg.paths.output_dir)
     path = Path(cfg.output).expanduser() if cfg.get("output") else out_dir / f"model{SUFFIX[fmt]}"
+    side = path.with_suffix(".json")
+    if side == path:
+        raise ConfigError(f"output={path}: a .json name is the sidecar's; give a {SUFFIX[fmt]} file name")
+    for target in (path, side):  # checked before anything is read or written
+        check_output_file(target, inputs=[ckpt], overwrite=bool(cfg.get("overwrite")), ours=_ours(path))
+    loaded = checkpoints.load(ckpt, cfg.paths.log_dir)
+    model = loaded.model
+    tmp = tmp_path(path)  # written beside the target, renamed into place once checked: never half a model
+    try:
+        info = _write(cfg, fmt, loaded, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info["path"] = str(path)
+    if fmt == "state_dict":
+        info["use"] = f"model.backbone={model.hparams.backbone} model.pretrained_file={path}"
+    atomic_write(side, json.dumps(info, indent=2))
+    runinfo.RunRecord(out_dir, task="export", status="ok", **{k: v for k, v in info.items() if k != "format"},
+                      export_format=fmt)
+    check = f", max abs diff {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
+    print(f"\n{fmt}: {path} (+ {path.with_suffix('.json').name}){check}", flush=True)
+    return info
+
+
+def _write(cfg: DictConfig, fmt: str, loaded: checkpoints.LoadedCheckpoint, path: Path) -> dict[str, Any]:
+    """Write the model as ``fmt`` to ``path`` (checked against the checkpoint); returns the sidecar."""
+    model, ckpt = loaded.model, loaded.path
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "state_dict":
         from safetensors.torch import save_file
@@ -51,34 +93,39 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         # a segmenter's timm encoder weights: the same keys as the backbone of a classifier
         net = model.net.encoder.model if loaded.kind == "segmenter" else model.net
         save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path))
-        info: dict[str, Any] = {"format": fmt, "checkpoint": str(ckpt), "backbone": model.hparams.backbone,
-                                "class_names": list(model.class_names),
-                                "use": f"model.backbone={model.hparams.backbone} model.pretrained_file={path}"}
+        return {"format": fmt, "checkpoint": str(ckpt), "backbone": model.hparams.backbone,
+                "class_names": list(model.class_names)}
+    wrapper = Deployable(model, bool(cfg.softmax)).eval()
+    size = int(model.hparams.image_size)
+    example = random_images(2, size, cfg.input_dtype)
+    if fmt == "onnx":
+        to_onnx(wrapper, example, path, int(cfg.opset))
     else:
-        wrapper = Deployable(model, bool(cfg.softmax)).eval()
-        size = int(model.hparams.image_size)
-        example = random_images(2, size, cfg.input_dtype)
-        if fmt == "onnx":
-            to_onnx(wrapper, example, path, int(cfg.opset))
-        else:
-            with torch.no_grad(), warnings.catch_warnings():
-                # the segmenter's pad-to-stride test is fixed at trace time; the S x S input makes it right
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                torch.jit.trace(wrapper, example).save(str(path))
-        info = sidecar(model, fmt, cfg.input_dtype, bool(cfg.softmax), ckpt)
-        if cfg.check:
-            diff = max_abs_diff(wrapper, path, fmt, random_images(3, size, cfg.input_dtype, seed=1))
-            info["max_abs_diff"] = diff
-            if diff > float(cfg.tolerance):
-                raise ConfigError(f"the {fmt} export differs from the checkpoint by {diff:.2e} "
-                                  f"(> tolerance={cfg.tolerance}); try another opset or format")
-    info["path"] = str(path)
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    runinfo.RunRecord(out_dir, task="export", status="ok", **{k: v for k, v in info.items() if k != "format"},
-                      export_format=fmt)
-    check = f", max abs diff {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
-    print(f"\n{fmt}: {path} (+ {path.with_suffix('.json').name}){check}", flush=True)
+        with torch.no_grad(), warnings.catch_warnings():
+            # the segmenter's pad-to-stride test is fixed at trace time; the S x S input makes it right
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.jit.trace(wrapper, example).save(str(path))
+    info = sidecar(model, fmt, cfg.input_dtype, bool(cfg.softmax), ckpt)
+    if cfg.check:
+        diff = max_abs_diff(wrapper, path, fmt, random_images(3, size, cfg.input_dtype, seed=1))
+        info["max_abs_diff"] = diff
+        if diff > float(cfg.tolerance):
+            raise ConfigError(f"the {fmt} export differs from the checkpoint by {diff:.2e} "
+                              f"(> tolerance={cfg.tolerance}); try another opset or format")
     return info
+
+
+def _ours(path: Path) -> Callable[[Path], bool]:
+    """An earlier export to ``path``: its sidecar (``<name>.json``) is ours and names ``path``."""
+    def ours(target: Path) -> bool:
+        try:
+            info = json.loads(path.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(info, dict) and info.get("path") == str(path) and "format" in info \
+            and (target == path.with_suffix(".json") or path.is_file())
+
+    return ours
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +69,45 @@ def drop_last_checkpoint(trainer: pl.Trainer, multirun: bool) -> None:
         drop(trainer, multirun)
 
 
-def remove_if_only_hydra_files(out: Path) -> None:
-    """A run that failed on a bad input before doing anything leaves no run dir."""
-    if out.is_dir() and {p.name for p in out.iterdir()} <= {".hydra", "train.log"}:
+def remove_if_only_hydra_files(out: Path) -> bool:
+    """A command that failed on a bad input before doing anything leaves no run dir (returns True if removed).
+
+    Only a dir holding nothing but Hydra's ``.hydra/`` and the command's ``<task>.log`` goes.
+    """
+    if out.is_dir() and all(p.name == ".hydra" or (p.suffix == ".log" and p.is_file()) for p in out.iterdir()):
         shutil.rmtree(out, ignore_errors=True)
+        return True
+    return False
+
+
+def interrupted(e: BaseException) -> bool:
+    """Whether ``e`` is a Ctrl-C: a KeyboardInterrupt, or Lightning's ``sys.exit(1)`` after one."""
+    return any(isinstance(x, KeyboardInterrupt) for x in exception_chain(e))
+
+
+def record_interrupt(record: Any, trainer: pl.Trainer | None, out: Path) -> None:
+    """Record a Ctrl-C'd run as ``interrupted`` and print the one line that resumes it.
+
+    run.json keeps the metrics of the last finished epoch and the checkpoint to resume from
+    (``last.ckpt``, written at epoch ends: see callbacks/checkpoint.py's ``last_every_s``).
+
+    Args:
+        record: The run's RunRecord (None when it was interrupted before run.json was written).
+        trainer: The run's trainer, None before it was built.
+        out: The run dir.
+    """
+    finished = int(trainer.current_epoch) if trainer is not None else 0
+    metrics = {k: v for k, v in scalars(trainer.callback_metrics).items() if not k.endswith("_step")} \
+        if trainer is not None else {}
+    last = out / "checkpoints" / "last.ckpt"
+    resume = last if last.is_file() else None
+    if record is not None:
+        record.update(status="interrupted", error="KeyboardInterrupt: stopped by the user (Ctrl-C)",
+                      error_type="KeyboardInterrupt", metrics=metrics or None, epochs=finished,
+                      resume_checkpoint=str(resume) if resume else None, finished=round(time.time(), 3))
+    how = (f"resume with: python -m visionsweep.train ckpt_path={resume}" if resume
+           else "no checkpoint was written yet: start it again")
+    print(f"\ninterrupted after {finished} finished epoch(s): {how}  → {out}", file=sys.stderr, flush=True)
 
 
 def print_summary(metrics: dict[str, Any], seconds: float, out: Path, state: str = "ok") -> None:

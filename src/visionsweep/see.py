@@ -7,6 +7,7 @@ or ``out_dir=``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import time
@@ -17,10 +18,25 @@ import hydra
 from omegaconf import DictConfig
 
 from visionsweep.analysis.plots import Index
+from visionsweep.data.images import bad_image_advice
 from visionsweep.errors import ConfigError
+from visionsweep.utils import checks
 from visionsweep.utils.cli import guarded, precheck
+from visionsweep.utils.outputs import check_out_dir, made_dir
 
 log = logging.getLogger("visionsweep.see")
+
+
+def _at_least(lowest: int, example: int) -> Callable[[Any, str], int]:
+    return lambda v, k: checks.whole(v, k, lowest, None, example)
+
+
+#: the see modes' numeric keys (conf/see/<mode>.yaml) → their check; a mode reads the ones it has
+VALUES = {"samples": _at_least(1, 4), "variants": _at_least(1, 6), "max_images": _at_least(1, 4),
+          "top_k": _at_least(1, 8), "pairs": _at_least(0, 10), "batch_size": _at_least(1, 32),
+          "max_filters": _at_least(1, 64), "max_side": lambda v, k: checks.whole(v, k, 8, 4096, 320),
+          "window": _at_least(1, 8), "stride": _at_least(1, 4), "per_eval": _at_least(1, 32),
+          "compare_padding": checks.flag}
 
 
 def modes() -> dict[str, Callable[[DictConfig, Index], None]]:
@@ -43,12 +59,21 @@ def see(cfg: DictConfig) -> dict[str, Any]:
         close = difflib.get_close_matches(mode, runners, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"see={mode}: no such mode{hint}; choose one of {', '.join(runners)}")
+    checks.keys(cfg.see, VALUES, "see.")
+    checks.whole(cfg.get("seed", 0), "seed", 0, 2**32 - 1, 0)
     out = Path(str(cfg.get("out_dir") or cfg.paths.output_dir)).expanduser()
+    if cfg.get("out_dir"):
+        check_out_dir(out, overwrite=bool(cfg.get("overwrite")))
     start = time.perf_counter()
-    index = Index(out, mode)
-    runners[mode](cfg, index)
-    index.data["seconds"] = round(time.perf_counter() - start, 2)
-    path = index.write()
+    with made_dir(out):  # a failed mode leaves no out_dir it created
+        index = Index(out, mode)
+        # augment / batch build cfg.data (data.skip_bad_images applies); the others read image= or
+        # the checkpoint run's split, where it does not
+        fix = None if mode in ("augment", "batch") else "remove or replace it, or give another image= or data_root="
+        with bad_image_advice(fix) if fix else contextlib.nullcontext():
+            runners[mode](cfg, index)
+        index.data["seconds"] = round(time.perf_counter() - start, 2)
+        path = index.write()
     for f in index.files:
         print(f"  {f['file']}: {f['title']}")
     for note in index.notes:

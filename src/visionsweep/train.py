@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from visionsweep import builders, distributed, gpus, ledger, outcome, parallel, run_config, runinfo
 from visionsweep.optim import lr_find
 from visionsweep.utils.atomic import atomic_write
-from visionsweep.utils.cli import guarded, is_multirun, precheck, user_error
+from visionsweep.utils.cli import guarded, is_multirun, precheck
 from visionsweep.utils.config import print_config_tree
 
 log = logging.getLogger("visionsweep.train")
@@ -32,7 +32,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     out, lead = Path(cfg.paths.output_dir), distributed.is_rank_zero()
     config_hash = ledger.config_hash(cfg)  # of the config as composed, before anything fills it in
-    started, record = round(time.time(), 3), None
+    started, record, trainer = round(time.time(), 3), None, None
     try:
         lease = gpus.current()  # taken by the GpuLease Hydra callback before this job's CUDA started
         started = round(lease.started, 3) if lease else started
@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if lead:
             print_config_tree(cfg)  # what runs: data.image_size=auto, timm's mean/std, ... filled in
         resume, inp = resolved.resume, resolved.inputs
-        builders.check_optimizer(cfg)  # optimizer.lr=-1: one line, before anything is written
+        builders.check_config(cfg)  # optimizer.lr=-1: one line, before anything is written
         distributed.check_batch_size(cfg)  # DDP: the global data.batch_size must divide among the ranks
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d, %d threads", cfg.seed, threads)
@@ -91,14 +91,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         outcome.print_summary(metrics, fit_s, out, state)
         return metrics
     except BaseException as e:
+        if outcome.interrupted(e):  # Ctrl-C (Lightning turns it into SystemExit(1)): resumable, exit 130
+            if lead:
+                outcome.record_interrupt(record, trainer, out)
+            raise SystemExit(130) from None
         full = outcome.disk_full(e, out)
-        err = full or (user_error(e) if isinstance(e, Exception) else None)
         if lead and (record is not None or full is not None):  # a full disk: "failed" even without run.json
             record = record or runinfo.RunRecord.unsaved(out, task=cfg.get("task_name"), overrides=_overrides(),
                                                          started=started)
             record.fail(**outcome.failure(full or e))
-        elif lead and err is not None and not is_multirun():
-            outcome.remove_if_only_hydra_files(out)  # a bad path or value leaves no half-made run dir
         if full is not None and full is not e:
             raise full  # (its __cause__ is the OSError's chain; Python keeps the context chain acyclic)
         raise

@@ -54,29 +54,40 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
+        from visionsweep.outcome import failure, remove_if_only_hydra_files
+
         try:
             return task(cfg)
+        except KeyboardInterrupt:  # (train records its own interrupt and exits 130 itself)
+            print("\ninterrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
         except Exception as e:
-            err = user_error(e)
+            err, recorded = user_error(e), failure(e)
             if is_multirun():
-                from visionsweep.outcome import failure
-
-                recorded = failure(e)
                 # the sweep goes on; a bug (not a user error) keeps its traceback in the job's log
                 log.error("job failed: %s", recorded["error"], exc_info=err is None)
                 _record_failure(cfg, recorded)
                 return None
+            _record_failure(cfg, recorded, create=False)  # a run.json already written says "failed"
             if err is None:
                 raise
+            remove_if_only_hydra_files(_output_dir())  # a bad path or value leaves no half-made run dir
             fail(str(err))
 
     return wrapper
 
 
-def _record_failure(cfg: DictConfig, recorded: dict[str, str]) -> None:
+def _output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _record_failure(cfg: DictConfig, recorded: dict[str, str], create: bool = True) -> None:
     """Mark the job's run.json ``failed`` with the error, unless the task did so itself (train.py).
 
-    A job that failed before writing run.json gets a new one.
+    A job that failed before writing run.json gets a new one if ``create`` (a sweep job: the ledger
+    and the report read it); a single run then leaves no run dir instead.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -91,7 +102,7 @@ def _record_failure(cfg: DictConfig, recorded: dict[str, str]) -> None:
             return
         if existing:
             runinfo.RunRecord.unsaved(out, **existing).fail(**recorded)
-        else:
+        elif create:
             runinfo.RunRecord(out, status="failed", task=cfg.get("task_name"),
                               overrides=list(HydraConfig.get().overrides.task), **recorded)
     except Exception as e:  # never mask the job's own error
@@ -188,6 +199,8 @@ def precheck(config_name: str, argv: list[str] | None = None) -> None:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
     except Exception as e:
         fail(f"bad override: {_first_line(e)}")
+    if not args.multirun:
+        _check_run_dir(config_name, parsed)
     jobs = [args.overrides]
     if args.multirun:
         try:
@@ -200,6 +213,33 @@ def precheck(config_name: str, argv: list[str] | None = None) -> None:
                 compose(config_name, overrides=list(overrides))
             except Exception as e:
                 fail(yaml_error_message(e) or _describe_compose_error(e, overrides))
+
+
+def _check_run_dir(config_name: str, parsed: list[Any]) -> None:
+    """``hydra.run.dir=<a dir holding a run>``: one line before Hydra writes its ``.hydra/`` files there.
+
+    Allowed with ``overwrite=true``, and for a training run that resumes a checkpoint of that dir.
+    """
+    from visionsweep.utils.outputs import check_run_dir
+
+    given = {o.key_or_group: o.value() for o in parsed if not o.is_delete()}
+    run_dir = given.get("hydra.run.dir")
+    if not run_dir:
+        return
+    path = Path(os.path.expanduser(str(run_dir)))
+    resumes, ckpt = None, given.get("ckpt_path")
+    try:
+        if config_name == "train" and ckpt not in (None, ""):
+            from visionsweep.checkpoints import find_latest
+
+            log_dir = given.get("paths.log_dir", "runs")
+            resumes = find_latest(log_dir) if ckpt == "latest" else Path(os.path.expanduser(str(ckpt)))
+    except ConfigError:
+        pass  # no checkpoint to resume: the run dir check below decides
+    try:
+        check_run_dir(path, overwrite=str(given.get("overwrite", "false")).lower() == "true", resumes=resumes)
+    except ConfigError as e:
+        fail(str(e))
 
 
 def _precheck_yaml(config_dir: str | None, config_name: str, overrides: list[str]) -> None:
