@@ -4,23 +4,88 @@ Each job's run.json carries ``status`` and ``config_hash``, the hash of its comp
 what says *where* or *how* it runs rather than *what* it computes (``hydra``, ``paths``, ``ckpt_path``,
 ``threads``, ``gpus``). A sweeper re-running the same command reads this ledger first: ok + same hash → skip,
 running (the sweep died) → resume from the job's own last.ckpt, failed / missing → run again.
+A damaged run.json (cut off, garbage, not an object, a status of the wrong type) makes the job ``damaged``:
+it is run again, and the sweeper says so in one line naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from visionsweep.utils.atomic import atomic_write
+
+log = logging.getLogger(__name__)
 
 # keys that never change what a job computes: where it writes, which launcher, its threads and GPUs
-EXCLUDED = ("hydra", "paths", "ckpt_path", "threads", "gpus")
+EXCLUDED = ("hydra", "paths", "ckpt_path", "threads", "gpus", "overwrite")
 LEDGER_FILE = "ledger.json"
 # errors a job records when it is stopped from outside rather than failing by itself
 INTERRUPTS = ("KeyboardInterrupt", "SystemExit", "Interrupted", "SIGTERM")
+# every status a run.json is written with (runinfo.RunRecord, train.py, outcome.status)
+STATUSES = ("running", "ok", "pruned", "failed", "interrupted")
+_JSON_KINDS = {list: "a JSON list", str: "a JSON string", int: "a number", float: "a number",
+               bool: "true/false", type(None): "null"}
+
+
+def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Read a JSON file that must hold an object (run.json, perf.json), telling damage from absence.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``(content, None)``; ``(None, None)`` when there is no such file; ``(None, problem)`` when it is
+        damaged, ``problem`` naming the file and what is wrong (``runs/x/3/run.json is not valid JSON
+        (Expecting value at line 1)``), for the caller to add what it does about it.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"{path} cannot be read ({e.strerror or e})"
+    if not raw.strip():
+        return None, f"{path} is empty"
+    try:
+        data = json.loads(raw.decode("utf-8"))  # strict: json.loads would guess UTF-16 from a BOM
+    except UnicodeDecodeError as e:
+        return None, f"{path} is not UTF-8 text (byte {e.start})"
+    except json.JSONDecodeError as e:
+        return None, f"{path} is not valid JSON ({str(e).split(' (char ')[0]})"  # what and where
+    except RecursionError:
+        return None, f"{path} is not valid JSON (nested too deep)"
+    if not isinstance(data, dict):
+        return None, f"{path} holds {_JSON_KINDS.get(type(data), type(data).__name__)}, not a JSON object"
+    return data, None
+
+
+def read_yaml(path: Path) -> tuple[Any, str | None]:
+    """Read a YAML file (config.yaml, .hydra/overrides.yaml): ``(content, problem)`` as :func:`read_json_object`.
+
+    The content can be of any type (None for an absent or empty file); callers check the shape they need.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")  # strict: PyYAML would guess UTF-16 from stray bytes
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"{path} cannot be read ({e.strerror or e})"
+    except UnicodeDecodeError as e:
+        return None, f"{path} is not UTF-8 text (byte {e.start})"
+    try:
+        return yaml.safe_load(text), None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        return None, f"{path} is not valid YAML" + (f" (line {mark.line + 1})" if mark else "")
 
 
 def _plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -78,6 +143,7 @@ class JobEntry:
         config_hash: the hash its run.json recorded (None for runs from before hashes).
         last_ckpt: its checkpoints/last.ckpt when there is one.
         error: the error its run.json recorded, if any.
+        problem: what is wrong with a ``damaged`` job's run.json (names the file).
     """
 
     num: int
@@ -85,6 +151,7 @@ class JobEntry:
     config_hash: str | None
     last_ckpt: Path | None
     error: str | None = None
+    problem: str | None = None
 
     @property
     def interrupted(self) -> bool:
@@ -95,22 +162,53 @@ class JobEntry:
 
 
 def job_entry(job_dir: Path, num: int) -> JobEntry:
-    """Read one job dir's run.json (an unreadable or absent one counts as missing)."""
-    try:
-        run = json.loads((job_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        run = {}
+    """Read one job dir's run.json: ``missing`` when absent, ``damaged`` (with ``problem``) when unusable."""
     last = job_dir / "checkpoints" / "last.ckpt"
-    return JobEntry(num, str(run.get("status") or "missing"), run.get("config_hash"),
-                    last if last.is_file() else None, run.get("error"))
+    last_ckpt = last if last.is_file() else None
+    run, problem = read_json_object(job_dir / "run.json")
+    if run is None and problem is None:
+        return JobEntry(num, "missing", None, last_ckpt)
+    problem = problem or _entry_problem(job_dir / "run.json", run or {})
+    if problem is not None or run is None:
+        return JobEntry(num, "damaged", None, last_ckpt, problem=problem)
+    error = run.get("error")
+    return JobEntry(num, run["status"], run.get("config_hash"), last_ckpt, None if error is None else str(error))
+
+
+def _entry_problem(path: Path, run: dict[str, Any]) -> str | None:
+    """What makes a parsed run.json unusable for the ledger: a status or config hash it cannot trust."""
+    status, digest = run.get("status"), run.get("config_hash")
+    if status not in STATUSES:
+        return f"{path} has status {_short(status)} (not one of {', '.join(STATUSES)})"
+    if digest is not None and not isinstance(digest, str):
+        return f"{path} has config_hash {_short(digest)} (not a string)"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def saved_config(job_dir: Path) -> dict[str, Any] | None:
-    """The composed config Hydra saved in ``<job>/.hydra/config.yaml`` (None without one)."""
+    """The composed config Hydra saved in ``<job>/.hydra/config.yaml`` (None without one).
+
+    A damaged one is None too, with a warning naming it: the job's config cannot be compared then.
+    """
     path = job_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         return None
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore[return-value]
+    _, problem = read_yaml(path)  # strict UTF-8 and YAML first; OmegaConf then reads it as Hydra wrote it
+    try:
+        cfg = None if problem else OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as e:
+        problem, cfg = f"{path} cannot be read by OmegaConf ({type(e).__name__})", None
+    if problem is None and not isinstance(cfg, dict):
+        problem = f"{path} holds a {type(cfg).__name__}, not a config mapping"
+    if problem is not None:
+        log.warning("%s: job %s's config was not compared with this sweep's", problem, job_dir.name)
+        return None
+    return cfg  # type: ignore[return-value]
 
 
 def read(sweep_dir: str | Path) -> dict[int, JobEntry]:
@@ -133,7 +231,5 @@ def write(sweep_dir: str | Path, decisions: Mapping[int, str]) -> Path:
     view = {str(n): {"status": e.status, "config_hash": e.config_hash, "action": decisions.get(n)}
             for n, e in sorted(entries.items())}
     path = root / LEDGER_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(view, indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(view, indent=2))
     return path

@@ -136,9 +136,13 @@ class RunRecord:
 
 
 def load(run_dir: str | Path) -> dict[str, Any]:
-    """Read a run dir's run.json ({} if there is none)."""
-    path = Path(run_dir) / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """Read a run dir's run.json: {} if there is none, or if it is damaged (with a warning naming it)."""
+    from visionsweep.ledger import read_json_object
+
+    data, problem = read_json_object(Path(run_dir) / "run.json")
+    if problem:
+        log.warning("%s: ignored it", problem)
+    return data or {}
 
 
 def images_per_s(metrics: dict[str, float], trainer: Any, dm: Any, epochs: int, fit_s: float) -> float:
@@ -156,5 +160,10 @@ def images_per_s(metrics: dict[str, float], trainer: Any, dm: Any, epochs: int, 
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file's content, or None when it does not exist."""
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A JSON object file's content (perf.json): None when it does not exist or is damaged (with a warning)."""
+    from visionsweep.ledger import read_json_object
+
+    data, problem = read_json_object(Path(path))
+    if problem:
+        log.warning("%s: left out of run.json", problem)
+    return data

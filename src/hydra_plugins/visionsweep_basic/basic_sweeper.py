@@ -5,7 +5,8 @@ run.json is read first (visionsweep.ledger) and
   * ok / pruned with the same config hash → skipped: not launched at all, since a launcher rewrites
     ``.hydra/*`` and the log of every job it starts, and the dir stays byte-for-byte as it was;
   * running (the sweep died under it; or stopped by Ctrl-C / SIGTERM) → launched with ``ckpt_path=<job>/checkpoints/last.ckpt``;
-  * failed, missing, or running without a checkpoint → launched from scratch.
+  * failed, missing, damaged (an unreadable run.json: one warning line) or running without a checkpoint
+    → launched from scratch.
 A sweep dir holding a different sweep (other overrides, or a job whose config differs) is refused in
 one line naming the first difference. Jobs keep their numbers: consecutive pending jobs of a batch go
 to the launcher together, with their first number as ``initial_job_idx``. Before each launch the
@@ -125,8 +126,12 @@ class VisionSweepBasicSweeper(BasicSweeper):
         from visionsweep.errors import ConfigError
 
         saved = sweep_dir / "multirun.yaml"
-        if saved.is_file():
-            diff = overrides_difference(task_overrides(OmegaConf.load(saved)), task_overrides(self.config))
+        old, problem = ledger.read_yaml(saved)
+        if problem or (old is not None and not isinstance(old, dict)):
+            log.warning("%s: not checked against this sweep's overrides (it is rewritten with them)",
+                        problem or f"{saved} is not a YAML mapping")
+        elif old is not None:
+            diff = overrides_difference(task_overrides(OmegaConf.create(old)), task_overrides(self.config))
             if diff:
                 raise ConfigError(f"hydra.sweep.dir={sweep_dir} holds a different sweep ({diff}); "
                                   "use another hydra.sweep.dir or the original command")
@@ -138,7 +143,9 @@ class VisionSweepBasicSweeper(BasicSweeper):
         plan = []
         for num, overrides in enumerate(jobs):
             entry = entries.get(num)
-            if entry is None or entry.status == "missing":
+            if entry is not None and entry.status == "damaged":  # cannot be trusted: neither skipped nor resumed
+                log.warning("%s: job %d will be re-run", entry.problem, num)
+            if entry is None or entry.status in ("missing", "damaged"):
                 plan.append((num, "run", overrides))
                 continue
             self._check_same_config(sweep_dir / str(num), entry, overrides)

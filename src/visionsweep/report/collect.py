@@ -3,12 +3,16 @@
 A job is one run dir (``run.json``, ``metrics.csv``, ``.hydra/``); a sweep dir holds numbered job dirs.
 Jobs that differ only in ``seed`` (and, in a k-fold sweep, ``data.fold``) form one configuration, whose
 metrics are summarised over those replicates: seeds, or folds.
+
+Any of these files may be damaged (cut off by a kill, edited, garbage): nothing is computed from a damaged
+part, and one warning line per file says what was left out (a row, the job's curves, a field, the job).
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
+import logging
 import math
 import re
 from collections import defaultdict
@@ -16,14 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from visionsweep.errors import ConfigError
+from visionsweep.errors import ConfigError, DataError
+from visionsweep.ledger import STATUSES, read_json_object, read_yaml
 from visionsweep.report.stats import mean_ci
+
+log = logging.getLogger(__name__)
 
 METRIC_PREFERENCE = ("val/acc_best", "val/miou_best", "val/miou", "val/acc", "test/acc")
 LOWER_IS_BETTER = re.compile(r"loss|error|err$")
 REPLICATE_KEYS = ("seed", "data.fold")  # what a configuration is summarised over
+# run.json fields the report reads besides status and metrics, and the types they must have (or null)
+RUN_FIELDS: dict[str, tuple[type, ...]] = {
+    "seed": (int,), "backbone": (str,), "augmentation": (str,), "error": (str,), "error_type": (str,),
+    "overrides": (list,), "fit_seconds": (int, float), "train_images_per_s": (int, float), "params": (dict,)}
+LEFT_OUT = "job left out of the report"
 
 
 @dataclass
@@ -102,25 +112,178 @@ def _job_sort_key(path: Path) -> tuple:
 
 
 def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-epoch series of every ``val/*`` and ``train/*`` metric in a Lightning metrics.csv."""
-    curves: dict[str, dict[int, float]] = defaultdict(dict)
-    if not metrics_csv.is_file():
+    """Per-epoch series of every ``val/*`` and ``train/*`` metric in a Lightning metrics.csv.
+
+    Damaged rows (cut off, wrong column count, a cell that is not a number) are left out; a file damaged
+    throughout gives no curves. Either way one warning names the file and what was left out.
+    """
+    try:
+        raw = metrics_csv.read_bytes()
+    except FileNotFoundError:
         return {}
-    with metrics_csv.open(newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("epoch"):
-                continue
-            for key, value in row.items():
-                if key and key.startswith(("val/", "train/")) and value not in ("", None):
-                    curves[key][int(float(row["epoch"]))] = float(value)
+    except OSError as e:
+        log.warning("%s cannot be read (%s): left out the job's curves", metrics_csv, e.strerror or e)
+        return {}
+    rows, problem = _metric_rows(raw, metrics_csv)
+    if problem:
+        log.warning("%s", problem)
+    curves: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        if not row["epoch"]:  # learning-rate rows have no epoch
+            continue
+        for key, value in row.items():
+            if key.startswith(("val/", "train/")) and value != "":
+                curves[key][int(float(row["epoch"]))] = float(value)
     return {k: sorted(v.items()) for k, v in curves.items()}
 
 
-def _load_yaml(path: Path) -> Any:
+def _metric_rows(raw: bytes, path: Path) -> tuple[list[dict[str, str]], str | None]:
+    """The intact rows of a metrics.csv, and what is wrong with the rest (None when nothing is)."""
+    text = raw.decode("utf-8", errors="replace")  # a stray byte spoils its own row only
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        return yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
+        header = next(reader, [])
+    except csv.Error:
+        header = []
+    if not raw.strip():
+        return [], f"{path} is empty: left out the job's curves"
+    if "epoch" not in header or len(set(header)) != len(header) or any(_stray(h) for h in header):
+        return [], f"{path} has no metrics header (epoch, step, ...): left out the job's curves"
+    lines: list[tuple[int, list[str]]] = []
+    bad: list[tuple[int, str]] = []
+    try:
+        for fields in reader:
+            lines.append((reader.line_num, fields))
+    except csv.Error as e:
+        bad.append((reader.line_num, f"and the rest cannot be parsed ({e})"))
+    # the writer ends every row with a newline: a last line without one was cut off by a kill
+    cut = lines[-1][0] if lines and not text.endswith(("\n", "\r")) else None
+    good = []
+    for line, fields in lines:
+        why = "is cut off" if line == cut else _row_problem(fields, header) if fields else None
+        if why:
+            bad.append((line, why))
+        elif fields:
+            good.append(dict(zip(header, fields)))
+    if not bad:
+        return good, None
+    bad.sort()
+    shown = "; ".join(f"line {n} {why}" for n, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    if sum(n != cut for n, _ in bad) > len(good):  # mostly garbage: the few rows that parse mean nothing
+        return [], f"{path} is damaged throughout ({shown}): left out the job's curves"
+    if len(bad) == 1:
+        return good, f"{path} line {bad[0][0]} {bad[0][1]}: ignored that row"
+    return good, f"{path} has {len(bad)} damaged rows ({shown}): ignored them"
+
+
+def _stray(text: str) -> bool:
+    return "\ufffd" in text or "\x00" in text
+
+
+def _row_problem(fields: list[str], header: list[str]) -> str | None:
+    """Why a metrics.csv row cannot be used (None when it can)."""
+    if len(fields) != len(header):
+        return f"has {len(fields)} of {len(header)} columns"
+    for key, value in zip(header, fields):
+        if value == "":
+            continue
+        if _stray(value):
+            return f"has bytes that are not text in {key}"
+        try:
+            number = float(value)
+        except ValueError:
+            return f"has {_short(value)} in {key}, not a number"
+        if key == "epoch" and not (number.is_integer() and number >= 0):
+            return f"has epoch {_short(value)}, not a whole number"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def read_run(job_dir: Path) -> tuple[dict[str, Any], set[str]]:
+    """A job's run.json with every field the report reads checked: ``({}, set())`` without one.
+
+    Returns:
+        The content, minus fields of the wrong type (a warning names the file and them), and the names
+        of those fields; ``metrics`` keeps only numbers.
+
+    Raises:
+        DataError: run.json is damaged (not JSON, not an object, no valid status, metrics not an
+            object): the message names it and says the job is left out.
+    """
+    path = job_dir / "run.json"
+    run, problem = read_json_object(path)
+    if problem:
+        raise DataError(f"{problem}: {LEFT_OUT}")
+    if run is None:
+        return {}, set()
+    if run.get("status") not in STATUSES:
+        raise DataError(f"{path} has status {_short(run.get('status'))} (not one of {', '.join(STATUSES)}): "
+                        f"{LEFT_OUT}")
+    metrics = run.get("metrics")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise DataError(f"{path} has metrics {_short(metrics)} (not a JSON object): {LEFT_OUT}")
+    wrong = {k for k, types in RUN_FIELDS.items()
+             if run.get(k) is not None and not (isinstance(run[k], types) and not isinstance(run[k], bool))}
+    if "overrides" not in wrong and not _strings(run.get("overrides") or []):
+        wrong.add("overrides")
+    if isinstance(run.get("params"), dict) and not _number(run["params"].get("total"), missing_ok=True):
+        wrong.add("params")
+    notes = [f"{k} {_short(run[k])}" for k in RUN_FIELDS if k in wrong]
+    notes += [f"metrics[{k!r}] {_short(v)}" for k, v in (metrics or {}).items() if not _number(v)]
+    if notes:
+        log.warning("%s has values of the wrong type (%s): ignored them", path, "; ".join(notes))
+    clean = {k: v for k, v in run.items() if k not in wrong}
+    clean["metrics"] = {k: float(v) for k, v in (metrics or {}).items() if _number(v)}
+    return clean, wrong
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _number(value: Any, missing_ok: bool = False) -> bool:
+    return (value is None and missing_ok) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _config(path: Path) -> dict[str, Any] | None:
+    """A saved config.yaml as a mapping; None when absent or damaged (with a warning naming it)."""
+    cfg, problem = read_yaml(path)
+    if problem is None and cfg is not None and not isinstance(cfg, dict):
+        problem = f"{path} holds {_short(cfg)}, not a config mapping"
+    bad = [k for k in ("data", "model", "augmentation") if isinstance(cfg, dict) and cfg.get(k) is not None
+           and not isinstance(cfg[k], dict)]
+    if problem is None and bad:
+        problem = f"{path} has {bad[0]} {_short(cfg[bad[0]])} (not a mapping)"
+    if problem:
+        log.warning("%s: ignored it", problem)
         return None
+    return cfg or None
+
+
+def _overrides(job_dir: Path, run: dict[str, Any], wrong: set[str]) -> list[str]:
+    """The job's command-line overrides: Hydra's overrides.yaml, else run.json's.
+
+    Raises:
+        DataError: a source of them is damaged and no other one is left: the job's configuration is unknown.
+    """
+    path = job_dir / ".hydra" / "overrides.yaml"
+    saved, problem = read_yaml(path)
+    if problem is None and saved is not None and not _strings(saved):
+        problem = f"{path} holds {_short(saved)}, not a list of overrides"
+    fallback = run.get("overrides")
+    if problem:
+        if fallback is None:
+            raise DataError(f"{problem}: {LEFT_OUT} (its configuration is unknown)")
+        log.warning("%s: used the overrides in run.json instead", problem)
+        saved = None
+    if not saved and fallback is None and "overrides" in wrong:
+        raise DataError(f"{job_dir / 'run.json'} has overrides of the wrong type and there is no "
+                        f"{path.name}: {LEFT_OUT} (its configuration is unknown)")
+    return list(saved or fallback or [])
 
 
 def load_job(job_dir: Path) -> Job:
@@ -129,26 +292,47 @@ def load_job(job_dir: Path) -> Job:
     A failed job's run.json says so (``status: failed`` with ``error`` and ``error_type``, written by the
     job itself: :func:`visionsweep.outcome.failure`); a dir without run.json (a job killed before it
     could write one) is ``unknown``.
+
+    Raises:
+        DataError: the run dir is too damaged to report (see :func:`read_run`); the message names the file.
     """
-    run = json.loads((job_dir / "run.json").read_text()) if (job_dir / "run.json").is_file() else {}
-    overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml") or run.get("overrides") or []
-    cfg = _load_yaml(job_dir / "config.yaml") or _load_yaml(job_dir / ".hydra" / "config.yaml") or {}
+    run, wrong = read_run(job_dir)
+    overrides = _overrides(job_dir, run, wrong)
+    cfg = _config(job_dir / "config.yaml") or _config(job_dir / ".hydra" / "config.yaml") or {}
     omap = dict(o.split("=", 1) for o in overrides if "=" in o)
-    seed = run.get("seed", omap.get("seed", cfg.get("seed")))
+    seed = run["seed"] if run.get("seed") is not None else omap.get("seed", cfg.get("seed"))
     data = cfg.get("data") or {}
     fold = omap.get("data.fold", data.get("fold") if data.get("folds") else None)
     status = str(run.get("status") or "unknown")
     return Job(
         path=job_dir, status=status, error=run.get("error") if status != "ok" else None,
-        error_type=run.get("error_type") if status != "ok" else None, overrides=[str(o) for o in overrides],
+        error_type=run.get("error_type") if status != "ok" else None, overrides=overrides,
         seed=int(seed) if seed is not None and str(seed).lstrip("-").isdigit() else None,
         arch=str(run.get("backbone") or (cfg.get("model") or {}).get("backbone") or omap.get("model", "?")),
         augmentation=str(run.get("augmentation") or (cfg.get("augmentation") or {}).get("name")
                          or omap.get("augmentation", "?")),
-        metrics={k: float(v) for k, v in (run.get("metrics") or {}).items() if isinstance(v, (int, float))},
-        curves=read_curves(job_dir / "metrics.csv"), info=run,
+        metrics=run.get("metrics") or {}, curves=read_curves(job_dir / "metrics.csv"), info=run,
         fold=int(fold) if fold is not None and str(fold).isdigit() else None,
     )
+
+
+def load_jobs(job_dirs: list[Path]) -> list[Job]:
+    """Read every run dir; a damaged one is left out with one warning naming its file.
+
+    Raises:
+        DataError: every run dir is damaged (one line, naming the first).
+    """
+    jobs, problems = [], []
+    for job_dir in job_dirs:
+        try:
+            jobs.append(load_job(job_dir))
+        except DataError as e:
+            log.warning("%s", e)
+            problems.append(str(e).split(f": {LEFT_OUT}")[0])
+    if problems and not jobs:
+        raise DataError(f"report: all {len(problems)} run dirs are damaged, nothing to report "
+                        f"(first: {problems[0]}); fix or remove them")
+    return jobs
 
 
 def group_configurations(jobs: list[Job]) -> list[Configuration]:
@@ -174,7 +358,8 @@ def choose_metric(jobs: list[Job], metric: str | None = None) -> str:
     for name in METRIC_PREFERENCE:
         if name in present:
             return name
-    raise ConfigError("report: no finished job has a metric to compare (did every job fail?)")
+    raise ConfigError("report: no finished job has a metric to compare (did every job fail? "
+                      "or are their run.json files damaged: see the warnings above)")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -189,7 +374,7 @@ def curve_metric(metric: str) -> str:
 
 def best_epoch(job: Job, metric: str) -> int | None:
     """Epoch (0-based) where the job's curve of ``metric`` was best."""
-    series = job.curves.get(curve_metric(metric))
+    series = [(e, v) for e, v in job.curves.get(curve_metric(metric)) or [] if math.isfinite(v)]
     if not series:
         return None
     pick = max if higher_is_better(metric) else min

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import re
+import sqlite3
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,32 @@ EVALUATOR = "PED-ANOVA"  # optuna.importance.PedAnovaImportanceEvaluator, see _e
 
 def find_studies(paths: list[Path]) -> list[Path]:
     """``optuna.db`` files written by the visionsweep_optuna sweeper under ``paths``."""
-    return sorted({p for root in paths for p in Path(root).rglob("optuna.db")})
+    return sorted({p for root in paths for p in Path(root).rglob("optuna.db") if p.is_file()})
+
+
+def db_problem(db: Path) -> str | None:
+    """What makes ``db`` unreadable as an Optuna study (None when it reads), naming the file.
+
+    Checked read-only with sqlite itself first: Optuna would add its tables to an empty or foreign file.
+    """
+    try:
+        with db.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"{db} cannot be read ({e.strerror or e})"
+    if head != b"SQLite format 3\x00":
+        return f"{db} is not an SQLite database"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+            check = con.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as e:
+        return f"{db} is a damaged SQLite database ({e})"
+    if check != "ok":
+        return f"{db} is a damaged SQLite database ({check})"
+    if not {"studies", "trials"} <= tables:
+        return f"{db} holds no Optuna study tables"
+    return None
 
 
 def study_report(db: Path, out_dir: Path) -> dict[str, Any]:
@@ -41,13 +67,24 @@ def study_report(db: Path, out_dir: Path) -> dict[str, Any]:
         ``{"studies": [...], "images": [paths]}`` with best trial, its params and importances.
     """
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
+    result: dict[str, Any] = {"studies": [], "images": []}
+    problem = db_problem(db)
+    if problem:
+        log.warning("%s: left out of the report", problem)
+        return result
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{db.resolve()}"
-    result: dict[str, Any] = {"studies": [], "images": []}
-    for summary in optuna.get_all_study_summaries(storage=storage):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        trials = study.trials
+    try:
+        studies = [optuna.load_study(study_name=s.study_name, storage=storage)
+                   for s in optuna.get_all_study_summaries(storage=storage)]
+        loaded = [(study, study.trials) for study in studies]
+    except (SQLAlchemyError, optuna.exceptions.OptunaError, RuntimeError, ValueError, KeyError) as e:
+        log.warning("%s cannot be read by Optuna (%s: %s): left out of the report", db, type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "")
+        return result
+    for study, trials in loaded:
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         entry: dict[str, Any] = {
             "study": study.study_name, "storage": storage, "direction": study.direction.name.lower(),
@@ -135,7 +172,7 @@ def _plot_history(study: Any, path: Path) -> Path:
 
     with _quiet():
         ax = plot_optimization_history(study)  # complete trials and the best value so far
-    return _save(ax, f"Optuna study {study.study_name}: history", (7, 4), path)
+        return _save(ax, f"Optuna study {study.study_name}: history", (7, 4), path)
 
 
 def _plot_importance(study: Any, evaluator: Any, n_params: int, path: Path) -> Path:
@@ -143,17 +180,21 @@ def _plot_importance(study: Any, evaluator: Any, n_params: int, path: Path) -> P
 
     with _quiet():
         ax = plot_param_importances(study, evaluator=evaluator)
-    ax.set_yticks(ax.get_yticks(), [_plain(t.get_text()) for t in ax.get_yticklabels()])
-    ax.set_xlabel(f"importance ({EVALUATOR})")
-    return _save(ax, f"Optuna study {study.study_name}: parameter importance", (7, 0.5 * n_params + 1.5), path)
+        ax.set_yticks(ax.get_yticks(), [_plain(t.get_text()) for t in ax.get_yticklabels()])
+        ax.set_xlabel(f"importance ({EVALUATOR})")
+        return _save(ax, f"Optuna study {study.study_name}: parameter importance", (7, 0.5 * n_params + 1.5),
+                     path)
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence Optuna's ExperimentalWarning for its matplotlib plots (unchanged since Optuna 2.2)."""
+    """Silence Optuna's ExperimentalWarning for its matplotlib plots (unchanged since Optuna 2.2), and keep
+    their ``plt.style.use("ggplot")`` to them: without the rc_context it restyles every later plot of the
+    process (the report's curves lost matplotlib's default colours)."""
+    import matplotlib
     import optuna
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         yield
 
