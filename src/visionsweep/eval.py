@@ -17,7 +17,9 @@ import torch
 from omegaconf import DictConfig
 
 from visionsweep import builders, checkpoints, runinfo
+from visionsweep.data.images import bad_image_advice
 from visionsweep.errors import ConfigError
+from visionsweep.utils import checks
 from visionsweep.utils.cli import guarded, precheck
 
 log = logging.getLogger("visionsweep.eval")
@@ -29,6 +31,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     Classifier and segmenter checkpoints both work: :mod:`visionsweep.checkpoints` reads the file
     weights-only and builds the module the checkpoint says it holds.
     """
+    # eval has no data.* keys (the data comes from the training run): name the fixes that exist here
+    with bad_image_advice("restore or replace it, or evaluate another folder with data_root=<folder>"):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, Any]:
+    checks.keys(cfg, {"batch_size": lambda v, k: checks.whole(v, k, 1, None, 32, also=" or null (the run's)")})
     out = Path(cfg.paths.output_dir)
     loaded = checkpoints.load(cfg.ckpt_path, cfg.paths.log_dir)
     ckpt, run_dir, model = loaded.path, loaded.run_dir, loaded.model

@@ -27,14 +27,14 @@ from torch.utils.data import DataLoader
 
 from visionsweep import augment
 from visionsweep.data.dataset import ImageFolderDataset, collate_images
-from visionsweep.data.images import is_image_file
+from visionsweep.data.images import BadImageError, is_image_file
 from visionsweep.errors import DataError
 from visionsweep.models.classifier import ClassifierModule
 
 log = logging.getLogger("visionsweep.inference")
 
 TTA_ZOOM = 1.15  # the crops of the TTA views come from the image resized this much larger (at most)
-CROPS = ("zoom_center", "zoom_top_left", "zoom_top_right", "zoom_bottom_left", "zoom_bottom_right")  # five_crop's order
+CROPS = ("zoom_top_left", "zoom_top_right", "zoom_bottom_left", "zoom_bottom_right", "zoom_center")  # five_crop's order
 FLIPS = {"HorizontalFlip", "D4", "SquareSymmetry"}  # transforms that mirror left-right
 CROPPING = {"RandomResizedCrop", "RandomSizedCrop", "RandomCrop", "RandomSizedBBoxSafeCrop", "CropAndPad",
             "RandomCropFromBorders", "RandomScale", "BBoxSafeRandomCrop", "CropNonEmptyMaskIfExists"}
@@ -127,8 +127,33 @@ def training_pipeline(run_dir: str | Path) -> dict[str, Any] | None:
     return train if isinstance(train, dict) else None
 
 
+class _Readable(ImageFolderDataset):
+    """Samples ``(path, its index)``; with ``skip``, an unreadable file yields ``(None, index)`` and its
+    reason in ``bad`` instead of raising."""
+
+    def __init__(self, paths: list[Path], transform: Any, skip: bool, bad: dict[Path, str]) -> None:
+        super().__init__([(p, i) for i, p in enumerate(paths)], transform)
+        self.skip, self.bad = skip, bad
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        try:
+            return super().__getitem__(index)
+        except BadImageError as e:
+            if not self.skip:
+                raise
+            self.bad[self.samples[index][0]] = e.reason or str(e)
+            return None, index
+
+
+def _collate_readable(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The readable samples' batch and their indices (into ``paths``)."""
+    good = [s for s in batch if s[0] is not None]
+    return collate_images(good) if good else (None, torch.empty(0, dtype=torch.int64))
+
+
 def predict_images(model: ClassifierModule, paths: list[Path], tta: bool = False, batch_size: int = 32,
-                   device: str = "cpu", views: list[str] | None = None, zoom: float = TTA_ZOOM) -> torch.Tensor:
+                   device: str = "cpu", views: list[str] | None = None, zoom: float = TTA_ZOOM,
+                   skipped: dict[Path, str] | None = None) -> torch.Tensor:
     """Class probabilities ``[len(paths), num_classes]`` with the checkpoint's eval preprocessing.
 
     Args:
@@ -139,6 +164,8 @@ def predict_images(model: ClassifierModule, paths: list[Path], tta: bool = False
         device: where the model runs.
         views: names from :func:`tta_views`; None with ``tta``: every view (eval, 5 crops, their flips).
         zoom: how much larger the image is resized before the five crops.
+        skipped: None: an unreadable file raises :class:`BadImageError`. A dict: unreadable files are
+            skipped, added to it (``{path: reason}``), and their rows are NaN.
     """
     hp = model.hparams
     size = int(hp.image_size)
@@ -148,17 +175,20 @@ def predict_images(model: ClassifierModule, paths: list[Path], tta: bool = False
         raise ValueError(f"unknown TTA view(s) {unknown}")
     plain = {"name": "predict", "train": [], "resize_first": True}  # train pipeline = the eval view
     eval_tf, _ = augment.build_pipelines(plain, size, hp.crop_pct, hp.interpolation)
-    loaders = [DataLoader(ImageFolderDataset([(p, -1) for p in paths], eval_tf), batch_size=batch_size,
-                          collate_fn=collate_images)]
+    bad: dict[Path, str] = {}
+    tfs = [eval_tf]
     crops = any("zoom_" in v for v in views)
     if crops:
-        zoom_tf, _ = augment.build_pipelines(plain, max(size, round(size * zoom)), 1.0, hp.interpolation)
-        loaders.append(DataLoader(ImageFolderDataset([(p, -1) for p in paths], zoom_tf),
-                                  batch_size=batch_size, collate_fn=collate_images))
+        tfs.append(augment.build_pipelines(plain, max(size, round(size * zoom)), 1.0, hp.interpolation)[0])
+    # both loaders drop the same unreadable files, so their batches stay aligned
+    loaders = [DataLoader(_Readable(paths, tf, skipped is not None, bad), batch_size=batch_size,
+                          collate_fn=_collate_readable) for tf in tfs]
     model = model.to(device)
-    out = []
+    out = torch.full((len(paths), len(model.class_names)), float("nan"))
     with torch.inference_mode():
         for batches in zip(*loaders):
+            if batches[0][0] is None:
+                continue
             made = {"eval": batches[0][0]}
             if crops:
                 from torchvision.transforms.v2.functional import five_crop
@@ -166,5 +196,7 @@ def predict_images(model: ClassifierModule, paths: list[Path], tta: bool = False
                 made.update(zip(CROPS, five_crop(batches[1][0], [size, size])))
             batch = [made[v] if v in made else made[v[len("hflip("):-1]].flip(-1) for v in views]
             probs = torch.stack([model(v.to(device)).softmax(dim=1) for v in batch]).mean(dim=0)
-            out.append(probs.cpu())
-    return torch.cat(out)
+            out[batches[0][1]] = probs.cpu().float()
+    if skipped is not None:
+        skipped.update(sorted(bad.items()))
+    return out

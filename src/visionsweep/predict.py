@@ -5,6 +5,15 @@ nothing else is needed. Prints a table and writes ``predictions.csv`` (path, pre
 probability, then one probability column per class; a ``label`` column when images sit in folders
 named after classes) in the run dir ``runs/predict/<time>/``.
 
+``skip_bad_images=true`` skips files that cannot be read (empty, truncated, not an image) instead of
+stopping at the first: one warning line gives the count, and each skipped file still gets its row in
+``predictions.csv``, with empty predictions and the reason in an ``error`` column (a column only present
+then); run.json lists them too (``skipped``: path and reason). Segmentation checkpoints write no mask
+for them and list them in run.json. Without it, an unreadable file stops predict with one line naming it.
+
+String cells of ``predictions.csv`` (paths, class names) that a spreadsheet would run as a formula
+(starting with ``= + - @``, tab or CR) are written with a leading ``'``, as OWASP recommends.
+
 ``tta=true`` averages the softmax over the views the training pipeline justifies (its run dir's
 ``augmentation.json``): the eval view; 4 corner + centre crops of the image resized up to 15 % larger
 only if training cropped or rescaled; the horizontal flip of each only if training flipped. The views
@@ -23,48 +32,87 @@ import torch
 from omegaconf import DictConfig
 
 from visionsweep import checkpoints, runinfo
-from visionsweep.errors import ConfigError
+from visionsweep.data.images import BadImageError, bad_image_advice
+from visionsweep.errors import ConfigError, DataError
 from visionsweep.inference import list_images, predict_images, training_pipeline, tta_views
+from visionsweep.utils import checks
 from visionsweep.utils.cli import guarded, precheck
+from visionsweep.utils.text import csv_cell
 
 log = logging.getLogger("visionsweep.predict")
+
+FIX = "remove it or set skip_bad_images=true"  # predict's key (it has no data.*)
+#: predict's own numeric keys and flags → their check
+VALUES = {"batch_size": lambda v, k: checks.whole(v, k, 1, None, 32),
+          "show": lambda v, k: checks.whole(v, k, 0, None, 20), "tta": checks.flag, "skip_bad_images": checks.flag}
 
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Predict ``cfg.input`` with ``cfg.ckpt_path``; writes predictions.csv and returns its rows."""
+    with bad_image_advice(FIX):
+        return _predict(cfg)
+
+
+def _predict(cfg: DictConfig) -> list[dict[str, Any]]:
     out = Path(cfg.paths.output_dir)
     if cfg.get("input") in (None, ""):
         raise ConfigError("input is required: input=<image or folder>")
+    checks.keys(cfg, VALUES)
+    skip = bool(cfg.get("skip_bad_images"))
     loaded = checkpoints.load(cfg.ckpt_path, cfg.paths.log_dir)
     device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     if loaded.kind == "segmenter":
-        return _predict_masks(cfg, loaded, device, out)
+        return _predict_masks(cfg, loaded, device, out, skip)
     model, ckpt = loaded.model, loaded.path
     paths = list_images(cfg.input)
     views, zoom = _views(bool(cfg.tta), loaded.run_dir)
+    skipped: dict[Path, str] | None = {} if skip else None
     probs = predict_images(model, paths, tta=bool(cfg.tta), batch_size=int(cfg.batch_size), device=device,
-                           views=views, zoom=zoom)
+                           views=views, zoom=zoom, skipped=skipped)
+    skipped = skipped or {}
+    _warn_skipped(skipped, len(paths), cfg.input, "rows with an error in predictions.csv")
     names = list(model.class_names)
     rows = []
     for path, p in zip(paths, probs.tolist()):
-        best = max(range(len(names)), key=p.__getitem__)
-        row = {"path": str(path), "predicted": names[best], "probability": round(p[best], 6)}
+        row: dict[str, Any] = {"path": str(path)}
+        if path in skipped:
+            row.update(predicted="", probability="", error=skipped[path])
+        else:
+            best = max(range(len(names)), key=p.__getitem__)
+            row.update(predicted=names[best], probability=round(p[best], 6))
+            row.update({f"prob_{n}": round(v, 6) for n, v in zip(names, p)})
         if path.parent.name in names:
             row["label"] = path.parent.name
-        rows.append({**row, **{f"prob_{n}": round(v, 6) for n, v in zip(names, p)}})
+        rows.append(row)
     columns = ["path", "predicted", "probability"] + (["label"] if any("label" in r for r in rows) else []) \
-        + [f"prob_{n}" for n in names]
+        + [f"prob_{n}" for n in names] + (["error"] if skipped else [])
     out.mkdir(parents=True, exist_ok=True)
     with (out / "predictions.csv").open("w", newline="") as f:
-        csv.DictWriter(f, fieldnames=columns, restval="").writeheader()
-        csv.DictWriter(f, fieldnames=columns, restval="").writerows(rows)
-    labelled = [r for r in rows if "label" in r]
-    acc = sum(r["label"] == r["predicted"] for r in labelled) / len(labelled) if labelled else None
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+    known = labelled(rows)
+    acc = sum(r["label"] == r["predicted"] for r in known) / len(known) if known else None
     runinfo.RunRecord(out, task="predict", checkpoint=str(ckpt), input=str(cfg.input), tta=bool(cfg.tta),
-                      tta_views=views, tta_zoom=zoom if zoom > 1 else None, n_images=len(rows), accuracy=acc,
-                      status="ok")
-    _print_table(rows, int(cfg.get("show") or 20), out, acc)
+                      tta_views=views, tta_zoom=zoom if zoom > 1 else None, n_images=len(rows) - len(skipped),
+                      skipped=_listed(skipped), accuracy=acc, status="ok")
+    _print_table(rows, int(cfg.get("show") or 20), out, acc, len(skipped))
     return rows
+
+
+def _warn_skipped(skipped: dict[Path, str], total: int, source: Any, where: str) -> None:
+    """One warning line for the skipped files; a DataError when no file was readable at all."""
+    if not skipped:
+        return
+    if len(skipped) == total:
+        first = next(iter(skipped))
+        raise DataError(f"input '{source}': none of its {total} image(s) can be read, e.g. '{first}' "
+                        f"({skipped[first]}): give readable images")
+    log.warning("skip_bad_images: skipped %d unreadable image(s) of %d (%s)", len(skipped), total, where)
+
+
+def _listed(skipped: dict[Path, str]) -> list[dict[str, str]]:
+    return [{"path": str(p), "error": why} for p, why in skipped.items()]
 
 
 def _views(tta: bool, run_dir: Path) -> tuple[list[str], float]:
@@ -83,29 +131,54 @@ def _views(tta: bool, run_dir: Path) -> tuple[list[str], float]:
 
 
 def _predict_masks(cfg: DictConfig, loaded: checkpoints.LoadedCheckpoint, device: str,
-                   out: Path) -> list[dict[str, Any]]:
+                   out: Path, skip: bool) -> list[dict[str, Any]]:
     """Segmentation checkpoints: mask PNGs (class indices, palette) in <run>/masks/."""
     from visionsweep.models.segmenter import predict_folder
 
-    written = predict_folder(loaded.model.to(device), cfg.input, out / "masks")
+    model = loaded.model.to(device)
+    if not skip:
+        written = predict_folder(model, cfg.input, out / "masks")
+        skipped: dict[Path, str] = {}
+    else:  # one file at a time, so that a bad one costs only its own mask
+        from visionsweep.data import scan
+
+        source = Path(str(cfg.input)).expanduser()  # the files predict_folder would take
+        paths = [source] if source.is_file() else scan.list_images(source)[0] if source.is_dir() else []
+        if not paths:
+            return _predict_masks(cfg, loaded, device, out, False)  # its error names the input
+        written, skipped = [], {}
+        for path in paths:
+            try:
+                written += predict_folder(model, path, out / "masks")
+            except BadImageError as e:
+                skipped[path] = e.reason or str(e)
+        _warn_skipped(skipped, len(paths), cfg.input, "listed in run.json, skipped")
     runinfo.RunRecord(out, task="predict", checkpoint=str(loaded.path), input=str(cfg.input),
-                      n_images=len(written), status="ok")
+                      n_images=len(written), skipped=_listed(skipped), status="ok")
     print(f"\n{len(written)} masks → {out / 'masks'}", flush=True)
     return [{"path": str(p)} for p in written]
 
 
-def _print_table(rows: list[dict[str, Any]], show: int, out: Path, acc: float | None) -> None:
+def _print_table(rows: list[dict[str, Any]], show: int, out: Path, acc: float | None, n_skipped: int) -> None:
     from rich.console import Console
+    from rich.markup import escape  # a class named "[red]" is a name, not rich markup
     from rich.table import Table
 
     table = Table("image", "predicted", "probability", *(["label"] if acc is not None else []))
     for r in rows[:show]:
-        table.add_row(Path(r["path"]).name, r["predicted"], f"{r['probability']:.3f}",
-                      *([r.get("label", "")] if acc is not None else []))
+        shown = f"{r['probability']:.3f}" if r["predicted"] else "unreadable: skipped"
+        table.add_row(escape(Path(r["path"]).name), escape(r["predicted"]), shown,
+                      *([escape(r.get("label", ""))] if acc is not None else []))
     Console().print(table)
     more = f" (first {show} shown)" if len(rows) > show else ""
-    shown_acc = f", accuracy {acc:.4f} on {sum('label' in r for r in rows)} labelled" if acc is not None else ""
-    print(f"{len(rows)} images{more}{shown_acc}  → {out / 'predictions.csv'}", flush=True)
+    skipped = f", {n_skipped} unreadable skipped" if n_skipped else ""
+    shown_acc = f", accuracy {acc:.4f} on {len(labelled(rows))} labelled" if acc is not None else ""
+    print(f"{len(rows) - n_skipped} images{skipped}{more}{shown_acc}  → {out / 'predictions.csv'}", flush=True)
+
+
+def labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with a label (a class-named parent folder) and a prediction."""
+    return [r for r in rows if "label" in r and r["predicted"]]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from visionsweep.analysis import plots
 from visionsweep.analysis.common import load_checkpoint, run_datamodule
 from visionsweep.errors import ConfigError
+from visionsweep.utils.text import csv_cell
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
         writer = csv.writer(fh)
         writer.writerow(["class", "precision", "recall", "f1", "support"])
         for c, p, r, f, s in zip(classes, *(stats[k] for k in ("precision", "recall", "f1", "support"))):
-            writer.writerow([c, f"{p:.6f}", f"{r:.6f}", f"{f:.6f}", int(s)])
+            writer.writerow([csv_cell(c), f"{p:.6f}", f"{r:.6f}", f"{f:.6f}", int(s)])
     for pair in pairs:
         index.note(f"confused: {pair['count']} x {pair['actual']} predicted as {pair['predicted']}")
     acc = float(np.trace(cm) / max(cm.sum(), 1))

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -21,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from visionsweep.utils.jsonsafe import json_default  # noqa: E402
+from visionsweep.utils.text import md_escape  # noqa: E402
 
 PANEL = 2.0     # inches per grid cell
 TITLE = 0.35    # inches of title strip above each cell
@@ -161,10 +163,11 @@ class Index:
         payload = {"mode": self.mode, "files": self.files, "notes": self.notes, **self.data}
         path = self.out_dir / "index.json"
         path.write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
-        lines = [f"# see={self.mode}", ""]
-        lines += [f"- [{f['file']}]({f['file']}): {f['title']} ({f['width']}x{f['height']} px)"
-                  for f in self.files]
+        # titles and notes carry class names, paths and preset names: escaped (md_escape), links URL-quoted
+        lines = [f"# see={md_escape(self.mode)}", ""]
+        lines += [f"- [{md_escape(f['file'])}]({quote(f['file'])}): {md_escape(f['title'])} "
+                  f"({f['width']}x{f['height']} px)" for f in self.files]
         if self.notes:
-            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+            lines += ["", "## Notes", ""] + [f"- {md_escape(n)}" for n in self.notes]
         (self.out_dir / "index.md").write_text("\n".join(lines) + "\n")
         return path

@@ -20,6 +20,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from visionsweep.analysis import plots
 from visionsweep.analysis.interpret import (
     confusion_figure, table_figure, matrix_cells, most_confused, per_class)
+from visionsweep.utils.text import csv_cell
 
 
 @torch.no_grad()
@@ -85,7 +86,7 @@ def run(ck: Any, loader: Any, cfg: DictConfig, split: str, index: plots.Index) -
         writer = csv.writer(fh)
         writer.writerow(["class", *keys])
         for i, c in enumerate(classes):
-            writer.writerow([c, *(f"{stats[k][i]:.6f}" for k in keys[:-1]), int(stats["support"][i])])
+            writer.writerow([csv_cell(c), *(f"{stats[k][i]:.6f}" for k in keys[:-1]), int(stats["support"][i])])
     for pair in pairs:
         index.note(f"confused: {pair['count']} pixels of {pair['actual']} predicted as {pair['predicted']}")
     acc = float(np.trace(cm) / max(cm.sum(), 1))

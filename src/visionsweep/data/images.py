@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +41,58 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def bad_image_message(path: str | Path, reason: str) -> str:
+SKIP_ADVICE = "remove it or set data.skip_bad_images=true"
+"""The fix a bad-image error names by default: train (and ``see`` augment / batch) have that key."""
+_advice = [SKIP_ADVICE]  # the innermost bad_image_advice(); DataLoader workers fork with it
+
+
+@contextmanager
+def bad_image_advice(fix: str) -> Iterator[None]:
+    """Name ``fix`` instead of :data:`SKIP_ADVICE` in the bad-image errors raised inside the block.
+
+    A command without ``data.skip_bad_images`` (predict, eval...) states the fix that exists for it,
+    as the message is built deep in the data code, where the command is not known.
+
+    Args:
+        fix: What the user can do, e.g. ``"remove it or set skip_bad_images=true"``.
+    """
+    _advice.append(fix)
+    try:
+        yield
+    finally:
+        _advice.pop()
+
+
+class BadImageError(DataError):
+    """An unreadable image file; ``path`` and ``reason`` let a caller skip it or re-word the fix.
+
+    Args:
+        message: The one-line message (:func:`bad_image_message`).
+        path: The file.
+        reason: The short reason, e.g. ``"zero-byte file"``.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, reason: str | None = None) -> None:
+        super().__init__(message)  # one positional argument: DataLoader re-raises worker errors as type(msg)
+        self.path, self.reason = path, reason
+
+
+def bad_image_message(path: str | Path, reason: str, fix: str | None = None) -> str:
     """Build the one-line message used for an unreadable image.
 
     Args:
         path: The offending file.
         reason: Short reason, e.g. ``"zero-byte file"``.
+        fix: What to do about it; None: the innermost :func:`bad_image_advice`, else :data:`SKIP_ADVICE`.
 
     Returns:
         A message naming the path, the reason and the fix.
     """
-    return (
-        f"cannot read image '{path}' ({_one_line(reason)}): "
-        "remove it or set data.skip_bad_images=true"
-    )
+    return f"cannot read image '{path}' ({_one_line(reason)}): {fix or _advice[-1]}"
+
+
+def _bad(path: str | Path, reason: str) -> BadImageError:
+    return BadImageError(bad_image_message(path, reason), path, reason)
 
 
 def _reason(exc: BaseException) -> str:
@@ -234,11 +274,11 @@ def load_rgb(path: str | Path, min_short_side: int | None = None) -> np.ndarray:
         ``uint8`` array of shape ``(H, W, 3)``.
 
     Raises:
-        DataError: The file is empty, missing, not an image or truncated (one-line message naming it).
+        BadImageError: The file is empty, missing, not an image or truncated (one-line message naming it).
     """
     try:
         if os.path.getsize(path) == 0:
-            raise DataError(bad_image_message(path, "zero-byte file"))
+            raise _bad(path, "zero-byte file")
         fast = _load_jpeg_cv2(path, min_short_side)
         if fast is not None:
             return fast
@@ -253,7 +293,7 @@ def load_rgb(path: str | Path, min_short_side: int | None = None) -> np.ndarray:
     except DataError:
         raise
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
-        raise DataError(bad_image_message(path, _reason(exc))) from exc
+        raise _bad(path, _reason(exc)) from exc
 
 
 def check_image(path: str | Path) -> str | None:

@@ -10,9 +10,11 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from visionsweep.errors import ConfigError
 from visionsweep.report import collect, render, study
+from visionsweep.utils.text import md_escape
 
 
 def build_report(paths: list[str | Path], out_dir: str | Path | None = None, metric: str | None = None,
@@ -32,7 +34,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     if not roots:
         raise ConfigError("report: give at least one sweep dir")
     out = Path(out_dir).expanduser() if out_dir else roots[0]
-    jobs = [collect.load_job(d) for d in collect.find_job_dirs(roots)]
+    jobs = collect.load_jobs(collect.find_job_dirs(roots))  # a damaged run dir: left out, with a warning
     if not jobs:
         raise ConfigError(f"report: no run dirs (run.json or .hydra/) under {', '.join(map(str, roots))}")
     out.mkdir(parents=True, exist_ok=True)
@@ -56,24 +58,25 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     n_ok = len(jobs) - len(failed) - n_pruned
     pruned = f", {n_pruned} pruned" if n_pruned else ""
     intro = (f"{len(jobs)} jobs ({n_ok} ok, {len(failed)} failed{pruned}) in {len(configs)} configurations; "
-             f"ranked by **{metric}** ({'higher' if collect.higher_is_better(metric) else 'lower'} is "
+             f"ranked by **{{metric}}** ({'higher' if collect.higher_is_better(metric) else 'lower'} is "
              f"better), mean ± 95% CI (Student t) over {render.unit(configs)}.")
-    md = [f"# {title or 'visionsweep report'}", "", intro, "", "## Summary", "",
-          render.markdown_table(header, cells)]
+    # Markdown: every user string (title, metric, labels, errors, study names) through md_escape
+    md = [f"# {md_escape(title or 'visionsweep report')}", "", intro.format(metric=md_escape(metric)), "",
+          "## Summary", "", render.markdown_table(header, cells)]
     if pairs:
-        md += ["", f"## Paired comparison: {best} against each other configuration (same {render.unit(configs)})", "",
-               render.markdown_table(p_header, p_cells)]
+        md += ["", f"## Paired comparison: {md_escape(best)} against each other configuration "
+                   f"(same {render.unit(configs)})", "", render.markdown_table(p_header, p_cells)]
     f_header = ["job", "configuration", "seed", "error type", "error"]
     f_cells = [[str(j.path), j.label, str(j.seed), j.error_type or "", (j.error or j.status)[:300]] for j in failed]
     if failed:
         md += ["", "## Failed jobs", "", render.markdown_table(f_header, f_cells)]
     for s in studies:
-        md += ["", "## Optuna", ""] + [study.describe(e) for e in s["studies"]]
-    md += ["", "## Pictures", ""] + [f"![{p.stem}]({p.name})" for p in images]
+        md += ["", "## Optuna", ""] + [study.describe(_md_study(e)) for e in s["studies"]]
+    md += ["", "## Pictures", ""] + [f"![{md_escape(p.stem)}]({quote(p.name)})" for p in images]
     files.append(_write(out / "summary.md", "\n".join(md) + "\n"))
 
     # every string below may come from a user (metric, overrides, study names, errors): escaped
-    sections = [("Summary", render.html_paragraph(intro) + render.html_table(header, cells, "summary"))]
+    sections = [("Summary", render.html_paragraph(intro.format(metric=metric)) + render.html_table(header, cells, "summary"))]
     if pairs:
         sections.append((f"Paired comparison: {best} vs each other configuration",
                          render.html_table(p_header, p_cells, "paired")))
@@ -87,6 +90,17 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
               "files": [str(f) for f in files + images]}
     _write(out / "report.json", json.dumps(result, indent=2, default=_json_default))
     return result
+
+
+def _md_study(entry: dict[str, Any]) -> dict[str, Any]:
+    """A study entry with its user strings (name, parameter names and values) escaped for Markdown."""
+    safe = {**entry, "study": md_escape(entry["study"]), "direction": md_escape(entry["direction"])}
+    if "best_params" in entry:
+        safe["best_params"] = {md_escape(k): md_escape(study._short(v)) for k, v in entry["best_params"].items()}
+    if entry.get("importance"):
+        safe["importance"] = {md_escape(k): v for k, v in entry["importance"].items()}
+        safe["importance_evaluator"] = md_escape(entry.get("importance_evaluator", study.EVALUATOR))
+    return safe
 
 
 def _write(path: Path, text: str) -> Path:

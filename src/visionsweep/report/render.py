@@ -24,6 +24,7 @@ from visionsweep.report.collect import (  # noqa: E402
     higher_is_better,
 )
 from visionsweep.report.stats import Paired, paired  # noqa: E402
+from visionsweep.utils.text import csv_cell, md_escape  # noqa: E402
 
 EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "val/miou", "test/miou")
 
@@ -64,11 +65,11 @@ def _mean(values: Any) -> float:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Write rows as CSV (full precision)."""
+    """Write rows as CSV (full precision; a label a spreadsheet would run as a formula gets a ``'``)."""
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["configuration"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
     return path
 
 
@@ -99,9 +100,10 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table(header: list[str], cells: list[list[str]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    """A GitHub-flavoured Markdown table; every header and cell escaped (:func:`md_escape`): override
+    values, model names, paths and errors come from users."""
+    lines = ["| " + " | ".join(md_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in cells]
     return "\n".join(lines)
 
 
