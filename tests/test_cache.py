@@ -77,7 +77,11 @@ def test_changed_file_invalidates_its_entry(folder, tmp_path):
     # a corrupted entry is detected and replaced, never served
     cache.entry(path).write_bytes(b"garbage")
     np.testing.assert_array_equal(cache.get(path), rule.decode(path))
-    assert cache.prune([path]) == 1 and cache.get(path) is not None  # the stale first entry is removed
+    misses = cache.misses
+    assert cache.prune([path]) == 1  # the stale first entry is removed ...
+    assert sorted(cache.dir.glob("*/*.u8")) == [cache.entry(path)]  # ... the current one is kept
+    np.testing.assert_array_equal(cache.get(path), rule.decode(path))
+    assert cache.misses == misses  # and served from disk: nothing decoded again
 
 
 def _fill(cache_dir: str, files: list[str], start) -> None:

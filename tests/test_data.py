@@ -353,6 +353,18 @@ def _pillow_rgb(path: Path, reduce: int = 1) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
 
 
+def _assert_same_decode(got: np.ndarray, want: np.ndarray, name: str) -> None:
+    """Two JPEG decoders' pixels: the same shape and, up to a few levels, the same values.
+
+    OpenCV and Pillow may link different libjpeg builds (libjpeg-turbo versions, SIMD paths, IDCT and
+    chroma upsampling variants), which round a few pixels differently; a wrong channel order, a missing
+    rotation or another scale differs by tens of levels over most of the image.
+    """
+    assert got.shape == want.shape and got.dtype == want.dtype == np.uint8, (name, got.shape, want.shape)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 8 and diff.mean() <= 1.0, (name, int(diff.max()), float(diff.mean()))
+
+
 def test_fast_jpeg_path_matches_pillow(tmp_path: Path) -> None:
     from visionsweep.data import images
 
@@ -371,11 +383,11 @@ def test_fast_jpeg_path_matches_pillow(tmp_path: Path) -> None:
         assert images._jpeg_header(path.read_bytes())[0] == 8, name
         fast = images._load_jpeg_cv2(path, None)
         assert fast is not None, f"{name} should take the OpenCV path"
-        np.testing.assert_array_equal(fast, _pillow_rgb(path), err_msg=name)
+        _assert_same_decode(fast, _pillow_rgb(path), name)
         np.testing.assert_array_equal(load_rgb(path), fast, err_msg=name)
         half = images._load_jpeg_cv2(path, 50)  # short side 120 >= 2 x 50: decoded at 1/2 scale
         assert half.shape[0] * 2 == fast.shape[0] and half.shape[1] * 2 == fast.shape[1], name
-        np.testing.assert_array_equal(half, _pillow_rgb(path, 2), err_msg=f"{name} at 1/2 scale")
+        _assert_same_decode(half, _pillow_rgb(path, 2), f"{name} at 1/2 scale")
     # CMYK, PNG and truncated JPEGs are left to Pillow (None), which decodes or reports them
     cmyk = _save(tmp_path / "cmyk.jpg", base.convert("CMYK"))
     assert images._load_jpeg_cv2(cmyk, None) is None and load_rgb(cmyk).shape == (120, 160, 3)

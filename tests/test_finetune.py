@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -92,14 +93,25 @@ def test_pretrained_file_loads_with_new_head_and_reports_keys(pretrained, tmp_pa
         _module(tmp_path / "missing.pth")
 
 
-def test_pretrained_hub_fails_fast_offline():
+def test_pretrained_hub_fails_fast_offline(monkeypatch):
+    """Offline (HF_HUB_OFFLINE=1, conftest) the missing hub weights are one ConfigError decided from the local
+    cache alone: no connection is even tried, so there is no network timeout to wait for."""
+    import socket
+
     from visionsweep.errors import ConfigError
     from visionsweep.models.classifier import ClassifierModule
 
-    start = time.perf_counter()
+    tried: list = []
+
+    def no_network(*args, **kwargs):
+        tried.append(args[1:])
+        raise OSError("a connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
     with pytest.raises(ConfigError, match="model.pretrained_file"):
         ClassifierModule("resnet18", 2, pretrained=True)
-    assert time.perf_counter() - start < 5
+    assert tried == []
 
 
 class Spy(pl.Callback):
@@ -145,22 +157,33 @@ def test_freeze_then_unfreeze_with_discriminative_lrs(pretrained, train_bn, tmp_
 
 
 def test_fine_tune_from_pretrained_file_beats_scratch(pretrained, new_task, tmp_path):
+    """The same run twice -- data, seed, lr, batches, steps -- but for the starting weights (and fine_tune's
+    frozen body): what the pre-trained features are worth after one epoch."""
     common = ("trainer.max_epochs=1", "test=false", "seed=3", "data.batch_size=16", "optimizer.lr=0.01")
     tuned = _train(tmp_path / "ft", new_task, training("fine_tune"), f"model.pretrained_file={pretrained}",
                    *common)
-    scratch = _train(tmp_path / "scratch", new_task, training("scratch"), *common,
-                     "++tune.lr_find=true", "++tune.num_training=30", "++tune.use_suggestion=true")
-    # measured: 0.70 vs 0.20 (chance 0.2) after one (frozen) epoch
+    scratch = _train(tmp_path / "scratch", new_task, training("scratch"), *common)
+    runs = {name: json.loads((tmp_path / name / "run.json").read_text()) for name in ("ft", "scratch")}
+    print(f"fine-tune val/acc {tuned['val/acc']:.3f}, scratch {scratch['val/acc']:.3f} (chance 0.2)")
+    # measured: 0.767 vs 0.200 after the one epoch (scratch with the LR finder's lr: 0.200 too; scratch catches
+    # up with more epochs: 0.917 after 3), so this is the pre-trained features' head start, same steps each
+    assert runs["ft"]["epochs"] == runs["scratch"]["epochs"] == 1
     assert tuned["val/acc"] >= 0.5 and tuned["val/acc"] > scratch["val/acc"] + 0.15, (tuned, scratch)
-    run = json.loads((tmp_path / "ft" / "run.json").read_text())
-    assert run["pretrained"]["reinitialised"] == ["fc.bias", "fc.weight"] and run["pretrained"]["missing"] == []
-    # the LR finder of the scratch run: plot, finite suggestion, used for the run
+    assert runs["ft"]["pretrained"]["reinitialised"] == ["fc.bias", "fc.weight"]
+    assert runs["ft"]["pretrained"]["missing"] == [] and runs["scratch"]["pretrained"] is None
+
+
+def test_lr_finder_plots_and_uses_its_suggestion(new_task, tmp_path):
     from PIL import Image
 
+    _train(tmp_path / "scratch", new_task, training("scratch"), "trainer.max_epochs=1", "test=false", "seed=3",
+           "data.batch_size=16", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+           "++tune.lr_find=true", "++tune.num_training=30", "++tune.use_suggestion=true")
     lr = json.loads((tmp_path / "scratch" / "run.json").read_text())["lr_find"]
     assert lr["suggestion"] is not None and math.isfinite(lr["suggestion"]) and lr["used"]
     with Image.open(tmp_path / "scratch" / "plots" / "lr_find.png") as im:
         assert im.size[0] > 300 and im.size[1] > 200
+        assert np.asarray(im.convert("L")).std() > 5  # a curve on axes, not a blank image
     saved = (tmp_path / "scratch" / "config.yaml").read_text()
     assert f"lr: {lr['suggestion']}" in saved
 
@@ -248,18 +271,21 @@ def test_builtin_weights_are_built_once_by_concurrent_jobs(tmp_path, monkeypatch
     assert bw.ensure_weights(tmp_path / "other.safetensors") is False  # no recipe: the caller's error
 
 
-def test_missing_builtin_pretrained_file_failure_is_one_line(tmp_path, monkeypatch):
+def test_missing_builtin_pretrained_file_failure_is_one_line(tmp_path):
+    """The real pre-training subprocess fails (a built-in name whose backbone timm does not know: the child's
+    own one-line error, after its imports): one ConfigError line naming the step and the log, no file."""
     from visionsweep.errors import ConfigError
-    from visionsweep.models import builtin_weights as bw
 
-    def failing(cmd, log_file, what):
-        raise ConfigError(f"building the built-in pretrained file failed while {what} (exit 2, log: {log_file})")
-
-    monkeypatch.setattr(bw, "_run", failing)
+    target = tmp_path / "nosuchnet_digits0-4.safetensors"
     with pytest.raises(ConfigError, match="failed while pre-training") as info:
-        _module(tmp_path / "resnet18_digits0-4.safetensors")
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / "resnet18_digits0-4.safetensors").exists()
+        _module(target)
+    msg = str(info.value)
+    log_file = tmp_path / "nosuchnet_digits0-4.log"
+    assert "\n" not in msg and "(exit 2," in msg and f"log: {log_file}" in msg, msg
+    logged = log_file.read_text()
+    assert "model.backbone=nosuchnet" in logged.splitlines()[0]  # the command, then what the child printed
+    assert "error: model.backbone 'nosuchnet' is not a timm model" in logged, logged[-2000:]
+    assert not target.exists() and not list(tmp_path.glob("*.tmp-*"))
 
 
 @pytest.mark.slow

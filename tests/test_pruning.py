@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -52,5 +53,102 @@ def test_trials_run_in_parallel_on_joblib(tmp_path, digits_root):
     study = _study(sweep)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     runs = [json.loads((sweep / str(i) / "run.json").read_text()) for i in (0, 1)]
-    assert all(r["status"] == "ok" and r["threads"] == 1 for r in runs)  # 2 cores / 2 jobs at once
+    # threads=auto under joblib: the cores this process may use, shared by the 2 jobs at once (at least 1 each)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    assert all(r["status"] == "ok" and r["threads"] == max(1, cores // 2) for r in runs), (cores, runs)
     assert {t.value for t in study.trials} == {r["metrics"]["val/acc_best"] for r in runs}
+
+
+class _Constant:
+    """A tiny LightningModule whose validation reports the same ``val/acc_best`` every epoch."""
+
+    @staticmethod
+    def fit(value: float, tmp_path: Path):
+        import pytorch_lightning as pl
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from visionsweep.callbacks.optuna_pruning import OptunaPruning
+
+        class Module(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.layer = torch.nn.Linear(2, 2)
+
+            def training_step(self, batch, _):
+                x, y = batch
+                return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+            def validation_step(self, batch, _):
+                self.log("val/acc_best", torch.tensor(value))
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        data = DataLoader(TensorDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)), batch_size=2)
+        callback = OptunaPruning(monitor="val/acc_best")
+        trainer = pl.Trainer(max_epochs=3, callbacks=[callback], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             accelerator="cpu", default_root_dir=tmp_path)
+        trainer.fit(Module(), data, data)
+        return callback, trainer
+
+
+@pytest.mark.parametrize(("name", "value", "pruned"), [("percentile", 0.45, False), ("percentile", 0.3, True),
+                                                       ("median", 0.45, True)])
+def test_the_sweepers_pruner_is_the_one_the_job_asks_and_it_decides_the_stop(tmp_path, monkeypatch, name, value,
+                                                                            pruned):
+    """hydra.sweeper.pruner.name=percentile reaches the job (through the trial's environment), whose study
+    then prunes with it: 4 finished trials reported 0.2, 0.4, 0.6, 0.8 at every epoch. percentile=75 keeps
+    the top 75 % (Optuna's meaning: maximising, a trial below the 25th percentile, 0.35, is pruned); 0.45 lies
+    above that and below their median (0.5), so the percentile pruner lets it run where the median pruner
+    stops it; 0.3 is stopped by both."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.visionsweep_optuna.optuna_sweeper import OptunaSweeper, PrunerConf, SamplerConf
+    from visionsweep.callbacks.optuna_pruning import ENV, current_trial, make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = OmegaConf.structured(PrunerConf(name=name, n_startup_trials=4, n_warmup_steps=0,
+                                             percentile=75.0 if name == "percentile" else None))
+    sweeper = OptunaSweeper(direction="maximize", n_trials=5, study_name="s", storage=None,
+                            sampler=OmegaConf.structured(SamplerConf()), params=None, pruner=pruner)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize",
+                                pruner=make_pruner(sweeper.pruner_cfg))  # as the sweeper creates it
+    for v in (0.2, 0.4, 0.6, 0.8):
+        study.add_trial(optuna.trial.create_trial(value=v, intermediate_values={0: v, 1: v, 2: v},
+                                                  params={}, distributions={}))
+    trial = study.ask()
+    key, _, quoted = sweeper._trial_env(trial, storage).partition("=")  # the override the job is launched with
+    assert key == f"++hydra.job.env_set.{ENV}" and quoted[0] == quoted[-1] == "'"
+    monkeypatch.setenv(ENV, quoted[1:-1])
+    kind = {"percentile": optuna.pruners.PercentilePruner, "median": optuna.pruners.MedianPruner}[name]
+    assert type(current_trial().study.pruner) is kind  # the job's own view of the study
+
+    callback, trainer = _Constant.fit(value, tmp_path)
+    reported = optuna.load_study(study_name="s", storage=storage).trials[trial.number].intermediate_values
+    epochs = [0] if pruned else [0, 1, 2]  # a pruned job reported epoch 0, then stopped
+    assert reported == pytest.approx({e: value for e in epochs}, abs=1e-6)  # (logged as float32)
+    assert callback.pruned_at == (0 if pruned else None) and trainer.current_epoch == len(epochs)
+
+
+def test_each_named_pruner_is_built_with_the_arguments_it_takes():
+    import optuna
+
+    from visionsweep.callbacks.optuna_pruning import make_pruner
+
+    common = {"n_startup_trials": 2, "percentile": 10.0, "min_resource": 1, "max_resource": 3,
+              "reduction_factor": 3, "n_warmup_steps": None}
+    kinds = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+             "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+             "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+    for name, kind in kinds.items():  # arguments a pruner does not take are left out, not an error
+        assert type(make_pruner({"name": name, **common})) is kind, name
+    assert type(make_pruner(None)) is optuna.pruners.NopPruner
+    with pytest.raises(ValueError, match="pruner.name=asha: choose from median, successive_halving"):
+        make_pruner({"name": "asha"})

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -116,10 +117,69 @@ def test_report_table_statistics_and_failures(sweep):
     assert len(result["failed"]) == 2
     # the best configuration (vgg19 + none) beats every other one on all three seeds
     assert len(result["paired"]) == 3 and all(p["wins"] == 3 for p in result["paired"])
-    for name in ("curves.png", "bars.png", "heatmap.png"):
-        with Image.open(sweep / name) as img:
-            img.verify()
-            assert img.size[0] > 300 and img.size[1] > 200
+    _check_curves(sweep / "curves.png", n_configs=4)
+    _check_bars(sweep / "bars.png", [mean_ci(list(RESULTS[r["arch"]][r["augmentation"]].values()))[0]
+                                     for r in rows])
+    _check_heatmap(sweep / "heatmap.png")
+
+
+def _rgb(path: Path) -> np.ndarray:
+    """A PNG decoded (after PIL's integrity check) as an H x W x 3 uint8 array."""
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.size[0] > 300 and img.size[1] > 200, img.size
+        return np.asarray(img.convert("RGB"))
+
+
+def _near(img: np.ndarray, colour, tol: int) -> np.ndarray:
+    return np.abs(img.astype(int) - np.asarray(colour, dtype=int)).max(axis=2) <= tol
+
+
+def _runs(mask: np.ndarray, min_len: int = 3) -> list[tuple[int, int]]:
+    """(start, end) of the runs of True in a 1-D mask at least ``min_len`` long."""
+    edges = np.diff(np.concatenate([[0], mask.astype(int), [0]]))
+    return [(a, b) for a, b in zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]) if b - a >= min_len]
+
+
+def _check_curves(path: Path, n_configs: int) -> None:
+    """One line per configuration: matplotlib's first ``n_configs`` cycle colours drawn, not the next one."""
+    img = _rgb(path)
+    cycle = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    drawn = [int(_near(img, c, 0).sum()) for c in cycle]
+    assert min(drawn[:n_configs]) >= 200 and max(drawn[n_configs:]) < 20, drawn
+
+
+def _check_bars(path: Path, means_ranked: list[float]) -> None:
+    """One bar per configuration, best first: bar tops descend from left to right."""
+    img = _rgb(path)
+    bar = _near(img, (112, 142, 191), 4)  # #4C72B0 at alpha 0.8 on white
+    row = int(np.argmax(bar.sum(axis=1)))  # a row through every bar, just above the axis
+    runs = _runs(bar[row])
+    assert len(runs) == len(means_ranked), runs
+    tops = [int(np.argmax(bar[:, a + (b - a) // 4])) for a, b in runs]  # left quarter: clear of the error bar
+    assert means_ranked == sorted(means_ranked, reverse=True) and tops == sorted(tops) and len(set(tops)) == len(tops)
+
+
+def _check_heatmap(path: Path) -> None:
+    """The arch x augmentation grid: each cell in viridis at its mean (normalised min..max), in its place."""
+    import matplotlib
+
+    img = _rgb(path)
+    means = {(arch, aug): float(np.mean(list(seeds.values()))) for arch, augs in RESULTS.items()
+             for aug, seeds in augs.items()}
+    lo, hi = min(means.values()), max(means.values())
+    centre = {}
+    for key, mean in means.items():
+        colour = np.round(np.asarray(matplotlib.colormaps["viridis"]((mean - lo) / (hi - lo))[:3]) * 255)
+        ys, xs = np.nonzero(_near(img, colour, 3))
+        assert len(ys) > 0.05 * img.shape[0] * img.shape[1], (key, colour, len(ys))  # a cell, not a sliver
+        centre[key] = (ys.mean(), xs.mean())
+    archs, augs = sorted(RESULTS), sorted(RESULTS["resnet18"])  # rows and columns, sorted by name
+    for arch in archs:
+        assert centre[(arch, augs[0])][1] < centre[(arch, augs[1])][1] - 50, centre
+    for aug in augs:
+        assert centre[(archs[0], aug)][0] < centre[(archs[1], aug)][0] - 50, centre
 
 
 def test_report_cli_and_bad_path(sweep, tmp_path):
@@ -185,9 +245,13 @@ def test_study_plots_are_optunas_and_name_the_importance_evaluator(tmp_path, mon
     assert "importance (PED-ANOVA)" in describe(entry)
     stem = safe_stem("s$x")
     assert [p.name for p in result["images"]] == [f"optuna_history_{stem}.png", f"optuna_importance_{stem}.png"]
-    for path in result["images"]:
-        with Image.open(path) as im:
-            assert im.size[0] > 400 and im.size[1] > 150
+    history, importance = (_rgb(path) for path in result["images"])
+    # the history: the trials' dots and the best-value line in colour on Optuna's grey axes
+    assert (history.max(axis=2).astype(int) - history.min(axis=2) > 60).sum() > 200
+    # the importance: one horizontal bar per parameter (2), in Optuna's bar colour
+    bar = _near(importance, (49, 130, 189), 4)
+    column = int(np.argmax(bar.sum(axis=0)))  # a column through every bar, just right of the axis
+    assert len(_runs(bar[:, column])) == 2 == len(entry["importance"])
 
 
 def test_paired_p_is_undefined_when_every_seed_differs_by_the_same_amount():

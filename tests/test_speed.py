@@ -130,7 +130,9 @@ def _fit(tmp_path: Path, load_delay: float, step_delay: float):
 
 
 def test_diagnosis_flags_a_slow_loader(tmp_path, caplog):
+    before = time.time()
     monitor, trainer = _fit(tmp_path, load_delay=0.02, step_delay=0.0)  # 160 ms per batch vs a few ms of step
+    after = time.time()
     stats = monitor.epochs[0]
     assert stats["input_bound"] == 1 and stats["data_wait_frac"] > 0.4, stats
     assert stats["images"] == 40  # 6 batches, the first left out as warm-up
@@ -141,7 +143,7 @@ def test_diagnosis_flags_a_slow_loader(tmp_path, caplog):
     assert trainer.callback_metrics["perf/input_bound"] == 1.0
     perf = json.loads((tmp_path / "perf.json").read_text())
     assert perf["input_bound"] is True and perf["epochs"][0]["warning"] == warning[0]
-    assert perf["first_step_unix"] <= time.time()
+    assert before <= perf["first_step_unix"] <= after  # the wall-clock time of this fit's first step
 
 
 def test_diagnosis_does_not_flag_a_fast_loader(tmp_path, caplog):
@@ -207,9 +209,16 @@ def test_bench_writes_json_lines_with_ratios_step_ratio_first(tmp_path, monkeypa
     assert lines == records
     assert [r["name"] for r in lines] == ["step_ratio", "loader_ratio", "cache_memory_ratio", "cache_disk_ratio",
                                           "e2e_resnet10t"]
+    # each ratio is the quotient of the two rates its line records (rounded to 3 digits; the rates to 0.1)
+    numerator_denominator = {"step_ratio": ("framework_img_s", "reference_img_s"),
+                             "loader_ratio": ("framework_img_s", "reference_img_s"),
+                             "cache_memory_ratio": ("cached_img_s", "uncached_img_s"),
+                             "cache_disk_ratio": ("cached_img_s", "uncached_img_s"),
+                             "e2e_resnet10t": ("e2e_img_s", "model_only_img_s")}
     for r in lines:
-        assert isinstance(r["ratio"], float) and r["ratio"] > 0, r
-    assert lines[0]["framework_img_s"] > 0 and lines[0]["reference_img_s"] > 0
+        num, den = (r[k] for k in numerator_denominator[r["name"]])
+        assert isinstance(r["ratio"], float) and num > 0 and den > 0, r
+        assert r["ratio"] == pytest.approx(num / den, rel=0.02, abs=0.006), r
     assert sys.modules["bench"].SECTIONS  # the script is importable (make bench runs it as a file)
     assert callable(sys.modules["bench_scaling"].bench_ddp)  # its scaling lines too (whole sweeps: not here)
     import bench_optuna

@@ -22,13 +22,18 @@ def test_valley_lands_on_the_slope_not_on_the_plateau():
 
 
 @pytest.mark.slow  # two short trainings (~1 min)
-def test_suggested_lr_trains_at_least_as_well_as_the_default(digits_root, tmp_path):
+def test_suggested_lr_rescues_a_run_whose_lr_is_far_too_low(digits_root, tmp_path):
+    """The finder's suggestion does not depend on optimizer.lr: from lr=1e-5 (100x too low to learn in two
+    epochs) it recovers a run that learns. (Against the tuned default 0.003 a single seed cannot tell a
+    suggestion 30 % off apart: measured 0.9385 vs 0.9665, within seed noise.)"""
     from visionsweep.train import train
 
-    common = [*FAST, "data=digits", f"data.root={digits_root}", "trainer.max_epochs=2", "test=false", "seed=0"]
-    default = train(compose_cfg(tmp_path / "default", common))
+    common = [*FAST, "data=digits", f"data.root={digits_root}", "trainer.max_epochs=2", "test=false", "seed=0",
+              "optimizer.lr=1e-5"]
+    low = train(compose_cfg(tmp_path / "low", common))
     tuned = train(compose_cfg(tmp_path / "tuned", [*common, "tune.lr_find=true", "tune.use_suggestion=true"]))
     found = json.loads((tmp_path / "tuned" / "run.json").read_text())["lr_find"]
-    assert found["used"] and found["rule"] == "valley"
-    assert tuned["val/acc_best"] >= default["val/acc_best"] - 0.05, (found["suggestion"], tuned, default)
+    assert found["used"] and found["rule"] == "valley" and 1e-4 < found["suggestion"] < 1e-1, found
+    print(f"lr {found['suggestion']:.3g}: val/acc_best {tuned['val/acc_best']:.4f} vs {low['val/acc_best']:.4f} at 1e-5")
     assert tuned["val/acc_best"] > 0.5  # chance is 0.1
+    assert tuned["val/acc_best"] > low["val/acc_best"] + 0.2, (found["suggestion"], tuned, low)
