@@ -128,6 +128,12 @@ def test_the_report_is_computed_without_the_job_whose_run_json_is_damaged(sweep,
     assert float(row["best epoch"]) == 2.0 and float(row["train s"]) == 20.0
     assert result["failed"] == []  # left out, not counted as a failure
     assert _warnings(caplog) == [f"{path} {RUN_DAMAGE['cut'][1]}: job left out of the report"]
+    # and the report itself says so, in each document (not only on the console)
+    line = f"{path} {RUN_DAMAGE['cut'][1]}: job left out of the report"
+    assert result["left_out"] == [line]
+    md = (sweep / "summary.md").read_text()
+    assert "## Left out (damaged)" in md and md.count("job left out of the report") == 1
+    assert "Left out (damaged)" in (sweep / "report.html").read_text()
 
 
 def test_fields_of_the_wrong_type_are_ignored_not_used(sweep, caplog):
@@ -230,3 +236,22 @@ def test_runinfo_readers_treat_a_damaged_file_as_absent_with_a_warning(tmp_path,
         f"{tmp_path / 'run.json'} is not valid JSON (Unterminated string starting at: line 1 column 30): "
         "ignored it",
         f"{tmp_path / 'perf.json'} is not UTF-8 text (byte 0): left out of run.json"]
+
+
+def test_a_resumed_run_keeps_the_intact_rows_of_a_damaged_metrics_csv_and_a_copy_of_it(tmp_path, caplog):
+    """Lightning replaces metrics.csv when a run resumes in its dir: the intact earlier epochs are carried
+    over, the cut row is not, and the damaged file is kept aside (named in one warning)."""
+    from visionsweep.utils.safe_io import AtomicExperimentWriter
+
+    path = tmp_path / "metrics.csv"
+    damaged = b"epoch,step,val/acc\r\n0,9,0.5\r\n1,19,0.75\r\n2,29,0.9"  # epoch 2's row cut by a kill
+    path.write_bytes(damaged)
+    with caplog.at_level(logging.WARNING):
+        writer = AtomicExperimentWriter(str(tmp_path))
+    writer.log_metrics({"val/acc": 0.95, "epoch": 2}, step=29)  # the resumed run logs epoch 2 again
+    writer.save()
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["epoch"], r["val/acc"]) for r in rows] == [("0", "0.5"), ("1", "0.75"), ("2", "0.95")]
+    assert (tmp_path / "metrics.damaged.csv").read_bytes() == damaged
+    assert _warnings(caplog) == [f"{path} line 4 is cut off: ignored that row (the damaged file is kept as "
+                                 "metrics.damaged.csv)"]

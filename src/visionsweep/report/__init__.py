@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from visionsweep.errors import ConfigError
 from visionsweep.report import collect, render, study
+from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.text import md_escape
 
 
@@ -34,7 +35,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     if not roots:
         raise ConfigError("report: give at least one sweep dir")
     out = Path(out_dir).expanduser() if out_dir else roots[0]
-    jobs = collect.load_jobs(collect.find_job_dirs(roots))  # a damaged run dir: left out, with a warning
+    left_out: list[str] = []  # damaged run dirs: a warning each, and listed in the report
+    jobs = collect.load_jobs(collect.find_job_dirs(roots), left_out)
     if not jobs:
         raise ConfigError(f"report: no run dirs (run.json or .hydra/) under {', '.join(map(str, roots))}")
     out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +72,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     f_cells = [[str(j.path), j.label, str(j.seed), j.error_type or "", (j.error or j.status)[:300]] for j in failed]
     if failed:
         md += ["", "## Failed jobs", "", render.markdown_table(f_header, f_cells)]
+    if left_out:
+        md += ["", "## Left out (damaged)", ""] + [f"- {md_escape(p)}" for p in left_out]
     for s in studies:
         md += ["", "## Optuna", ""] + [study.describe(_md_study(e)) for e in s["studies"]]
     md += ["", "## Pictures", ""] + [f"![{md_escape(p.stem)}]({quote(p.name)})" for p in images]
@@ -82,10 +86,12 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
                          render.html_table(p_header, p_cells, "paired")))
     if failed:
         sections.append(("Failed jobs", render.html_table(f_header, f_cells, "failed")))
+    if left_out:
+        sections.append(("Left out (damaged)", "".join(render.html_paragraph(p) for p in left_out)))
     for s in studies:
         sections += [("Optuna", "".join(render.html_paragraph(study.describe(e)) for e in s["studies"]))]
     files.append(_write(out / "report.html", render.html_page(title or "visionsweep report", sections, images)))
-    result = {"metric": metric, "rows": rows, "failed": [str(j.path) for j in failed], "pruned": n_pruned,
+    result = {"metric": metric, "rows": rows, "failed": [str(j.path) for j in failed], "pruned": n_pruned, "left_out": left_out,
               "paired": [p.__dict__ for p in pairs], "studies": [e for s in studies for e in s["studies"]],
               "files": [str(f) for f in files + images]}
     _write(out / "report.json", json.dumps(result, indent=2, default=_json_default))
@@ -104,9 +110,7 @@ def _md_study(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write(path: Path, text: str) -> Path:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text)
     return path
 
 

@@ -10,8 +10,6 @@ part, and one warning line per file says what was left out (a row, the job's cur
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import re
@@ -23,6 +21,7 @@ from typing import Any
 from visionsweep.errors import ConfigError, DataError
 from visionsweep.ledger import STATUSES, read_json_object, read_yaml
 from visionsweep.report.stats import mean_ci
+from visionsweep.utils.metrics_csv import intact_rows
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
     except OSError as e:
         log.warning("%s cannot be read (%s): left out the job's curves", metrics_csv, e.strerror or e)
         return {}
-    rows, problem = _metric_rows(raw, metrics_csv)
+    rows, _, problem = intact_rows(raw, metrics_csv, "left out the job's curves")
     if problem:
         log.warning("%s", problem)
     curves: dict[str, dict[int, float]] = defaultdict(dict)
@@ -135,67 +134,6 @@ def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
             if key.startswith(("val/", "train/")) and value != "":
                 curves[key][int(float(row["epoch"]))] = float(value)
     return {k: sorted(v.items()) for k, v in curves.items()}
-
-
-def _metric_rows(raw: bytes, path: Path) -> tuple[list[dict[str, str]], str | None]:
-    """The intact rows of a metrics.csv, and what is wrong with the rest (None when nothing is)."""
-    text = raw.decode("utf-8", errors="replace")  # a stray byte spoils its own row only
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, [])
-    except csv.Error:
-        header = []
-    if not raw.strip():
-        return [], f"{path} is empty: left out the job's curves"
-    if "epoch" not in header or len(set(header)) != len(header) or any(_stray(h) for h in header):
-        return [], f"{path} has no metrics header (epoch, step, ...): left out the job's curves"
-    lines: list[tuple[int, list[str]]] = []
-    bad: list[tuple[int, str]] = []
-    try:
-        for fields in reader:
-            lines.append((reader.line_num, fields))
-    except csv.Error as e:
-        bad.append((reader.line_num, f"and the rest cannot be parsed ({e})"))
-    # the writer ends every row with a newline: a last line without one was cut off by a kill
-    cut = lines[-1][0] if lines and not text.endswith(("\n", "\r")) else None
-    good = []
-    for line, fields in lines:
-        why = "is cut off" if line == cut else _row_problem(fields, header) if fields else None
-        if why:
-            bad.append((line, why))
-        elif fields:
-            good.append(dict(zip(header, fields)))
-    if not bad:
-        return good, None
-    bad.sort()
-    shown = "; ".join(f"line {n} {why}" for n, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
-    if sum(n != cut for n, _ in bad) > len(good):  # mostly garbage: the few rows that parse mean nothing
-        return [], f"{path} is damaged throughout ({shown}): left out the job's curves"
-    if len(bad) == 1:
-        return good, f"{path} line {bad[0][0]} {bad[0][1]}: ignored that row"
-    return good, f"{path} has {len(bad)} damaged rows ({shown}): ignored them"
-
-
-def _stray(text: str) -> bool:
-    return "\ufffd" in text or "\x00" in text
-
-
-def _row_problem(fields: list[str], header: list[str]) -> str | None:
-    """Why a metrics.csv row cannot be used (None when it can)."""
-    if len(fields) != len(header):
-        return f"has {len(fields)} of {len(header)} columns"
-    for key, value in zip(header, fields):
-        if value == "":
-            continue
-        if _stray(value):
-            return f"has bytes that are not text in {key}"
-        try:
-            number = float(value)
-        except ValueError:
-            return f"has {_short(value)} in {key}, not a number"
-        if key == "epoch" and not (number.is_integer() and number >= 0):
-            return f"has epoch {_short(value)}, not a whole number"
-    return None
 
 
 def _short(value: Any) -> str:
@@ -316,8 +254,12 @@ def load_job(job_dir: Path) -> Job:
     )
 
 
-def load_jobs(job_dirs: list[Path]) -> list[Job]:
+def load_jobs(job_dirs: list[Path], left_out: list[str] | None = None) -> list[Job]:
     """Read every run dir; a damaged one is left out with one warning naming its file.
+
+    Args:
+        job_dirs: The run dirs.
+        left_out: Gets one line per run dir left out (the report lists them).
 
     Raises:
         DataError: every run dir is damaged (one line, naming the first).
@@ -329,6 +271,8 @@ def load_jobs(job_dirs: list[Path]) -> list[Job]:
         except DataError as e:
             log.warning("%s", e)
             problems.append(str(e).split(f": {LEFT_OUT}")[0])
+            if left_out is not None:
+                left_out.append(str(e))
     if problems and not jobs:
         raise DataError(f"report: all {len(problems)} run dirs are damaged, nothing to report "
                         f"(first: {problems[0]}); fix or remove them")

@@ -24,6 +24,7 @@ from visionsweep.report.collect import (  # noqa: E402
     higher_is_better,
 )
 from visionsweep.report.stats import Paired, paired  # noqa: E402
+from visionsweep.utils.atomic import atomic_open  # noqa: E402
 from visionsweep.utils.text import csv_cell, md_escape  # noqa: E402
 
 EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "val/miou", "test/miou")
@@ -66,7 +67,7 @@ def _mean(values: Any) -> float:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     """Write rows as CSV (full precision; a label a spreadsheet would run as a formula gets a ``'``)."""
-    with path.open("w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["configuration"])
         writer.writeheader()
         writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)

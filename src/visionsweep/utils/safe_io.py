@@ -21,6 +21,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from visionsweep.errors import DiskFullError
 from visionsweep.utils.atomic import atomic_open, atomic_write, disk_full_cause, tmp_path
+from visionsweep.utils.metrics_csv import intact_rows
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
 
 
+def _earlier_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """The intact rows and header of a resumed run's metrics.csv (none without one).
+
+    A damaged file (cut by a kill, edited) is copied aside first, as ``metrics.damaged.csv`` (or
+    ``metrics.damaged-<n>.csv``), since Lightning replaces metrics.csv: one warning names both files.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return [], []
+    except OSError as e:
+        log.warning("%s cannot be read (%s): this run's metrics.csv starts afresh", path, e.strerror or e)
+        return [], []
+    rows, header, problem = intact_rows(raw, path, "this run's metrics.csv starts afresh")
+    if problem:
+        kept, n = path.with_name("metrics.damaged.csv"), 1
+        while kept.exists():
+            kept, n = path.with_name(f"metrics.damaged-{n}.csv"), n + 1
+        atomic_write(kept, raw)
+        log.warning("%s (the damaged file is kept as %s)", problem, kept.name)
+    return rows, header
+
+
 class AtomicExperimentWriter(ExperimentWriter):
     """Lightning's CSV ``ExperimentWriter`` rewriting metrics.csv whole, atomically, on each save.
 
@@ -65,10 +89,7 @@ class AtomicExperimentWriter(ExperimentWriter):
     def __init__(self, log_dir: str) -> None:
         # Lightning deletes an existing metrics.csv here; a job resumed in its own dir (a resumed sweep)
         # keeps the epochs it had finished, so read them first (see _adopt_earlier_rows)
-        old = Path(log_dir) / self.NAME_METRICS_FILE
-        with (old.open(newline="") if old.is_file() else io.StringIO()) as f:
-            reader = csv.DictReader(f)
-            self._earlier = ([dict(r) for r in reader], list(reader.fieldnames or []))
+        self._earlier = _earlier_rows(Path(log_dir) / self.NAME_METRICS_FILE)
         super().__init__(log_dir=log_dir)
         self._rows: list[dict[str, Any]] = []
 
@@ -83,7 +104,7 @@ class AtomicExperimentWriter(ExperimentWriter):
         first = min(int(m.get("step", 0)) for m in self.metrics)
 
         def before(r: dict[str, str]) -> bool:
-            step = int(float(r.get("step") or 0))
+            step = int(float(r.get("step") or 0))  # intact rows only: a whole number or empty
             return step < first or (step == first and r.get("epoch") not in (None, ""))
 
         kept = [r for r in rows if before(r)]
