@@ -66,7 +66,7 @@ cache: $(STAMP)  ## pre-fill the decoded-sample cache: make cache ARGS="data=fol
 test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores)
 	$(PY) -m pytest $(ARGS)
 
-test-scaling: $(STAMP)  ## launcher (joblib, submitit, ray), resume, DDP sweeps and the wheel, end to end (minutes)
+test-scaling: $(STAMP)  ## end to end (minutes): launcher (joblib, submitit, ray), resume and DDP sweeps, kill/resume, dashboard servers, the wheel
 	$(PY) -m pytest -m "scaling or package" $(ARGS)
 
 test-all: $(STAMP)  ## run every test, slow ones included

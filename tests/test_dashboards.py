@@ -170,6 +170,7 @@ def serve(tmp_path) -> Iterator:
                 continue
 
 
+@pytest.mark.scaling  # end to end (a real mlflow server): in make test-scaling, to keep make test short
 @pytest.mark.skipif(not HAVE_MLFLOW, reason=NO_EXTRA)
 def test_mlflow_server_shows_the_sweep_as_one_experiment(sweep, serve, tmp_path):
     port = _free_port()
@@ -224,6 +225,7 @@ def _events(job: Path) -> list[Path]:
     return sorted((job / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.scaling  # end to end (a sweep logged to every dashboard): in make test-scaling, to keep make test short
 def test_tensorboard_event_file_holds_scalars_test_metrics_and_hparams(sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
@@ -250,6 +252,7 @@ def test_tensorboard_event_file_holds_scalars_test_metrics_and_hparams(sweep):
         assert "arch: resnet10t" in saved and "seed:" in saved and "backbone:" in saved
 
 
+@pytest.mark.scaling  # end to end (a real tensorboard server): in make test-scaling, to keep make test short
 def test_tensorboard_serves_the_runs_and_their_hparams(sweep, serve):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -274,6 +277,7 @@ def test_tensorboard_serves_the_runs_and_their_hparams(sweep, serve):
         assert values["test/acc"] == pytest.approx(record["metrics"]["test/acc"], abs=1e-6)
 
 
+@pytest.mark.scaling  # end to end (a real optuna-dashboard server): in make test-scaling, to keep make test short
 @pytest.mark.skipif(not HAVE_OPTUNA_DASHBOARD, reason=NO_EXTRA)
 def test_optuna_dashboard_lists_the_trials_of_the_study(sweep, serve):
     import optuna

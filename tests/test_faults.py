@@ -78,6 +78,7 @@ def killed_and_full(tmp_path_factory, shapes_root) -> tuple[Path, Path, Path]:
     return full, killed, last
 
 
+@pytest.mark.scaling  # end to end (two training processes, one killed): in make test-scaling, to keep make test short
 def test_resume_after_sigkill_equals_the_uninterrupted_run(killed_and_full, shapes_root, tmp_path):
     full, killed, last = killed_and_full
     saved = torch.load(last, map_location="cpu", weights_only=True)
@@ -102,6 +103,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(killed_and_full, shap
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.scaling  # shares the killed run of the SIGKILL test (two training processes): make test-scaling
 def test_resume_with_other_max_epochs_is_refused_in_one_line(killed_and_full, shapes_root, tmp_path):
     from visionsweep.errors import ConfigError
     from visionsweep.train import train
@@ -125,6 +127,7 @@ def _tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.scaling  # end to end (a training process on a tmpfs): in make test-scaling, to keep make test short
 def test_full_disk_on_a_real_tmpfs_ends_in_one_line_and_leaves_nothing_half_written(tmp_path, shapes_root):
     """A real full disk (a 3 MB tmpfs; root on Linux): skipped, with the reason, where mounting is not permitted.
 

@@ -140,6 +140,7 @@ def test_a_lock_dir_that_is_a_file_is_one_line_and_the_file_is_untouched(tmp_pat
     assert mine.read_text() == "my notes"
 
 
+@pytest.mark.scaling  # end to end (a CLI run and a sweep): in make test-scaling, to keep make test short
 def test_a_bad_gpus_value_on_the_command_line_is_one_line(tmp_path, shapes_root):
     proc = run_cli("train", *FAST, f"data.root={shapes_root}", "gpus.pool=[0]", "gpus.per_job=2",
                    f"gpus.lock_dir={tmp_path / 'locks'}", f"paths.log_dir={tmp_path / 'runs'}", cwd=tmp_path)

@@ -47,6 +47,7 @@ def _tree(root: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.scaling  # end to end (a Hydra multirun): in make test-scaling, to keep make test short
 def test_failed_jobs_are_recorded_and_the_sweep_goes_on(grid):
     jobs = _jobs(grid)
     assert len(jobs) == 4
@@ -71,6 +72,7 @@ def test_failed_jobs_are_recorded_and_the_sweep_goes_on(grid):
         assert "augmentation=" in " ".join(r["overrides"]) and "seed=" in " ".join(r["overrides"])
 
 
+@pytest.mark.scaling  # end to end (a Hydra multirun): in make test-scaling, to keep make test short
 def test_finished_sweep_jobs_keep_their_best_checkpoint_and_drop_last(grid):
     """keep_last=auto: a job of a sweep that ended ok keeps its best (weights-only) checkpoint only; the full
     last.ckpt (optimizer state, for resuming) goes (the single run in the re-run test below keeps it)."""
@@ -86,6 +88,7 @@ def test_finished_sweep_jobs_keep_their_best_checkpoint_and_drop_last(grid):
         assert "state_dict" in best and "optimizer_states" not in best
 
 
+@pytest.mark.scaling  # end to end (a Hydra multirun): in make test-scaling, to keep make test short
 def test_report_of_the_sweep_lists_failures(grid):
     from visionsweep.report import build_report
 
@@ -96,6 +99,7 @@ def test_report_of_the_sweep_lists_failures(grid):
     assert md.count("data.val_fraction=1.5: give a number from 0 to 1") == 2 and md.count("| ConfigError |") == 2
 
 
+@pytest.mark.scaling  # end to end (a Hydra multirun): in make test-scaling, to keep make test short
 def test_a_job_rerun_from_its_saved_config_gives_identical_metrics_in_our_run_dir_layout(grid, tmp_path):
     job = next(j for j in _jobs(grid) if json.loads((j / "run.json").read_text())["status"] == "ok")
     before = json.loads((job / "run.json").read_text())["metrics"]
@@ -111,6 +115,7 @@ def test_a_job_rerun_from_its_saved_config_gives_identical_metrics_in_our_run_di
     assert (again / "checkpoints" / "last.ckpt").is_file() and not (job / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.scaling  # end to end (a resumed multirun): in make test-scaling, to keep make test short
 def test_a_rerun_sweep_refuses_a_job_run_with_another_config_and_reruns_failed_jobs(grid, tmp_path, digits_root):
     """The ledger on a copy of the grid: a job dir whose saved config differs is refused in one line (exit 2,
     nothing touched); restored, the same command skips the ok jobs and runs the failed ones again -- a job
@@ -157,6 +162,7 @@ def test_a_rerun_sweep_refuses_a_job_run_with_another_config_and_reruns_failed_j
         assert (sweep / n / "train.log").read_text().count(f"job failed: {rerun['error']}") == 2
 
 
+@pytest.mark.scaling  # end to end (an Optuna sweep, resumed): in make test-scaling, to keep make test short
 def test_optuna_study_is_stored_in_the_sweep_dir_and_resumes(tmp_path, digits_root):
     import optuna
 
