@@ -210,6 +210,19 @@ def test_latest_skips_debug_runs_and_says_what_it_chose(tmp_path, classifier, ca
         checkpoints.resolve("latest", runs)
 
 
+def test_latest_is_the_newest_last_ckpt_of_several_runs_not_the_newest_folder(tmp_path, classifier):
+    """By the checkpoint's time, not by name or folder time: a resumed older run is the latest one."""
+    from visionsweep import checkpoints
+
+    runs = tmp_path / "runs"
+    older = _fake_run(runs, "2026-01-03_run", classifier, 300)  # the newest name
+    newest = _fake_run(runs, "2026-01-01_run", classifier, 10)  # the oldest name, resumed a moment ago
+    middle = _fake_run(runs, "2026-01-02_run", classifier, 100)
+    assert checkpoints.resolve("latest", runs) == newest.resolve()
+    os.utime(middle, None)  # now written last
+    assert checkpoints.resolve("latest", runs) == middle.resolve() != older.resolve()
+
+
 def test_user_paths_expand_the_home_folder(tmp_path, classifier, monkeypatch):
     from visionsweep import checkpoints
 
