@@ -46,6 +46,18 @@ def digits_root(tmp_path_factory) -> Path:
     return export_digits(tmp_path_factory.mktemp("data") / "digits")
 
 
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory, digits_root) -> tuple[Path, dict]:
+    """One short classifier run shared by the modules that need a trained checkpoint and do not change it
+    (train, predict/export): resnet18 on the digits at 32 px, 2 epochs, seed 1. Returns (run dir, metrics)."""
+    from visionsweep.train import train
+
+    out = tmp_path_factory.mktemp("digits_run")
+    metrics = train(compose_cfg(out, [*FAST, "data=digits", f"data.root={digits_root}", "trainer.max_epochs=2",
+                                      "seed=1"]))
+    return out, metrics
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module's tests (2 on 2 shared cores measured ~15x slower): the budget

@@ -250,6 +250,7 @@ def test_image_size_auto_is_the_smallest_side_from_16_the_backbone_takes_whole(n
             resolve_input_config(name, image_size=size - 1)
 
 
+@pytest.mark.scaling  # CLI end to end, same path as a case kept in make test (test_cli.py's data.root case; the message is tested in process): make test-scaling
 def test_cli_vgg19_at_16_px_is_one_line_and_leaves_earlier_runs_alone(tmp_path):
     earlier = tmp_path / "runs" / "earlier"
     earlier.mkdir(parents=True)

@@ -160,6 +160,7 @@ def test_cli_predict_latest_malicious_is_one_line_exit_2(tmp_path, shapes_root):
     assert f"ckpt_path=latest → {evil.resolve()}" in res.stdout + res.stderr  # says what latest resolved to
 
 
+@pytest.mark.scaling  # CLI end to end, same path as a case kept in make test (predict's latest-malicious CLI case; train's refusal is tested in process): make test-scaling
 def test_cli_train_resume_from_a_malicious_file(tmp_path, shapes_root):
     marker = tmp_path / "ran"
     evil = _malicious(tmp_path / "evil.ckpt", marker)

@@ -86,7 +86,7 @@ def test_bad_config_values_give_a_message_naming_them(shapes_root, tmp_path, ove
     (["data=folder", "data.root=/no/such/folder"], ["/no/such/folder", "does not exist"]),
     pytest.param(["data=folder"], ["data.root", "required"], marks=pytest.mark.slow),
     (["model=resnt34"], ["model=resnt34", "resnet34"]),
-    (["trainer.max_epoch=3"], ["trainer.max_epoch", "no such key"]),
+    pytest.param(["trainer.max_epoch=3"], ["trainer.max_epoch", "no such key"], marks=pytest.mark.scaling),
     pytest.param(["model.backbone=resnt34"], ["resnt34", "resnet34"], marks=pytest.mark.slow),
 ])
 def test_cli_prints_one_line_and_exits_2(args, words, tmp_path):

@@ -104,6 +104,7 @@ def test_checks_accept_what_works_and_name_the_key():
 
 
 # one case end to end (a Python process each, ~9 s): the in-process tests above cover every key's message
+@pytest.mark.scaling  # CLI end to end, same path as a case kept in make test (test_cli.py's data.root case): make test-scaling
 @pytest.mark.parametrize(("override", "key"), [("data.image_size=100000", "data.image_size")])
 def test_cli_bad_value_is_one_line_and_leaves_no_run_dir(tmp_path, override, key):
     run = tmp_path / "r"

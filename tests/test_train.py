@@ -20,11 +20,9 @@ def _train(tmp: Path, root: Path, *extra: str, data: str = "shapes") -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, digits_root) -> tuple[Path, dict]:
-    """One short training run shared by the tests below (resnet18, digits at 32 px, 2 epochs)."""
-    out = tmp_path_factory.mktemp("run")
-    metrics = _train(out, digits_root, "trainer.max_epochs=2", "seed=1", data="digits")
-    return out, metrics
+def trained(digits_run) -> tuple[Path, dict]:
+    """The shared short training run (conftest.digits_run: resnet18, digits at 32 px, 2 epochs)."""
+    return digits_run
 
 
 def test_training_learns_above_chance(trained):
