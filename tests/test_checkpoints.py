@@ -373,3 +373,26 @@ def test_predict_a_segmenter_writes_masks(segmenter, tmp_path, shapes_root):
     rows = predict(compose_cfg(tmp_path, [f"ckpt_path={segmenter}", f"input={image}"], config_name="predict"))
     with Image.open(rows[0]["path"]) as mask:
         assert mask.mode == "P" and mask.size == Image.open(image).size and np.asarray(mask).max() < 3
+
+
+def test_predict_a_segmenter_skips_an_unreadable_file_and_lists_it(segmenter, tmp_path, shapes_root):
+    import json
+    import shutil
+
+    from visionsweep.errors import DataError
+    from visionsweep.predict import predict
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for image in sorted((shapes_root / "circle").glob("*.png"))[:2]:
+        shutil.copy(image, folder / image.name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"broken\.png.*skip_bad_images=true"):  # without the key: stops there
+        predict(compose_cfg(tmp_path / "stop", [f"ckpt_path={segmenter}", f"input={folder}"], config_name="predict"))
+    out = tmp_path / "skip"
+    rows = predict(compose_cfg(out, [f"ckpt_path={segmenter}", f"input={folder}", "skip_bad_images=true"],
+                               config_name="predict"))
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in folder.glob("*.png") if p.stem != "broken")
+    run = json.loads((out / "run.json").read_text())
+    assert run["n_images"] == 2 and [Path(s["path"]).name for s in run["skipped"]] == ["broken.png"]
+    assert not (out / "masks" / "broken.png").exists()

@@ -17,6 +17,7 @@ A checkpoint without a recorded pipeline gets the eval view alone (there is noth
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -29,6 +30,8 @@ from visionsweep import augment
 from visionsweep.data.dataset import ImageFolderDataset, collate_images
 from visionsweep.data.images import BadImageError, is_image_file
 from visionsweep.errors import DataError
+from visionsweep.utils.atomic import atomic_open
+from visionsweep.utils.text import csv_cell
 from visionsweep.models.classifier import ClassifierModule
 
 log = logging.getLogger("visionsweep.inference")
@@ -200,3 +203,70 @@ def predict_images(model: ClassifierModule, paths: list[Path], tta: bool = False
     if skipped is not None:
         skipped.update(sorted(bad.items()))
     return out
+
+
+def views_for_run(tta: bool, run_dir: Path) -> tuple[list[str], float]:
+    """The TTA views the training run's pipeline justifies (just ``eval`` without tta), logged."""
+    if not tta:
+        return ["eval"], 1.0
+    pipeline = training_pipeline(run_dir)
+    views, zoom = tta_views(pipeline)
+    why = "no augmentation.json in the checkpoint's run dir" if pipeline is None else "its training pipeline"
+    log.info("tta: %d view(s) from %s: %s%s", len(views), why, ", ".join(views),
+             f" (crops of the image resized x{zoom:.2f})" if zoom > 1 else "")
+    if len(views) == 1:
+        log.warning("tta: training neither cropped/rescaled nor flipped, so the eval view is the only one; "
+                    "tta=true predicts as tta=false")
+    return views, zoom
+
+
+def write_predictions(paths: list[Path], probs: list[list[float]], names: list[str], skipped: dict[Path, str],
+                      csv_path: Path) -> list[dict[str, Any]]:
+    """predictions.csv: path, predicted class, its probability, the label (a class-named parent folder), one
+    probability column per class, and an ``error`` column when files were skipped; returns the rows.
+
+    Cells a spreadsheet would run as a formula get OWASP's leading ``'`` (:func:`visionsweep.utils.text.csv_cell`).
+    """
+    rows = []
+    for path, p in zip(paths, probs):
+        row: dict[str, Any] = {"path": str(path)}
+        if path in skipped:
+            row.update(predicted="", probability="", error=skipped[path])
+        else:
+            best = max(range(len(names)), key=p.__getitem__)
+            row.update(predicted=names[best], probability=round(p[best], 6))
+            row.update({f"prob_{n}": round(v, 6) for n, v in zip(names, p)})
+        if path.parent.name in names:
+            row["label"] = path.parent.name
+        rows.append(row)
+    columns = ["path", "predicted", "probability"] + (["label"] if any("label" in r for r in rows) else []) \
+        + [f"prob_{n}" for n in names] + (["error"] if skipped else [])
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+    return rows
+
+
+def print_predictions(rows: list[dict[str, Any]], show: int, csv_path: Path, acc: float | None, n_skipped: int) -> None:
+    """The first ``show`` rows as a table, then one line: counts, accuracy on labelled images, the CSV."""
+    from rich.console import Console
+    from rich.markup import escape  # a class named "[red]" is a name, not rich markup
+    from rich.table import Table
+
+    table = Table("image", "predicted", "probability", *(["label"] if acc is not None else []))
+    for r in rows[:show]:
+        shown = f"{r['probability']:.3f}" if r["predicted"] else "unreadable: skipped"
+        table.add_row(escape(Path(r["path"]).name), escape(r["predicted"]), shown,
+                      *([escape(r.get("label", ""))] if acc is not None else []))
+    Console().print(table)
+    more = f" (first {show} shown)" if len(rows) > show else ""
+    skipped = f", {n_skipped} unreadable skipped" if n_skipped else ""
+    shown_acc = f", accuracy {acc:.4f} on {len(labelled(rows))} labelled" if acc is not None else ""
+    print(f"{len(rows) - n_skipped} images{skipped}{more}{shown_acc}  → {csv_path}", flush=True)
+
+
+def labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with a label (a class-named parent folder) and a prediction."""
+    return [r for r in rows if "label" in r and r["predicted"]]

@@ -22,7 +22,6 @@ used are logged and written to run.json (``tta_views``); see :mod:`visionsweep.i
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,12 @@ import torch
 from omegaconf import DictConfig
 
 from visionsweep import checkpoints, runinfo
-from visionsweep.data.images import BadImageError, bad_image_advice
+from visionsweep.data.images import bad_image_advice
 from visionsweep.errors import ConfigError, DataError
-from visionsweep.inference import list_images, predict_images, training_pipeline, tta_views
+from visionsweep.inference import (
+    labelled, list_images, predict_images, print_predictions, views_for_run, write_predictions)
 from visionsweep.utils import checks
 from visionsweep.utils.cli import guarded, precheck
-from visionsweep.utils.text import csv_cell
 
 log = logging.getLogger("visionsweep.predict")
 
@@ -65,38 +64,19 @@ def _predict(cfg: DictConfig) -> list[dict[str, Any]]:
         return _predict_masks(cfg, loaded, device, out, skip)
     model, ckpt = loaded.model, loaded.path
     paths = list_images(cfg.input)
-    views, zoom = _views(bool(cfg.tta), loaded.run_dir)
+    views, zoom = views_for_run(bool(cfg.tta), loaded.run_dir)
     skipped: dict[Path, str] | None = {} if skip else None
     probs = predict_images(model, paths, tta=bool(cfg.tta), batch_size=int(cfg.batch_size), device=device,
                            views=views, zoom=zoom, skipped=skipped)
     skipped = skipped or {}
     _warn_skipped(skipped, len(paths), cfg.input, "rows with an error in predictions.csv")
-    names = list(model.class_names)
-    rows = []
-    for path, p in zip(paths, probs.tolist()):
-        row: dict[str, Any] = {"path": str(path)}
-        if path in skipped:
-            row.update(predicted="", probability="", error=skipped[path])
-        else:
-            best = max(range(len(names)), key=p.__getitem__)
-            row.update(predicted=names[best], probability=round(p[best], 6))
-            row.update({f"prob_{n}": round(v, 6) for n, v in zip(names, p)})
-        if path.parent.name in names:
-            row["label"] = path.parent.name
-        rows.append(row)
-    columns = ["path", "predicted", "probability"] + (["label"] if any("label" in r for r in rows) else []) \
-        + [f"prob_{n}" for n in names] + (["error"] if skipped else [])
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "predictions.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+    rows = write_predictions(paths, probs.tolist(), list(model.class_names), skipped, out / "predictions.csv")
     known = labelled(rows)
     acc = sum(r["label"] == r["predicted"] for r in known) / len(known) if known else None
     runinfo.RunRecord(out, task="predict", checkpoint=str(ckpt), input=str(cfg.input), tta=bool(cfg.tta),
                       tta_views=views, tta_zoom=zoom if zoom > 1 else None, n_images=len(rows) - len(skipped),
                       skipped=_listed(skipped), accuracy=acc, status="ok")
-    _print_table(rows, int(cfg.get("show") or 20), out, acc, len(skipped))
+    print_predictions(rows, int(cfg.get("show") or 20), out / "predictions.csv", acc, len(skipped))
     return rows
 
 
@@ -115,70 +95,18 @@ def _listed(skipped: dict[Path, str]) -> list[dict[str, str]]:
     return [{"path": str(p), "error": why} for p, why in skipped.items()]
 
 
-def _views(tta: bool, run_dir: Path) -> tuple[list[str], float]:
-    """The TTA views the training run's pipeline justifies (just ``eval`` without tta), logged."""
-    if not tta:
-        return ["eval"], 1.0
-    pipeline = training_pipeline(run_dir)
-    views, zoom = tta_views(pipeline)
-    why = "no augmentation.json in the checkpoint's run dir" if pipeline is None else "its training pipeline"
-    log.info("tta: %d view(s) from %s: %s%s", len(views), why, ", ".join(views),
-             f" (crops of the image resized x{zoom:.2f})" if zoom > 1 else "")
-    if len(views) == 1:
-        log.warning("tta: training neither cropped/rescaled nor flipped, so the eval view is the only one; "
-                    "tta=true predicts as tta=false")
-    return views, zoom
-
-
 def _predict_masks(cfg: DictConfig, loaded: checkpoints.LoadedCheckpoint, device: str,
                    out: Path, skip: bool) -> list[dict[str, Any]]:
     """Segmentation checkpoints: mask PNGs (class indices, palette) in <run>/masks/."""
     from visionsweep.models.segmenter import predict_folder
 
-    model = loaded.model.to(device)
-    if not skip:
-        written = predict_folder(model, cfg.input, out / "masks")
-        skipped: dict[Path, str] = {}
-    else:  # one file at a time, so that a bad one costs only its own mask
-        from visionsweep.data import scan
-
-        source = Path(str(cfg.input)).expanduser()  # the files predict_folder would take
-        paths = [source] if source.is_file() else scan.list_images(source)[0] if source.is_dir() else []
-        if not paths:
-            return _predict_masks(cfg, loaded, device, out, False)  # its error names the input
-        written, skipped = [], {}
-        for path in paths:
-            try:
-                written += predict_folder(model, path, out / "masks")
-            except BadImageError as e:
-                skipped[path] = e.reason or str(e)
-        _warn_skipped(skipped, len(paths), cfg.input, "listed in run.json, skipped")
+    skipped: dict[Path, str] = {}
+    written = predict_folder(loaded.model.to(device), cfg.input, out / "masks", skipped=skipped if skip else None)
+    _warn_skipped(skipped, len(written) + len(skipped), cfg.input, "listed in run.json, skipped")
     runinfo.RunRecord(out, task="predict", checkpoint=str(loaded.path), input=str(cfg.input),
                       n_images=len(written), skipped=_listed(skipped), status="ok")
     print(f"\n{len(written)} masks → {out / 'masks'}", flush=True)
     return [{"path": str(p)} for p in written]
-
-
-def _print_table(rows: list[dict[str, Any]], show: int, out: Path, acc: float | None, n_skipped: int) -> None:
-    from rich.console import Console
-    from rich.markup import escape  # a class named "[red]" is a name, not rich markup
-    from rich.table import Table
-
-    table = Table("image", "predicted", "probability", *(["label"] if acc is not None else []))
-    for r in rows[:show]:
-        shown = f"{r['probability']:.3f}" if r["predicted"] else "unreadable: skipped"
-        table.add_row(escape(Path(r["path"]).name), escape(r["predicted"]), shown,
-                      *([escape(r.get("label", ""))] if acc is not None else []))
-    Console().print(table)
-    more = f" (first {show} shown)" if len(rows) > show else ""
-    skipped = f", {n_skipped} unreadable skipped" if n_skipped else ""
-    shown_acc = f", accuracy {acc:.4f} on {len(labelled(rows))} labelled" if acc is not None else ""
-    print(f"{len(rows) - n_skipped} images{skipped}{more}{shown_acc}  → {out / 'predictions.csv'}", flush=True)
-
-
-def labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows with a label (a class-named parent folder) and a prediction."""
-    return [r for r in rows if "label" in r and r["predicted"]]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

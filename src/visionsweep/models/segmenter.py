@@ -323,7 +323,8 @@ def write_overlays(samples: Sequence[tuple[np.ndarray, ...]], path: Path, class_
 
 
 @torch.no_grad()
-def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Path, resize: bool = True) -> list[Path]:
+def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Path, resize: bool = True,
+                   skipped: dict[Path, str] | None = None) -> list[Path]:
     """Write ``<out_dir>/<stem>.png`` class-index masks (palette PNGs) for an image or every image in a folder.
 
     Args:
@@ -332,6 +333,8 @@ def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Pa
         out_dir: Destination folder (created).
         resize: Resize the short side to the model's ``image_size`` first (the training scale); the
             logits are resized back, so every mask has its image's size either way.
+        skipped: None: an unreadable file raises :class:`visionsweep.data.images.BadImageError`. A dict:
+            unreadable files get no mask and are added to it (``{path: reason}``).
 
     Returns:
         The written mask paths.
@@ -339,7 +342,7 @@ def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Pa
     from PIL import Image
 
     from visionsweep.data import scan
-    from visionsweep.data.images import load_rgb
+    from visionsweep.data.images import BadImageError, load_rgb
     from visionsweep.errors import DataError
 
     folder, out = Path(images).expanduser(), Path(out_dir).expanduser()
@@ -355,7 +358,14 @@ def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Pa
     model.eval()
     written, flat = [], palette().flatten().tolist()
     for path in paths:
-        img = torch.from_numpy(load_rgb(path)).permute(2, 0, 1)[None].to(model.device)
+        try:
+            rgb = load_rgb(path)
+        except BadImageError as e:
+            if skipped is None:
+                raise
+            skipped[path] = e.reason or str(e)
+            continue
+        img = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(model.device)
         h, w = img.shape[-2:]
         x = img
         if resize:
