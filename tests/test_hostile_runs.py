@@ -119,13 +119,19 @@ def test_ctrl_c_records_an_interrupted_resumable_run_and_exits_130(tmp_path, sha
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "visionsweep.train", *FAST, f"data.root={shapes_root}", "data.image_size=16",
            "trainer.max_epochs=200", "callbacks.model_checkpoint.last_every_s=0", f"hydra.run.dir={run}"]
+    # SIGINT as a terminal delivers it: a suite started in the background (`make test &`) ignores SIGINT,
+    # its children inherit that, and Python then installs no KeyboardInterrupt handler at all
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (run / "checkpoints" / "last.ckpt").is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # the first epoch's last.ckpt: there is something to resume
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # (a no-op once it ended) a run that ignored the signal must not go on beside the suite
     assert proc.returncode == 130, err[-3000:]
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "interrupted" and record["epochs"] >= 1

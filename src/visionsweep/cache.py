@@ -21,12 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from visionsweep import builders
     from visionsweep.data.cache import check_mode
     from visionsweep.utils.cli import CONF_DIR, fail, precheck, user_error
 
     args = sys.argv[1:] if argv is None else argv
     precheck("train", args)
+    from visionsweep import builders  # torch, Lightning, timm: after the overrides are checked
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=list(args), return_hydra_config=False)

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig
 
-from visionsweep import builders, checkpoints, runinfo
+from visionsweep import checkpoints, runinfo
 from visionsweep.data.images import bad_image_advice
 from visionsweep.errors import ConfigError
 from visionsweep.utils import checks
+from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.cli import guarded, precheck
 
 log = logging.getLogger("visionsweep.eval")
@@ -41,6 +40,11 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     loaded = checkpoints.load(cfg.ckpt_path, cfg.paths.log_dir)
     ckpt, run_dir, model = loaded.path, loaded.run_dir, loaded.model
+    import pytorch_lightning as pl  # (heavy: after the checks above, so that a wrong path fails in a second)
+    import torch
+
+    from visionsweep import builders
+
     extra = {"batch_size": int(cfg.batch_size)} if cfg.get("batch_size") else {}
     dm = builders.checkpoint_datamodule(model, ckpt, run_dir, loaded.train_config(), cfg.get("data_root"), out,
                                         **extra)
@@ -62,7 +66,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = {k.replace("test/", f"{split}/"): round(float(v), 6)
                for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     record.update(status="ok", metrics=metrics, test_report=model.test_report)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
     shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("/acc", "/miou", "/loss")))
     print(f"\n{ckpt.name} on {split} ({len(loader.dataset)} images): {shown}  → {out}", flush=True)
     return metrics

@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from visionsweep import checkpoints, runinfo
 from visionsweep.errors import ConfigError
-from visionsweep.models.deploy import Deployable, max_abs_diff, random_images, sidecar, to_onnx
 from visionsweep.utils import checks
 from visionsweep.utils.atomic import atomic_write, tmp_path
 from visionsweep.utils.cli import guarded, precheck
@@ -85,6 +83,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 def _write(cfg: DictConfig, fmt: str, loaded: checkpoints.LoadedCheckpoint, path: Path) -> dict[str, Any]:
     """Write the model as ``fmt`` to ``path`` (checked against the checkpoint); returns the sidecar."""
+    import torch  # (heavy: after main() checked the command line)
+
+    from visionsweep.models.deploy import Deployable, max_abs_diff, random_images, sidecar, to_onnx
+
     model, ckpt = loaded.model, loaded.path
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "state_dict":

@@ -6,12 +6,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import pytorch_lightning as pl
+from typing import TYPE_CHECKING, Any
 
 from visionsweep.errors import DiskFullError, exception_chain
 from visionsweep.utils.atomic import disk_full_cause
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 SUMMARY_KEYS = ("val/acc_best", "val/acc", "test/acc", "val/miou_best", "val/miou", "test/miou")
 

@@ -27,14 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from visionsweep import checkpoints, runinfo
 from visionsweep.data.images import bad_image_advice
 from visionsweep.errors import ConfigError, DataError
-from visionsweep.inference import (
-    labelled, list_images, predict_images, print_predictions, views_for_run, write_predictions)
 from visionsweep.utils import checks
 from visionsweep.utils.cli import guarded, precheck
 
@@ -59,6 +56,11 @@ def _predict(cfg: DictConfig) -> list[dict[str, Any]]:
     checks.keys(cfg, VALUES)
     skip = bool(cfg.get("skip_bad_images"))
     loaded = checkpoints.load(cfg.ckpt_path, cfg.paths.log_dir)
+    import torch  # (heavy, with inference's timm: after the checks above, so that a wrong path fails in a second)
+
+    from visionsweep.inference import (
+        labelled, list_images, predict_images, print_predictions, views_for_run, write_predictions)
+
     device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     if loaded.kind == "segmenter":
         return _predict_masks(cfg, loaded, device, out, skip)

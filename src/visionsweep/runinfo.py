@@ -13,8 +13,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from visionsweep.errors import DiskFullError
 from visionsweep.utils.atomic import atomic_write, remove_tmp_files
 
@@ -50,6 +48,8 @@ def versions() -> dict[str, str | None]:
 
 def device_info() -> dict[str, Any]:
     """CPU/GPU the run used."""
+    import torch  # (a run has imported it already; run.json readers need not)
+
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                             "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():

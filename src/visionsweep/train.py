@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from visionsweep import builders, distributed, gpus, ledger, outcome, parallel, run_config, runinfo
-from visionsweep.optim import lr_find
+from visionsweep import gpus, ledger, outcome, parallel, runinfo
 from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.cli import guarded, is_multirun, precheck
 from visionsweep.utils.config import print_config_tree
@@ -30,6 +28,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Under DDP every rank runs this; only rank 0 (``lead``) writes the run dir's own files.
     """
+    # torch, Lightning, timm (~7 s on 2 cores): imported here, after main() checked the command line,
+    # so that a typo is reported in under a second
+    import pytorch_lightning as pl
+
+    from visionsweep import builders, distributed, run_config
+    from visionsweep.optim import lr_find
+
     out, lead = Path(cfg.paths.output_dir), distributed.is_rank_zero()
     config_hash = ledger.config_hash(cfg)  # of the config as composed, before anything fills it in
     started, record, trainer = round(time.time(), 3), None, None

@@ -91,10 +91,15 @@ def _record_failure(cfg: DictConfig, recorded: dict[str, str], create: bool = Tr
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from visionsweep import distributed, runinfo
+    from visionsweep import runinfo
 
-    if not distributed.is_rank_zero():  # rank 0 owns run.json (a failing DDP rank must not race it)
-        return
+    # rank 0 owns run.json (a failing DDP rank must not race it). Only a process that has loaded
+    # Lightning can be a rank > 0: a rank's job imports it before anything it runs can fail.
+    if "pytorch_lightning" in sys.modules:
+        from visionsweep import distributed
+
+        if not distributed.is_rank_zero():
+            return
     try:
         out = Path(HydraConfig.get().runtime.output_dir)
         existing = runinfo.load(out)
