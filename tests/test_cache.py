@@ -191,8 +191,14 @@ def test_the_cache_command_fills_the_disk_cache_of_a_training_config(folder, tmp
     out = capsys.readouterr().out
     assert "cache ready:" in out and "15 images, 15 decoded" in out and "3 images, 3 decoded" in out
     assert list(cache_dir.glob("*/info.json"))  # data.cache=none in the config: the disk cache is filled
-    # the old spelling still works (a thin alias), with the same one-line errors
-    old = subprocess.run([sys.executable, "-m", "visionsweep.data.cache", "data=folder", "data.root=/no/such/dir"],
+    with pytest.raises(SystemExit) as stop:
+        main(["data=folder", "data.root=/no/such/dir"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("error: data root '/no/such/dir' does not exist") \
+        and "\n" not in err, err
+    # the old spelling still works (a thin alias of the same main), with the same one-line errors
+    old = subprocess.run([sys.executable, "-m", "visionsweep.data.cache", "data=folder", "model=resnt18"],
                          capture_output=True, text=True, timeout=120)
-    last = old.stderr.strip().splitlines()[-1]  # (runpy warns first: the package imports the module too)
-    assert old.returncode == 2 and last.startswith("error: data root '/no/such/dir' does not exist")
+    last = old.stderr.strip().splitlines()[-1]
+    assert old.returncode == 2 and last.startswith("error: bad override 'model=resnt18': no such model (did you "
+                                                   "mean resnet18"), old.stderr

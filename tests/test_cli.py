@@ -83,7 +83,10 @@ def test_bad_config_values_give_a_message_naming_them(shapes_root, tmp_path, ove
 
 # the command line itself: a few cases end to end (each starts a Python process)
 @pytest.mark.parametrize(("args", "words"), [
-    (["data=folder", "data.root=/no/such/folder"], ["/no/such/folder", "does not exist"]),
+    # after the heavy imports (the path of test_finetune's failing pre-training child and of predict's CLI
+    # cases); in process: test_bad_data_gives_a_message_naming_it[missing]
+    pytest.param(["data=folder", "data.root=/no/such/folder"], ["/no/such/folder", "does not exist"],
+                 marks=pytest.mark.scaling),
     pytest.param(["data=folder"], ["data.root", "required"], marks=pytest.mark.slow),
     (["model=resnt34"], ["model=resnt34", "resnet34"]),
     pytest.param(["trainer.max_epoch=3"], ["trainer.max_epoch", "no such key"], marks=pytest.mark.scaling),
@@ -147,3 +150,26 @@ def test_a_failed_sweep_job_records_type_and_one_line_error_in_run_json(tmp_path
     bug(cfg)
     run = json.loads((tmp_path / "run.json").read_text())
     assert (run["error_type"], run["error"]) == ("ZeroDivisionError", "ZeroDivisionError: division by zero")
+
+
+def test_a_mistyped_override_is_reported_before_torch_is_imported(tmp_path):
+    """The entry points load torch, Lightning and timm (seconds) only once the command line is checked: a typo
+    costs the user a fraction of that. Each command is run in a fresh process that records what it imported."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, runpy\n"
+             "try:\n"
+             "    runpy.run_module(sys.argv[1], run_name='__main__', alter_sys=True)\n"
+             "finally:\n"
+             "    print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'timm', 'albumentations')"
+             " if m in sys.modules), file=sys.stderr)\n")
+    for module, typo in [("visionsweep.train", "model=resnt34"), ("visionsweep.eval", "splitt=val"),
+                         ("visionsweep.predict", "tta=true inputt=x"), ("visionsweep.export", "format=onnx opsett=9"),
+                         ("visionsweep.see", "see=kernels seee=1"), ("visionsweep.cache", "model=resnt34")]:
+        proc = subprocess.run([sys.executable, "-c", probe, module, *typo.split(), f"hydra.run.dir={tmp_path}/r"],
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines[-2].startswith("error: bad override"), (module, proc.stderr[-2000:])
+        assert lines[-1] == "HEAVY []", (module, lines[-1])
+    assert not (tmp_path / "r").exists()

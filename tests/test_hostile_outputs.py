@@ -96,6 +96,19 @@ def test_bad_image_advice_names_the_commands_key(tmp_path):
     assert err.value.path == bad and err.value.reason.startswith("not an image")
 
 
+def test_predict_stops_at_a_bad_image_naming_its_own_key(hostile, with_garbage, tmp_path):
+    from visionsweep.data.images import BadImageError
+    from visionsweep.predict import predict
+
+    cfg = compose_cfg(tmp_path, [f"ckpt_path={hostile['ckpt']}", f"input={with_garbage}"], config_name="predict")
+    with pytest.raises(BadImageError) as err:
+        predict(cfg)
+    assert str(err.value) == (f"cannot read image '{with_garbage / 'garbage.png'}' (not an image: Pillow cannot "
+                              "identify the format): remove it or set skip_bad_images=true")
+    assert not (tmp_path / "predictions.csv").exists()
+
+
+@pytest.mark.scaling  # the same error through the CLI (one line, exit 2: the path test_checkpoints' predict CLI case takes)
 def test_predict_cli_stops_at_a_bad_image_in_one_line_naming_its_key(hostile, with_garbage, tmp_path):
     res = run_cli("predict", f"ckpt_path={hostile['ckpt']}", f"input={with_garbage}",
                   f"hydra.run.dir={tmp_path / 'run'}")
