@@ -173,3 +173,20 @@ def test_a_mistyped_override_is_reported_before_torch_is_imported(tmp_path):
         assert proc.returncode == 2 and lines[-2].startswith("error: bad override"), (module, proc.stderr[-2000:])
         assert lines[-1] == "HEAVY []", (module, lines[-1])
     assert not (tmp_path / "r").exists()
+
+
+def test_timm_is_imported_without_wandb_and_wandb_still_imports_after():
+    """timm imports wandb when installed (237 modules, ~0.5 s a job); a run without the wandb logger must not
+    pay for it, and a run with it still gets the real package."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import visionsweep.models.backbones\n"
+            "assert 'timm' in sys.modules, 'timm not imported'\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'wandb'))\n"
+            "import wandb\n"
+            "print(callable(wandb.init), 'timm.utils' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["[]", "True True"], proc.stdout

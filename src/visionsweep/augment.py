@@ -37,6 +37,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from visionsweep.errors import ConfigError  # noqa: E402
+from visionsweep.utils.atomic import atomic_write  # noqa: E402
 from visionsweep.utils.jsonsafe import json_default  # noqa: E402
 
 __all__ = ["INTERPOLATIONS", "build_pipelines", "pipeline_to_dict", "reseed_in_worker", "save_pipelines"]
@@ -328,5 +329,5 @@ def save_pipelines(train: A.Compose, evaluate: A.Compose, path: str | os.PathLik
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"train": pipeline_to_dict(train), "eval": pipeline_to_dict(evaluate)}
-    path.write_text(json.dumps(payload, indent=2, default=json_default) + "\n", encoding="utf-8")
+    atomic_write(path, json.dumps(payload, indent=2, default=json_default) + "\n")
     return path

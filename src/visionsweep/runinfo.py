@@ -15,6 +15,7 @@ from typing import Any
 
 from visionsweep.errors import DiskFullError
 from visionsweep.utils.atomic import atomic_write, remove_tmp_files
+from visionsweep.utils.jsonsafe import json_default
 
 log = logging.getLogger("visionsweep.runinfo")
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "timm", "torchmetrics", "albumentations",
@@ -108,7 +109,7 @@ class RunRecord:
         Raises:
             DiskFullError: No space left (run.json keeps its previous content; no temp file is left).
         """
-        atomic_write(self.path, json.dumps(to_jsonable(self.data), indent=2, default=str))
+        atomic_write(self.path, json.dumps(to_jsonable(self.data), indent=2, default=json_default))
 
     def fail(self, error: str, error_type: str | None = None) -> None:
         """Record ``status: failed`` with ``error`` (one line) and ``error_type``, even on a full disk.
@@ -127,7 +128,7 @@ class RunRecord:
         minimal = ("status", "error", "error_type", "task", "argv", "overrides", "started", "finished", "gpu")
         for data in (self.data, {k: self.data.get(k) for k in minimal}):
             try:
-                atomic_write(self.path, json.dumps(to_jsonable(data), indent=2, default=str))
+                atomic_write(self.path, json.dumps(to_jsonable(data), indent=2, default=json_default))
                 return None
             except DiskFullError:
                 continue

@@ -92,6 +92,7 @@ class VisionSweepBasicSweeper(BasicSweeper):
 
     def _sweep(self, arguments: List[str]) -> Any:
         from visionsweep import ledger, parallel
+        from visionsweep.utils.atomic import atomic_write
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         params = self._parse_config() + list(arguments)
@@ -100,7 +101,7 @@ class VisionSweepBasicSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         plan = self._plan(sweep_dir, self.overrides)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        atomic_write(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))  # a resumed sweep rewrites it
         actions = {num: action for num, action, _ in plan}
         skipped = sum(a == "skip" for a in actions.values())
         if skipped:

@@ -30,7 +30,9 @@ class SavedConfigDefaults(Callback):
         except OSError:
             return
         if not text.startswith("defaults:"):
-            path.write_text(DEFAULTS + text)
+            from visionsweep.utils.atomic import atomic_write
+
+            atomic_write(path, DEFAULTS + text)
 
 
 class ThreadBudget(Callback):

@@ -194,7 +194,9 @@ class OptunaSweeper(Sweeper):
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        from visionsweep.utils.atomic import atomic_write
+
+        atomic_write(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))  # a resumed study rewrites it
         storage = self.storage or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
         from visionsweep.callbacks.optuna_pruning import make_pruner
 
@@ -330,9 +332,11 @@ class OptunaSweeper(Sweeper):
 
     @staticmethod
     def _save_results(study: Any, sweep_dir: Path) -> None:
-        completed = [t for t in study.trials if t.value is not None]
         import optuna
 
+        from visionsweep.utils.atomic import atomic_write
+
+        completed = [t for t in study.trials if t.value is not None]
         pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
         result: dict[str, Any] = {"study_name": study.study_name, "n_trials": len(study.trials),
                                   "n_complete": len(completed) - len(pruned), "n_pruned": len(pruned)}
@@ -340,4 +344,4 @@ class OptunaSweeper(Sweeper):
             result.update(best_value=study.best_value, best_params=study.best_params,
                           best_trial=study.best_trial.number)
             log.info("best trial %d: %s = %s", study.best_trial.number, study.best_params, study.best_value)
-        OmegaConf.save(OmegaConf.create(result), sweep_dir / "optimization_results.yaml")
+        atomic_write(sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(OmegaConf.create(result)))

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from visionsweep.analysis import plots
 from visionsweep.analysis.common import load_checkpoint, run_datamodule
 from visionsweep.errors import ConfigError
+from visionsweep.utils.atomic import atomic_open
 from visionsweep.utils.text import csv_cell
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
     gallery, _ = _top_losses_figure(loader.dataset, probs, labels, losses, classes,
                                  int(cfg.see.get("top_k") or 16), index)
     pairs = most_confused(cm, classes, int(cfg.see.get("pairs") or 10))
-    with (index.out_dir / "per_class.csv").open("w", newline="") as fh:
+    with atomic_open(index.out_dir / "per_class.csv", "w", fsync=False, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["class", "precision", "recall", "f1", "support"])
         for c, p, r, f, s in zip(classes, *(stats[k] for k in ("precision", "recall", "f1", "support"))):

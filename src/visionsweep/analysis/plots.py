@@ -21,6 +21,7 @@ matplotlib.use("Agg")  # never open a window, also on machines with a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from visionsweep.utils.atomic import atomic_write, save_figure  # noqa: E402
 from visionsweep.utils.jsonsafe import json_default  # noqa: E402
 from visionsweep.utils.text import md_escape  # noqa: E402
 
@@ -146,7 +147,7 @@ class Index:
     def save(self, fig: Any, name: str, title: str, **info: Any) -> Path:
         """Save ``fig`` as ``<out_dir>/<name>.png``, close it and record it with its grid and size."""
         path = self.out_dir / f"{name}.png"
-        fig.savefig(path, dpi=fig.dpi)
+        save_figure(fig, path, dpi=fig.dpi)
         width, height = (round(v) for v in fig.get_size_inches() * fig.dpi)
         plt.close(fig)
         layout = getattr(fig, "visionsweep_grid", {})
@@ -162,12 +163,12 @@ class Index:
         """Write ``index.json`` and ``index.md``; returns the JSON path."""
         payload = {"mode": self.mode, "files": self.files, "notes": self.notes, **self.data}
         path = self.out_dir / "index.json"
-        path.write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
+        atomic_write(path, json.dumps(payload, indent=2, default=json_default) + "\n")
         # titles and notes carry class names, paths and preset names: escaped (md_escape), links URL-quoted
         lines = [f"# see={md_escape(self.mode)}", ""]
         lines += [f"- [{md_escape(f['file'])}]({quote(f['file'])}): {md_escape(f['title'])} "
                   f"({f['width']}x{f['height']} px)" for f in self.files]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {md_escape(n)}" for n in self.notes]
-        (self.out_dir / "index.md").write_text("\n".join(lines) + "\n")
+        atomic_write(self.out_dir / "index.md", "\n".join(lines) + "\n")
         return path

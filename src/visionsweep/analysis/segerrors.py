@@ -20,6 +20,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from visionsweep.analysis import plots
 from visionsweep.analysis.interpret import (
     confusion_figure, table_figure, matrix_cells, most_confused, per_class)
+from visionsweep.utils.atomic import atomic_open
 from visionsweep.utils.text import csv_cell
 
 
@@ -82,7 +83,7 @@ def run(ck: Any, loader: Any, cfg: DictConfig, split: str, index: plots.Index) -
     gallery = _worst_figure(ck.model, loader.dataset, losses, accs, int(cfg.see.get("top_k") or 8), index)
     pairs = most_confused(cm, classes, int(cfg.see.get("pairs") or 10))
     keys = ("iou", "precision", "recall", "f1", "support")
-    with (index.out_dir / "per_class.csv").open("w", newline="") as fh:
+    with atomic_open(index.out_dir / "per_class.csv", "w", fsync=False, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["class", *keys])
         for i, c in enumerate(classes):

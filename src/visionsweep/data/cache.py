@@ -24,13 +24,13 @@ makes evaluation on cached samples bit-identical to evaluation without a cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import struct
 import sys
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from visionsweep.data.images import load_rgb
-from visionsweep.errors import ConfigError
+from visionsweep.errors import ConfigError, DiskFullError
 from visionsweep.parallel import node_cores
+from visionsweep.utils.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -244,14 +245,10 @@ class DiskCache:
         return arr
 
     def _store(self, entry: Path, arr: np.ndarray) -> None:
-        tmp = entry.with_name(f".{entry.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+        try:  # atomic: readers (other jobs too) see the old entry, no entry, or the whole new one
+            with atomic_open(entry, "wb", fsync=False, unique=True) as f:
                 f.write(encode_entry(arr))
-            os.replace(tmp, entry)  # atomic: readers see the old entry, no entry, or the whole new one
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
+        except (OSError, DiskFullError) as e:
             if not self._write_failed:  # a read-only or full disk must not stop training
                 self._write_failed = True
                 log.warning("cannot write the sample cache under %s (%s): decoding without it", self.dir, e)
@@ -273,13 +270,9 @@ class DiskCache:
         _parallel(self.get, [Path(p) for p in paths], threads, f"caching {len(paths)} images ({self.dir.name})",
                   progress)
         info = {"rule": asdict(self.rule), "format": _FORMAT, "n_files": len(paths), "fingerprint": fingerprint}
-        try:
-            tmp = self.dir / f".info.{os.getpid()}.tmp"
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(info, indent=2))
-            os.replace(tmp, self.dir / "info.json")
-        except OSError:
-            pass
+        with contextlib.suppress(OSError, DiskFullError):
+            with atomic_open(self.dir / "info.json", "w", fsync=False, unique=True) as f:
+                f.write(json.dumps(info, indent=2))
         return self.misses - before
 
     def prune(self, paths: Sequence[str | Path]) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

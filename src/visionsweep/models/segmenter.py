@@ -25,6 +25,7 @@ from visionsweep.errors import ConfigError
 from visionsweep.models.backbones import check_backbone, hub_reachable
 from visionsweep.models.normalize import PixelNormalize
 from visionsweep.optim.optimization import Optimization
+from visionsweep.utils.atomic import atomic_open, save_figure
 
 log = logging.getLogger(__name__)
 LOSSES = ("ce", "dice", "dice_ce")
@@ -317,7 +318,7 @@ def write_overlays(samples: Sequence[tuple[np.ndarray, ...]], path: Path, class_
     fig.legend(handles=[Patch(color=colours[i], label=n) for i, n in enumerate(class_names)],
                loc="lower center", ncol=min(len(class_names), 6), fontsize=7, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -378,5 +379,6 @@ def predict_folder(model: SegmenterModule, images: str | Path, out_dir: str | Pa
         mask = Image.fromarray(logits.argmax(1)[0].to(torch.uint8).cpu().numpy())
         mask.putpalette(flat)  # L → P: the indices stay the pixel values, the palette makes them visible
         written.append(out / f"{path.stem}.png")
-        mask.save(written[-1])
+        with atomic_open(written[-1], "wb", fsync=False) as f:
+            mask.save(f, format="PNG")
     return written

@@ -25,6 +25,7 @@ from pytorch_lightning.tuner import Tuner
 
 from visionsweep.errors import ConfigError
 from visionsweep.utils import checks
+from visionsweep.utils.atomic import atomic_write, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def lr_find(cfg: DictConfig, model: pl.LightningModule, dm: pl.LightningDataModu
     result = {"suggestion": suggestion, "rule": rule, "configured_lr": float(cfg.optimizer.lr), "used": False,
               "plot": str(plot), "min_lr": float(opts["min_lr"]), "max_lr": float(opts["max_lr"]),
               "steps": len(finder.results["lr"]), "body_frozen": train_bn is not None}
-    (out / "lr_find.json").write_text(json.dumps({**result, **finder.results}, indent=1))
+    atomic_write(out / "lr_find.json", json.dumps({**result, **finder.results}, indent=1))
     print(f"\nlr finder: suggested lr {suggestion if suggestion is None else f'{suggestion:.3g}'} "
           f"(configured {cfg.optimizer.lr:g})  → {plot}", flush=True)
     if opts["use_suggestion"]:
@@ -190,5 +191,5 @@ def _save_plot(lrs: list[float], losses: list[float], idx: int | None, rule: str
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss (smoothed)")
     ax.set_title("learning-rate finder: pick an lr where the loss is still falling")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
     plt.close(fig)

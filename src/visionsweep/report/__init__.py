@@ -7,7 +7,6 @@ render.py writes tables and PNGs, study.py adds the Optuna study; :func:`build_r
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -15,6 +14,7 @@ from urllib.parse import quote
 from visionsweep.errors import ConfigError
 from visionsweep.report import collect, render, study
 from visionsweep.utils.atomic import atomic_write
+from visionsweep.utils.jsonsafe import json_default
 from visionsweep.utils.text import md_escape
 
 
@@ -94,7 +94,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     result = {"metric": metric, "rows": rows, "failed": [str(j.path) for j in failed], "pruned": n_pruned, "left_out": left_out,
               "paired": [p.__dict__ for p in pairs], "studies": [e for s in studies for e in s["studies"]],
               "files": [str(f) for f in files + images]}
-    _write(out / "report.json", json.dumps(result, indent=2, default=_json_default))
+    _write(out / "report.json", json.dumps(result, indent=2, default=json_default))
     return result
 
 
@@ -114,7 +114,3 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)

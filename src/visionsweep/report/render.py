@@ -24,7 +24,7 @@ from visionsweep.report.collect import (  # noqa: E402
     higher_is_better,
 )
 from visionsweep.report.stats import Paired, paired  # noqa: E402
-from visionsweep.utils.atomic import atomic_open  # noqa: E402
+from visionsweep.utils.atomic import atomic_open, save_figure  # noqa: E402
 from visionsweep.utils.text import csv_cell, md_escape  # noqa: E402
 
 EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "val/miou", "test/miou")
@@ -204,7 +204,7 @@ def plot_heatmap(configs: list[Configuration], metric: str, path: Path) -> Path 
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

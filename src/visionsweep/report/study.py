@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: Optuna's matplotlib plots draw on whatever backend is active
 import matplotlib.pyplot as plt  # noqa: E402
 
+from visionsweep.utils.atomic import save_figure  # noqa: E402
+
 log = logging.getLogger(__name__)
 EVALUATOR = "PED-ANOVA"  # optuna.importance.PedAnovaImportanceEvaluator, see _evaluator()
 
@@ -162,7 +164,7 @@ def _save(ax: Any, title: str, size: tuple[float, float], path: Path) -> Path:
         ax.set_title("", loc=loc)
     ax.set_title(_plain(title))
     ax.figure.set_size_inches(*size)
-    ax.figure.savefig(path, dpi=110, bbox_inches="tight")  # the history's legend sits outside the axes
+    save_figure(ax.figure, path, dpi=110, bbox_inches="tight")  # the history's legend sits outside the axes
     plt.close(ax.figure)
     return path
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -30,9 +31,13 @@ def disk_full_cause(exc: BaseException | None) -> OSError | None:
     return next((e for e in exception_chain(exc) if isinstance(e, OSError) and e.errno in _FULL), None)
 
 
-def tmp_path(path: str | Path) -> Path:
-    """Where ``path`` is written before it is renamed into place: ``<path>.tmp``."""
+def tmp_path(path: str | Path, unique: bool = False) -> Path:
+    """Where ``path`` is written before it is renamed into place: ``<path>.tmp``, or with ``unique`` (a file
+    that several processes or threads may write at once, e.g. a shared cache entry)
+    ``.<name>.<pid>.<random>.tmp``."""
     path = Path(path)
+    if unique:
+        return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
     return path.with_name(path.name + TMP_SUFFIX)
 
 
@@ -42,7 +47,8 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "w", fsync: bool = True, **kwargs: Any) -> Iterator[IO]:
+def atomic_open(path: str | Path, mode: str = "w", fsync: bool = True, unique: bool = False,
+                **kwargs: Any) -> Iterator[IO]:
     """Open ``<path>.tmp`` for writing; on success flush, fsync and rename it to ``path``.
 
     Args:
@@ -50,13 +56,14 @@ def atomic_open(path: str | Path, mode: str = "w", fsync: bool = True, **kwargs:
         mode: ``"w"`` (text) or ``"wb"`` (binary).
         fsync: Push the data to the device before the rename (so a power cut cannot leave the new
             name on empty blocks); off for small files rewritten often.
+        unique: A temporary name of this call's own (see :func:`tmp_path`), for concurrent writers.
         **kwargs: ``open`` arguments (``newline``, ``encoding``...).
 
     Raises:
         DiskFullError: The device is full; nothing was left behind, ``path`` kept its old content.
     """
     path = Path(path)
-    tmp = tmp_path(path)
+    tmp = tmp_path(path, unique)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode, **kwargs) as f:
@@ -78,6 +85,14 @@ def atomic_write(path: str | Path, data: str | bytes, fsync: bool = False) -> No
     with atomic_open(path, "wb" if binary else "w", fsync=fsync,
                      **({} if binary else {"encoding": "utf-8"})) as f:
         f.write(data)
+
+
+def save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure (or anything with ``savefig``) to ``path`` atomically; the format is the suffix's."""
+    path = Path(path)
+    with atomic_open(path, "wb", fsync=False) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    return path
 
 
 def remove_tmp_files(folder: str | Path) -> list[Path]:
