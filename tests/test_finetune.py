@@ -29,8 +29,9 @@ def training(name: str) -> str:
 def _train(out: Path, root: Path, *extra: str) -> dict:
     from visionsweep.train import train
 
-    return train(compose_cfg(out, [*FAST, f"data.root={root}", "data.builtin=null", "data.val_fraction=0.3",
-                                   "data.test_fraction=0.0", *extra]))
+    # resnet18 (FAST says resnet10t): the pre-trained file, _module() and the measured margins are resnet18's
+    return train(compose_cfg(out, [*FAST, "model=resnet18", f"data.root={root}", "data.builtin=null",
+                                   "data.val_fraction=0.3", "data.test_fraction=0.0", *extra]))
 
 
 def _subset(src: Path, dst: Path, classes: str, per_class: int | None = None) -> Path:

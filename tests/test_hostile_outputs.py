@@ -36,7 +36,7 @@ def _cells(html_text: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory) -> dict:
-    """A resnet18 trained one epoch on 3 classes named like attacks; the first two hold identical images,
+    """A resnet10t (FAST) trained one epoch on 3 classes named like attacks; the first two hold identical images,
     so ``see=errors`` has confused pairs (naming them) whatever the model learns."""
     from visionsweep.train import train
 

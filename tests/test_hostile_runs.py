@@ -22,7 +22,7 @@ def _digest(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def log_dir(tmp_path_factory, shapes_root, one_thread) -> Path:
-    """runs/ holding one finished resnet18 run (the defaults say resnet34), 16 px, 1 epoch."""
+    """runs/ holding one finished resnet10t run (FAST; the defaults say resnet34), 16 px, 1 epoch."""
     from visionsweep.train import train
 
     logs = tmp_path_factory.mktemp("runs")
@@ -77,7 +77,7 @@ def test_resume_latest_trains_the_resumed_runs_model_not_the_defaults(tmp_path, 
     train(compose_cfg(out, ["ckpt_path=latest", f"paths.log_dir={log_dir}", "logger=csv", "test=false",
                             "trainer.enable_progress_bar=false"]))
     record = json.loads((out / "run.json").read_text())
-    assert record["status"] == "ok" and record["backbone"] == "resnet18"
+    assert record["status"] == "ok" and record["backbone"] == "resnet10t"
     assert Path(record["resumed_from"]) == ckpt.resolve()
     saved = (out / "config.yaml").read_text()
     assert f"root: {shapes_root}" in saved and "image_size: 16" in saved

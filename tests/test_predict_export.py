@@ -15,7 +15,7 @@ from conftest import FAST, compose_cfg, run_cli
 
 @pytest.fixture(scope="module")
 def ckpt(digits_run) -> Path:
-    """The last.ckpt of the shared short run (conftest.digits_run: resnet18, digits at 32 px, 2 epochs)."""
+    """The last.ckpt of the shared short run (conftest.digits_run: resnet10t, digits at 32 px, 2 epochs)."""
     return digits_run[0] / "checkpoints" / "last.ckpt"
 
 
@@ -208,7 +208,7 @@ def test_export_state_dict_is_a_pretrained_file(ckpt, tmp_path):
     export(compose_cfg(tmp_path, [f"ckpt_path={ckpt}", "format=state_dict", f"output={out}"],
                        config_name="export"))
     trained = checkpoints.load(ckpt, kind="classifier").model
-    fresh = ClassifierModule("resnet18", 5, pretrained_file=str(out), image_size=32)
+    fresh = ClassifierModule(trained.hparams.backbone, 5, pretrained_file=str(out), image_size=32)
     assert torch.equal(fresh.net.layer3[0].conv1.weight, trained.net.layer3[0].conv1.weight)
     assert fresh.net.fc.out_features == 5
 

@@ -42,8 +42,9 @@ def _check_pngs(out: Path, result: dict) -> None:
 def _train_on_shapes(out: Path, root: Path, *extra: str) -> dict:
     from visionsweep.train import train
 
-    metrics = train(compose_cfg(out, [*FAST, f"data.root={root}", f"data.image_size={SIZE}", "data.batch_size=16",
-                                      "seed=1", *extra]))
+    # resnet18 (FAST says resnet10t): the asserted layers (conv1's 64 filters, the stages) are resnet18's
+    metrics = train(compose_cfg(out, [*FAST, "model=resnet18", f"data.root={root}", f"data.image_size={SIZE}",
+                                      "data.batch_size=16", "seed=1", *extra]))
     run = json.loads((out / "run.json").read_text())
     return {"root": root, "run": out, "ckpt": run["best_checkpoint"], "metrics": metrics, "run_json": run}
 

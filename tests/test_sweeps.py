@@ -255,7 +255,7 @@ def test_saved_config_is_the_config_the_job_ran_with(tmp_path, shapes_root, monk
     from visionsweep import builders
     from visionsweep.train import train
 
-    cfg = compose_cfg(tmp_path, [*FAST, f"data.root={shapes_root}", "logger=wandb", "seed=3",
+    cfg = compose_cfg(tmp_path, [*FAST, "model=resnet18", f"data.root={shapes_root}", "logger=wandb", "seed=3",
                                  "data.crop_pct=null", "data.interpolation=null", "trainer.max_epochs=1",
                                  "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"])
     _as_sweep_job(tmp_path, monkeypatch)

@@ -21,7 +21,7 @@ def _train(tmp: Path, root: Path, *extra: str, data: str = "shapes") -> dict:
 
 @pytest.fixture(scope="module")
 def trained(digits_run) -> tuple[Path, dict]:
-    """The shared short training run (conftest.digits_run: resnet18, digits at 32 px, 2 epochs)."""
+    """The shared short training run (conftest.digits_run: resnet10t, digits at 32 px, 2 epochs)."""
     return digits_run
 
 
