@@ -100,6 +100,17 @@ def test_failed_commands_leave_no_run_dir_and_see_no_out_dir(tmp_path):
 
     result = run_cli("eval", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'e'}")
     assert result.returncode == 2 and "nope.ckpt" in result.stderr and not (tmp_path / "e").exists()
+    # the default layout (runs/eval/<stamp>/): the task folder this failure made goes too; one with runs stays
+    logs = tmp_path / "runs"
+    result = run_cli("eval", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"paths.log_dir={logs}")
+    assert result.returncode == 2 and list(logs.iterdir()) == [], list(logs.rglob("*"))
+    (logs / "eval" / "earlier").mkdir(parents=True)
+    result = run_cli("eval", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"paths.log_dir={logs}")
+    assert result.returncode == 2 and [p.name for p in (logs / "eval").iterdir()] == ["earlier"]
+    own = tmp_path / "my_empty_folder"  # an empty folder of the user's around hydra.run.dir stays
+    own.mkdir()
+    result = run_cli("eval", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={own / 'e'}")
+    assert result.returncode == 2 and own.is_dir() and not (own / "e").exists()
 
     out = tmp_path / "pictures"
     with pytest.raises(VisionSweepError, match="nope.ckpt"):

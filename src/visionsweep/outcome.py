@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -73,10 +74,15 @@ def drop_last_checkpoint(trainer: pl.Trainer, multirun: bool) -> None:
 def remove_if_only_hydra_files(out: Path) -> bool:
     """A command that failed on a bad input before doing anything leaves no run dir (returns True if removed).
 
-    Only a dir holding nothing but Hydra's ``.hydra/`` and the command's ``<task>.log`` goes.
+    Only a dir holding nothing but Hydra's ``.hydra/`` and the command's ``<task>.log`` goes, and then the
+    default layout's ``runs/<task>/`` above it if that is left empty (a parent of any other name is kept).
     """
     if out.is_dir() and all(p.name == ".hydra" or (p.suffix == ".log" and p.is_file()) for p in out.iterdir()):
+        tasks = {p.stem for p in out.glob("*.log")}
         shutil.rmtree(out, ignore_errors=True)
+        if out.parent.name in tasks:
+            with contextlib.suppress(OSError):  # not empty (other runs): kept
+                out.parent.rmdir()
         return True
     return False
 
