@@ -119,10 +119,47 @@ def checkpoint_datamodule(model: Any, ckpt: Path, run_dir: Path, train_cfg: Dict
     return dm
 
 
+def report_classes(cfg: DictConfig, dm: Any) -> None:
+    """Log each split's class counts; warn when the training classes are imbalanced beyond 3:1 and the run
+    chooses its checkpoint (or a sweep its configuration) by plain accuracy, naming the better metrics."""
+    if not hasattr(dm, "class_count_lines"):
+        return
+    for line in dm.class_count_lines():
+        log.info("class counts, %s", line)
+    from visionsweep.data.balance import IMBALANCE_RATIO
+
+    ratio = dm.train_imbalance()
+    monitor = ((cfg.get("callbacks") or {}).get("model_checkpoint") or {}).get("monitor")
+    chosen = [m for m in (monitor, cfg.get("optimized_metric")) if m in ("val/acc", "val/acc_best")]
+    if dm.multilabel or ratio <= IMBALANCE_RATIO or not chosen:
+        return
+    log.warning("the training classes are imbalanced (largest / smallest = %s) and %s is plain accuracy, which a "
+                "model that ignores the small classes still scores well on: choose by val/f1_macro or "
+                "val/acc_balanced (callbacks.model_checkpoint.monitor=val/f1_macro optimized_metric=val/f1_macro), "
+                "and consider data.balance=weights or sampler", "inf" if ratio == float("inf") else f"{ratio:.1f}:1",
+                " and ".join(dict.fromkeys(chosen)))
+
+
+def baselines(dm: Any) -> dict[str, Any]:
+    """Multi-label: the image-blind baselines on the test split (val without one), with its name."""
+    from visionsweep.models.multilabel import baselines as blind
+
+    split = "test" if dm.has_test else "val"
+    labels = [y for _, y in (dm.test_samples if dm.has_test else dm.val_samples)]
+    return {"split": split, **blind([y for _, y in dm.train_samples], labels)}
+
+
 def build_model(cfg: DictConfig, dm: Any, inp: InputConfig) -> pl.LightningModule:
     """Instantiate ``cfg.model`` for the data set's classes and the backbone's input config."""
     container = lambda node: OmegaConf.to_container(node, resolve=True) if node else None  # noqa: E731
     extra = {k: v for k, v in asdict(inp).items()}
+    data_multi, model_multi = bool(getattr(dm, "multilabel", False)), bool(cfg.model.get("multilabel", False))
+    if data_multi != model_multi:
+        raise ConfigError("the data has several labels per image: add task=multilabel" if data_multi else
+                          "model.multilabel=true needs multi-label data: use task=multilabel (it sets both)")
+    weights = dm.loss_weights() if hasattr(dm, "loss_weights") else None
+    if weights is not None:
+        extra["class_weights"] = weights
     return instantiate(cfg.model, num_classes=dm.num_classes, class_names=list(dm.classes),
                        optimizer=container(cfg.get("optimizer")),
                        scheduler=container(cfg.get("scheduler")), _recursive_=False, _convert_="all",
@@ -240,6 +277,7 @@ _MODEL_VALUES = {
     "encoder_depth": lambda v, k: checks.whole(v, k, 1, 5, 5), "overlay_count": _count,
     "ignore_index": lambda v, k: checks.whole(v, k, -100, 255, 255),
     "channels_last": checks.flag, "pretrained": checks.flag, "weight_decay_norm_bias": checks.flag,
+    "multilabel": checks.flag, "loss": lambda v, k: checks.choice(v, k, ("ce", "bce", "asl")),
 }
 #: callbacks.<any>.<key> → its check
 _CALLBACK_VALUES = {

@@ -1,7 +1,7 @@
 """Inference with a classifier (loaded by :mod:`visionsweep.checkpoints`): list images, predict them
 (optionally with TTA).
 
-Test-time augmentation averages the softmax over views the model met in training, and only those:
+Test-time augmentation averages the probabilities (softmax; one sigmoid per class for multi-label) over views the model met in training, and only those:
 averaging in a view the training pipeline never produced (a mirrored digit) lowers accuracy. The
 views come from the run's ``augmentation.json`` (or its ``config.yaml``), see :func:`tta_views`:
 
@@ -198,7 +198,7 @@ def predict_images(model: ClassifierModule, paths: list[Path], tta: bool = False
 
                 made.update(zip(CROPS, five_crop(batches[1][0], [size, size])))
             batch = [made[v] if v in made else made[v[len("hflip("):-1]].flip(-1) for v in views]
-            probs = torch.stack([model(v.to(device)).softmax(dim=1) for v in batch]).mean(dim=0)
+            probs = torch.stack([model.probabilities(model(v.to(device))) for v in batch]).mean(dim=0)
             out[batches[0][1]] = probs.cpu().float()
     if skipped is not None:
         skipped.update(sorted(bad.items()))
@@ -220,10 +220,17 @@ def views_for_run(tta: bool, run_dir: Path) -> tuple[list[str], float]:
     return views, zoom
 
 
+LABEL_JOIN = "|"  # between the classes of a multi-label prediction (as in multi-label split files)
+
+
 def write_predictions(paths: list[Path], probs: list[list[float]], names: list[str], skipped: dict[Path, str],
-                      csv_path: Path) -> list[dict[str, Any]]:
+                      csv_path: Path, thresholds: list[float] | None = None) -> list[dict[str, Any]]:
     """predictions.csv: path, predicted class, its probability, the label (a class-named parent folder), one
     probability column per class, and an ``error`` column when files were skipped; returns the rows.
+
+    Multi-label (``thresholds`` given, one per class): ``predicted`` is the set of classes whose probability
+    reaches their threshold, joined by ``|`` (empty: none), ``n_predicted`` their count, and one
+    ``prob_<class>`` column per class; no ``probability`` or ``label`` column.
 
     Cells a spreadsheet would run as a formula get OWASP's leading ``'`` (:func:`visionsweep.utils.text.csv_cell`).
     """
@@ -231,15 +238,20 @@ def write_predictions(paths: list[Path], probs: list[list[float]], names: list[s
     for path, p in zip(paths, probs):
         row: dict[str, Any] = {"path": str(path)}
         if path in skipped:
-            row.update(predicted="", probability="", error=skipped[path])
+            row.update(predicted="", error=skipped[path], **({} if thresholds is not None else {"probability": ""}))
+        elif thresholds is not None:
+            chosen = [n for n, v, t in zip(names, p, thresholds) if v >= t]
+            row.update(predicted=LABEL_JOIN.join(chosen), n_predicted=len(chosen))
+            row.update({f"prob_{n}": round(v, 6) for n, v in zip(names, p)})
         else:
             best = max(range(len(names)), key=p.__getitem__)
             row.update(predicted=names[best], probability=round(p[best], 6))
             row.update({f"prob_{n}": round(v, 6) for n, v in zip(names, p)})
-        if path.parent.name in names:
+        if path.parent.name in names and thresholds is None:
             row["label"] = path.parent.name
         rows.append(row)
-    columns = ["path", "predicted", "probability"] + (["label"] if any("label" in r for r in rows) else []) \
+    first = ["path", "predicted", "n_predicted"] if thresholds is not None else ["path", "predicted", "probability"]
+    columns = first + (["label"] if any("label" in r for r in rows) else []) \
         + [f"prob_{n}" for n in names] + (["error"] if skipped else [])
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(csv_path, "w", newline="") as f:
@@ -255,9 +267,13 @@ def print_predictions(rows: list[dict[str, Any]], show: int, csv_path: Path, acc
     from rich.markup import escape  # a class named "[red]" is a name, not rich markup
     from rich.table import Table
 
-    table = Table("image", "predicted", "probability", *(["label"] if acc is not None else []))
+    multi = any("n_predicted" in r for r in rows)
+    table = Table("image", "predicted", "classes" if multi else "probability", *(["label"] if acc is not None else []))
     for r in rows[:show]:
-        shown = f"{r['probability']:.3f}" if r["predicted"] else "unreadable: skipped"
+        if "error" in r:
+            shown = "unreadable: skipped"
+        else:
+            shown = str(r["n_predicted"]) if multi else f"{r['probability']:.3f}"
         table.add_row(escape(Path(r["path"]).name), escape(r["predicted"]), shown,
                       *([escape(r.get("label", ""))] if acc is not None else []))
     Console().print(table)
@@ -269,4 +285,4 @@ def print_predictions(rows: list[dict[str, Any]], show: int, csv_path: Path, acc
 
 def labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows with a label (a class-named parent folder) and a prediction."""
-    return [r for r in rows if "label" in r and r["predicted"]]
+    return [r for r in rows if "label" in r and r["predicted"] and "error" not in r]

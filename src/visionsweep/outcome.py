@@ -15,7 +15,8 @@ from visionsweep.utils.atomic import disk_full_cause
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-SUMMARY_KEYS = ("val/acc_best", "val/acc", "test/acc", "val/miou_best", "val/miou", "test/miou")
+SUMMARY_KEYS = ("val/acc_best", "val/acc", "test/acc", "val/miou_best", "val/miou", "test/miou", "val/map_best", "test/map",
+                "test/f1_macro")
 
 
 def scalars(metrics: dict) -> dict[str, float]:
@@ -117,8 +118,14 @@ def record_interrupt(record: Any, trainer: pl.Trainer | None, out: Path) -> None
     print(f"\ninterrupted after {finished} finished epoch(s): {how}  → {out}", file=sys.stderr, flush=True)
 
 
-def print_summary(metrics: dict[str, Any], seconds: float, out: Path, state: str = "ok") -> None:
-    """The one line a user reads at the end: the main metrics, the time, the run dir."""
+def print_summary(metrics: dict[str, Any], seconds: float, out: Path, state: str = "ok",
+                  baselines: dict[str, Any] | None = None) -> None:
+    """The one line a user reads at the end: the main metrics, the time, the run dir (multi-label: and the
+    image-blind baselines of :func:`visionsweep.models.multilabel.baselines` before it)."""
+    if baselines:
+        floor = "; ".join(f"{name.replace('_', '-')} mAP {b['map']:.4f} F1 {b['f1_macro']:.4f}"
+                          for name, b in baselines.items() if isinstance(b, dict))
+        print(f"\nbaselines on {baselines.get('split')} (image-blind; the model must beat them): {floor}", flush=True)
     shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
     note = "  (pruned)" if state == "pruned" else ""
     print(f"\n{shown}  ({seconds:.0f} s){note}  → {out}", flush=True)

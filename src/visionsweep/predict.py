@@ -72,7 +72,9 @@ def _predict(cfg: DictConfig) -> list[dict[str, Any]]:
                            views=views, zoom=zoom, skipped=skipped)
     skipped = skipped or {}
     _warn_skipped(skipped, len(paths), cfg.input, "rows with an error in predictions.csv")
-    rows = write_predictions(paths, probs.tolist(), list(model.class_names), skipped, out / "predictions.csv")
+    thresholds = model.thresholds.tolist() if model.multilabel else None  # tuned on validation, in the checkpoint
+    rows = write_predictions(paths, probs.tolist(), list(model.class_names), skipped, out / "predictions.csv",
+                             thresholds)
     known = labelled(rows)
     acc = sum(r["label"] == r["predicted"] for r in known) / len(known) if known else None
     runinfo.RunRecord(out, task="predict", checkpoint=str(ckpt), input=str(cfg.input), tta=bool(cfg.tta),

@@ -56,6 +56,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("seed %d, %d threads", cfg.seed, threads)
         dm = builders.build_datamodule(cfg, inp, out if lead else None)
         log.info("data: %s", dm.describe())
+        builders.report_classes(cfg, dm)
         model = builders.build_model(cfg, dm, inp)
         model, lr_found = lr_find.lr_find(cfg, model, dm, out, rebuild=lambda: builders.build_model(cfg, dm, inp))
         if lead:
@@ -86,14 +87,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                              weights_only=True)
             metrics.update(outcome.scalars(model.trainer.callback_metrics))
         epochs = trainer.current_epoch - (record.data.get("start_epoch") or 0)
+        floor = builders.baselines(dm) if getattr(model, "multilabel", False) else None  # what "learnt" must beat
         record.update(
             status=state, metrics=metrics, best_checkpoint=best or None, epochs=trainer.current_epoch,
             fit_seconds=round(fit_s, 2),
             train_images_per_s=runinfo.images_per_s(metrics, trainer, dm, epochs, fit_s),
             perf=runinfo.read_json(out / "perf.json"),
-            test_report=getattr(model, "test_report", None) or None, finished=round(time.time(), 3))
+            test_report=getattr(model, "test_report", None) or None, baselines=floor, finished=round(time.time(), 3))
         outcome.drop_last_checkpoint(trainer, is_multirun())
-        outcome.print_summary(metrics, fit_s, out, state)
+        outcome.print_summary(metrics, fit_s, out, state, floor)
         return metrics
     except BaseException as e:
         if outcome.interrupted(e):  # Ctrl-C (Lightning turns it into SystemExit(1)): resumable, exit 130

@@ -141,10 +141,12 @@ def image_scores(model: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def image_probs(model: Any, x: torch.Tensor) -> torch.Tensor:
-    """``N x classes`` probabilities: a classifier's softmax, a segmenter's mean per-pixel softmax (class share)."""
+    """``N x classes`` probabilities: a classifier's softmax (multi-label: a sigmoid per class), a segmenter's
+    mean per-pixel softmax (class share)."""
     from visionsweep.checkpoints import is_segmenter
 
-    out = model(x).softmax(dim=1)
+    out = model(x)
+    out = out.sigmoid() if getattr(model, "multilabel", False) else out.softmax(dim=1)
     return out.mean(dim=(2, 3)) if is_segmenter(model) else out
 
 

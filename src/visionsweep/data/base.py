@@ -107,6 +107,8 @@ class SplitDataModule(pl.LightningDataModule):
     csv_path_columns: tuple[str, ...] = ()
     #: the DataLoader class of every loader (its per-epoch seeds keep augmentation worker-independent)
     loader_class: type[DataLoader] = SeededDataLoader
+    #: whether a root holding ``train/ val/ [test/]`` folders is split by them (a table of labels says its own split)
+    split_folders: bool = True
 
     def __init__(
         self, root: str | os.PathLike = ".", builtin: str | None = None, image_size: int | None = None,
@@ -193,7 +195,7 @@ class SplitDataModule(pl.LightningDataModule):
         if self.split_dir is not None:
             rows = read_split_files(self.split_dir, self.csv_header, self.csv_path_columns)
             (classes, splits), source = self._from_split_files(rows), "split_dir"
-        elif (folders := scan.find_split_folders(self.root)) is not None:
+        elif self.split_folders and (folders := scan.find_split_folders(self.root)) is not None:
             (classes, splits), source = self._from_split_folders(folders), "folders"
         else:
             (classes, splits), source = self._seeded_split(), "seeded"

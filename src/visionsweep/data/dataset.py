@@ -46,6 +46,13 @@ def _to_chw_uint8(image: Any, path: Path) -> torch.Tensor:
     return tensor
 
 
+def label_tensor(labels: Sequence[Any]) -> torch.Tensor:
+    """A batch's labels: int64 ``N`` class indices, or float ``N x classes`` for multi-hot (multi-label) tuples."""
+    if labels and isinstance(labels[0], (tuple, list)):
+        return torch.as_tensor([list(label) for label in labels], dtype=torch.float32)
+    return torch.as_tensor([int(label) for label in labels], dtype=torch.int64)
+
+
 def collate_images(batch: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(uint8 CHW image, label)`` samples into an ``N x C x H x W`` batch in channels-last memory.
 
@@ -57,7 +64,7 @@ def collate_images(batch: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Ten
         batch: ``(image, label)`` pairs from :class:`ImageFolderDataset`.
 
     Returns:
-        ``(images, labels)``: uint8 ``N x C x H x W`` (channels-last strides) and int64 ``N``.
+        ``(images, labels)``: uint8 ``N x C x H x W`` (channels-last strides) and :func:`label_tensor`.
     """
     images = [img for img, _ in batch]
     first = images[0]
@@ -71,15 +78,14 @@ def collate_images(batch: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Ten
         out = first.new_empty(numel)
     out = out.view(len(images), h, w, c)
     torch.stack([img.permute(1, 2, 0) for img in images], 0, out=out)
-    labels = torch.as_tensor([int(label) for _, label in batch], dtype=torch.int64)
-    return out.permute(0, 3, 1, 2), labels
+    return out.permute(0, 3, 1, 2), label_tensor([label for _, label in batch])
 
 
 class ImageFolderDataset(Dataset):
     """A list of ``(path, label)`` pairs decoded with :func:`load_rgb` and transformed.
 
     Args:
-        samples: ``(path, label)`` pairs.
+        samples: ``(path, label)`` pairs: a class index, or a multi-hot tuple (multi-label).
         transform: Albumentations-style callable, ``transform(image=hwc_uint8)["image"]``;
             None returns the decoded image unchanged (no resize).
         cache: Decoded-sample cache (:mod:`visionsweep.data.cache`), anything with ``get(path)``
@@ -107,12 +113,12 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         path, label = self.samples[index]
         image = self.cache.get(path) if self.cache is not None else load_rgb(path, self.decode_short_side)
         if self.transform is not None:
             image = self._transform(image, index)
-        return _to_chw_uint8(image, path), int(label)
+        return _to_chw_uint8(image, path), label if isinstance(label, tuple) else int(label)
 
     def _transform(self, image: np.ndarray, index: int) -> Any:
         seed_sample(self.seeder, self.transform, index)

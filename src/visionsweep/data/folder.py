@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from visionsweep.data import scan
+from visionsweep.data.balance import check_balance, class_counts, count_lines, imbalance, loss_weights, weighted_sampler
 from visionsweep.data.base import SplitDataModule
 from visionsweep.data.builtin import BUILTIN, ensure_builtin
 from visionsweep.data.cache import (
@@ -80,6 +81,9 @@ class FolderDataModule(SplitDataModule):
             random crops); val/test at the eval short side (so evaluation is unchanged by the cache).
         decode_reduce: Decode JPEGs much larger than needed at 1/2, 1/4 or 1/8 scale inside the decoder.
         prefetch_factor: Batches each worker loads ahead (None: PyTorch's default, 2).
+        balance: Imbalanced classes: ``none``, ``weights`` (inverse-frequency loss weights, :meth:`loss_weights`)
+            or ``sampler`` (a seeded weighted sampler draws the training samples); see :mod:`visionsweep.data.balance`.
+        multilabel: Must stay false: a class folder gives one label per image (``data=table`` reads several).
     """
 
     csv_header = ("path", "label", "class")
@@ -115,6 +119,8 @@ class FolderDataModule(SplitDataModule):
         cache_scale: float = 1.15,
         decode_reduce: bool = False,
         prefetch_factor: int | None = None,
+        balance: str = "none",
+        multilabel: bool = False,
     ) -> None:
         super().__init__(root, builtin, image_size, crop_pct, interpolation, val_fraction, test_fraction,  # base order
                          split_seed, split_dir, batch_size, num_workers, pin_memory, persistent_workers, output_dir,
@@ -135,6 +141,11 @@ class FolderDataModule(SplitDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root / CACHE_DIRNAME
         self.cache_scale, self.decode_reduce = cache_scale, flag(decode_reduce, "data.decode_reduce")
         self.prefetch_factor = prefetch_factor
+        self.balance = check_balance(balance)
+        if flag(multilabel, "data.multilabel"):
+            raise ConfigError("task=multilabel needs several labels per image, which class folders cannot give: "
+                              "use data=table data.file=<labels.csv> (see the README's multi-label section)")
+        self.multilabel = False  # samples are (path, class index); the table module may say otherwise
         self._caches: dict[str, Any] = {}
 
     def prepare_data(self) -> None:
@@ -275,6 +286,21 @@ class FolderDataModule(SplitDataModule):
     def _classes_note(self) -> str:
         return f" ({', '.join(self.class_subset)})" if self.class_subset else ""
 
+    # ------------------------------------------------------------------ class balance
+    def class_count_lines(self) -> list[str]:
+        """One line per split with its count of each class (positives per class for multi-label)."""
+        return count_lines(self.classes, self._state(), self.multilabel)
+
+    def train_imbalance(self) -> float:
+        """Largest / smallest class count of the training split."""
+        return imbalance(class_counts([y for _, y in self.train_samples], self.num_classes))
+
+    def loss_weights(self) -> list[float] | None:
+        """Per-class loss weights with ``data.balance=weights`` (else None), from the training split."""
+        if self.balance != "weights":
+            return None
+        return loss_weights([y for _, y in self.train_samples], self.num_classes)
+
     # ------------------------------------------------------------------ loaders
     def resize_rule(self, split: str) -> ResizeRule | None:
         """How ``split``'s samples are cached / decoded; None without an ``image_size``.
@@ -340,4 +366,6 @@ class FolderDataModule(SplitDataModule):
     def _loader_options(self, split: str, transform: Callable | None) -> dict[str, Any]:
         size = int(self.image_size) if self.image_size and transform is not None else 0
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 and self.prefetch_factor else {}
+        if split == "train" and self.balance == "sampler":
+            extra["sampler"] = weighted_sampler([y for _, y in self.train_samples], self.num_classes)
         return {"sample_shape": (3, size, size) if size else None, **extra}

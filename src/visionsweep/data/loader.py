@@ -55,11 +55,13 @@ class SeededDataLoader(DataLoader):
     def __init__(self, *args: Any, drop_single: bool | None = None, **kwargs: Any) -> None:
         if drop_single is None:
             drop_single = bool(kwargs.get("shuffle"))
-        if drop_single and kwargs.get("batch_sampler") is None and kwargs.get("sampler") is None \
-                and kwargs.get("batch_size", 1) is not None:
+        if kwargs.get("sampler") is not None:  # a sampler that draws (data.balance=sampler) replaces shuffling
+            kwargs.pop("shuffle", None)
+        if drop_single and kwargs.get("batch_sampler") is None and kwargs.get("batch_size", 1) is not None:
             dataset = args[0] if args else kwargs["dataset"]
-            sampler = RandomSampler(dataset, generator=kwargs.get("generator")) if kwargs.pop("shuffle", False) \
-                else SequentialSampler(dataset)
+            sampler = kwargs.pop("sampler", None) or (
+                RandomSampler(dataset, generator=kwargs.get("generator")) if kwargs.pop("shuffle", False)
+                else SequentialSampler(dataset))
             kwargs["batch_sampler"] = NoSingleBatchSampler(sampler, int(kwargs.pop("batch_size", 1)),
                                                            bool(kwargs.pop("drop_last", False)))
         super().__init__(*args, **kwargs)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-from visionsweep.data.dataset import collate_images
+from visionsweep.data.dataset import collate_images, label_tensor
 from visionsweep.data.loader import SeededDataLoader
 
 # pools of this process by id, for the batches to find theirs; a pool lives as long as its loader
@@ -105,7 +105,7 @@ class SlotBatch:
     pool was reset since the batch was made (then the slot may hold a newer batch).
     """
 
-    def __init__(self, pool_id: int, slot: int, shape: tuple[int, int, int, int], labels: list[int],
+    def __init__(self, pool_id: int, slot: int, shape: tuple[int, int, int, int], labels: list[Any],
                  generation: int) -> None:
         self.pool_id, self.slot, self.shape, self.labels = pool_id, slot, shape, labels
         self.generation = generation
@@ -134,7 +134,7 @@ class SlotBatch:
         images = hwc.pin_memory() if pin else torch.from_numpy(hwc.numpy().copy())
         self._release()
         pool.taken += 1
-        return images.permute(0, 3, 1, 2), torch.as_tensor(self.labels, dtype=torch.int64)
+        return images.permute(0, 3, 1, 2), label_tensor(self.labels)
 
     def pin_memory(self, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Called by the DataLoader's pin-memory thread: the copy into pinned memory is the take."""
@@ -165,7 +165,7 @@ class SlotCollate:
             generation = int(self.pool.generation[0])
             out = self.pool.view(slot, (len(batch), h, w, c))
             torch.stack([img.permute(1, 2, 0) for img, _ in batch], 0, out=out)
-            labels = [int(label) for _, label in batch]
+            labels = [label if isinstance(label, tuple) else int(label) for _, label in batch]
         except BaseException:
             self.pool.busy[slot] = 0
             raise

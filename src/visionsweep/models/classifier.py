@@ -14,12 +14,15 @@ from torchmetrics.classification import (
     MulticlassF1Score,
     MulticlassPrecision,
     MulticlassRecall,
+    MultilabelAveragePrecision,
+    MultilabelF1Score,
 )
 
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 from visionsweep.errors import ConfigError
+from visionsweep.models import multilabel as ml
 from visionsweep.models.backbones import create_backbone
 from visionsweep.models.normalize import PixelNormalize
 from visionsweep.optim.optimization import Optimization
@@ -38,7 +41,12 @@ def _build_mixup(cfg: dict | None, label_smoothing: float, num_classes: int) -> 
 
 
 class ClassifierModule(pl.LightningModule):
-    """A timm backbone trained with cross-entropy; logs ``train/*``, ``val/*`` and ``test/*``.
+    """A timm backbone trained with cross-entropy (or, multi-label, BCE); logs ``train/*``, ``val/*``, ``test/*``.
+
+    Single-label metrics: ``val/acc`` (checkpoints and sweeps compare by it), ``val/f1_macro`` and
+    ``val/acc_balanced`` (mean per-class recall), their ``test/*`` twins. Multi-label
+    (:mod:`visionsweep.models.multilabel`): ``val/map``, ``val/f1_macro``, ``val/f1_micro`` (at 0.5),
+    and on test ``test/map`` and F1 at the per-class thresholds tuned on validation.
 
     The checkpoint carries everything needed to use the model alone: class names, input size,
     mean/std, crop fraction and interpolation (all saved as hyper-parameters).
@@ -67,6 +75,10 @@ class ClassifierModule(pl.LightningModule):
             ``callbacks/ema.py``); validation, checkpoints and the final model use the averaged weights.
             None: off.
         weight_decay_norm_bias: also decay norm weights and biases (off: as timm and fastai do).
+        multilabel: several labels per image (``task=multilabel``): targets are ``N x C`` 0/1, one sigmoid per class.
+        loss: null (cross-entropy; multi-label: BCE), or ``asl`` (multi-label: timm's asymmetric loss).
+        class_weights: per-class loss weights (``data.balance=weights``): cross-entropy's ``weight``, or
+            BCE's ``pos_weight`` for multi-label.
     """
 
     def __init__(
@@ -89,6 +101,9 @@ class ClassifierModule(pl.LightningModule):
         mixup: dict | None = None,
         ema_decay: float | None = None,
         weight_decay_norm_bias: bool = False,
+        multilabel: bool = False,
+        loss: str | None = None,
+        class_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -101,20 +116,42 @@ class ClassifierModule(pl.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.pixels = PixelNormalize(mean, std, torch.channels_last if channels_last else torch.contiguous_format)
 
-        metric = dict(num_classes=num_classes)
-        self.train_acc = MulticlassAccuracy(average="micro", **metric)
-        self.val_acc = MulticlassAccuracy(average="micro", **metric)
-        self.test_acc = MulticlassAccuracy(average="micro", **metric)
+        self.multilabel = bool(multilabel)
+        self.loss_kind = ml.check_loss(loss, self.multilabel)
+        self.primary = "map" if self.multilabel else "acc"  # val/<primary>_best: what "best" means
+        if class_weights is not None:  # not saved in the state: the hyper-parameters rebuild it
+            self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False)
+        else:
+            self.class_weights = None
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_acc_best = MaxMetric()
-        self.test_f1 = MulticlassF1Score(average=None, **metric)
-        self.test_precision = MulticlassPrecision(average=None, **metric)
-        self.test_recall = MulticlassRecall(average=None, **metric)
-        self.test_confusion = MulticlassConfusionMatrix(**metric)
+        self.val_acc_best = MaxMetric()  # of val/<primary>
         self.test_report: dict[str, Any] = {}
+        if self.multilabel:
+            self.register_buffer("thresholds", torch.full((num_classes,), 0.5))  # tuned on val, kept in checkpoints
+            labels = dict(num_labels=num_classes)
+            self.train_f1 = MultilabelF1Score(average="micro", **labels)
+            self.val_map = MultilabelAveragePrecision(average="macro", **labels)
+            self.val_f1 = MultilabelF1Score(average="macro", **labels)
+            self.val_f1_micro = MultilabelF1Score(average="micro", **labels)
+            self._outputs: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
+        else:
+            metric = dict(num_classes=num_classes)
+            self.train_acc = MulticlassAccuracy(average="micro", **metric)
+            self.val_acc = MulticlassAccuracy(average="micro", **metric)
+            self.val_f1 = MulticlassF1Score(average="macro", **metric)
+            self.val_acc_balanced = MulticlassAccuracy(average="macro", **metric)  # mean per-class recall
+            self.test_acc = MulticlassAccuracy(average="micro", **metric)
+            self.test_acc_balanced = MulticlassAccuracy(average="macro", **metric)
+            self.test_f1 = MulticlassF1Score(average=None, **metric)
+            self.test_precision = MulticlassPrecision(average=None, **metric)
+            self.test_recall = MulticlassRecall(average=None, **metric)
+            self.test_confusion = MulticlassConfusionMatrix(**metric)
         self.weights_report: dict[str, Any] | None = getattr(self.net, "weights_report", None)
         self.optimization = Optimization(optimizer, scheduler, weight_decay_norm_bias)
         self.mixup = _build_mixup(mixup, label_smoothing, num_classes)
+        if self.mixup is not None and self.multilabel:
+            raise ConfigError("model.mixup works with single-label classes only: set model.mixup.mixup_alpha=0 "
+                              "and model.mixup.cutmix_alpha=0 with task=multilabel")
         if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
             raise ConfigError(f"model.ema_decay={ema_decay}: give a decay in (0, 1), e.g. 0.999, or null")
 
@@ -126,13 +163,26 @@ class ClassifierModule(pl.LightningModule):
         """Logits for a uint8 NCHW batch."""
         return self.net(self.normalize(x))
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor],
-                     smoothing: float = 0.0) -> tuple[torch.Tensor, ...]:
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of logits: a softmax, or one sigmoid per class for multi-label."""
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+
+    def decide(self, probs: torch.Tensor) -> torch.Tensor:
+        """Multi-label decisions (``N x C`` bool) at the tuned per-class thresholds."""
+        return probs >= self.thresholds.to(probs.device)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0,
+              weighted: bool = False) -> torch.Tensor:
+        weight = self.class_weights if weighted else None
+        if self.multilabel:
+            return ml.multilabel_loss(self.loss_kind if weighted else "bce", logits, y, smoothing, weight)
+        return F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        # val/test losses stay plain, unweighted (BCE or) cross-entropy: comparable across configs, as timm
         x, y = batch
         logits = self(x)
-        # label smoothing trains; val/test losses stay plain cross-entropy (comparable across configs, as timm)
-        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        return loss, logits.argmax(dim=1), y
+        return self._loss(logits, y), logits, y
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised, mixed-up/cut-mixed batch and its soft targets (timm's Mixup needs an even batch:
@@ -145,61 +195,115 @@ class ClassifierModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # the sanity check's val numbers must not count as a "best"; a resumed run's best so far does
         self.val_loss.reset()
-        self.val_acc.reset()
+        for m in self._val_metrics().values():
+            m.reset()
         self.val_acc_best.reset()
         restored = getattr(self, "_restored_acc_best", None)
         if restored is not None:
             self.val_acc_best.update(torch.tensor(restored, device=self.device))
             self._restored_acc_best = None
 
+    def _best_key(self) -> str:
+        return f"val_{self.primary}_best"  # val_acc_best (single-label), val_map_best (multi-label)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # torchmetrics states are not in the state_dict: keep the best val/acc so far for a resume
+        # torchmetrics states are not in the state_dict: keep the best val metric so far for a resume
         # (plain strings and floats: loadable weights-only)
         best = self.val_acc_best.max_value
         mark = checkpoint.setdefault("visionsweep", {})
         mark.setdefault("kind", "classifier")
         if self.val_acc_best.update_called and torch.isfinite(best):
-            mark["val_acc_best"] = float(best)
+            mark[self._best_key()] = float(best)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._restored_acc_best = (checkpoint.get("visionsweep") or {}).get("val_acc_best")
+        self._restored_acc_best = (checkpoint.get("visionsweep") or {}).get(self._best_key())
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        smoothing = float(self.hparams.label_smoothing)
         if self.mixup is not None and len(x) > 1:
             x, soft = self.mix(x, y)
             logits = self.net(x)
             loss = SoftTargetCrossEntropy()(logits, soft)
             preds, y = logits.argmax(dim=1), soft.argmax(dim=1)  # accuracy against the dominant class
         else:
-            loss, preds, y = self._shared_step(batch, float(self.hparams.label_smoothing))
+            logits = self(x)
+            loss = self._loss(logits, y, smoothing, weighted=True)
+            preds = logits.sigmoid() if self.multilabel else logits.argmax(dim=1)
         self.train_loss(loss)
-        self.train_acc(preds, y)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if self.multilabel:
+            self.train_f1(preds, y.round().int())
+            self.log("train/f1_micro", self.train_f1, on_step=False, on_epoch=True, prog_bar=True)
+        else:
+            self.train_acc(preds, y)
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
+    def _val_metrics(self) -> dict[str, Any]:
+        """``val/<name>`` → its metric (the first is the primary one, shown in the progress bar)."""
+        if self.multilabel:
+            return {"map": self.val_map, "f1_macro": self.val_f1, "f1_micro": self.val_f1_micro}
+        return {"acc": self.val_acc, "f1_macro": self.val_f1, "acc_balanced": self.val_acc_balanced}
+
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, preds, y = self._shared_step(batch)
+        loss, logits, y = self._shared_step(batch)
         self.val_loss(loss)
-        self.val_acc(preds, y)
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if self.multilabel:
+            probs, target = logits.sigmoid(), y.round().int()
+            self._outputs["val"].append(torch.cat([probs, y], dim=1).detach())
+            preds = probs
+        else:
+            preds, target = logits.argmax(dim=1), y
+        for i, (name, metric) in enumerate(self._val_metrics().items()):
+            metric(preds, target)
+            self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=i == 0)
 
     def on_validation_epoch_end(self) -> None:
-        self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+        primary = self._val_metrics()[self.primary]
+        self.val_acc_best(primary.compute())
+        self.log(f"val/{self.primary}_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+        if self.multilabel:
+            outputs = self._gathered("val")
+            if outputs is not None and not self.trainer.sanity_checking:
+                c = len(self.class_names)
+                self.thresholds.copy_(ml.tune_thresholds(outputs[:, :c], outputs[:, c:]).to(self.thresholds))
+
+    def _gathered(self, split: str) -> torch.Tensor | None:
+        """This epoch's ``[probabilities | targets]`` rows of ``split`` from every process (then cleared)."""
+        rows, self._outputs[split] = self._outputs[split], []
+        if not rows:
+            return None
+        local = torch.cat(rows)
+        if self.trainer.world_size > 1:  # the distributed sampler gives every rank as many rows
+            local = self.all_gather(local).reshape(-1, local.shape[1])
+        return local.float().cpu()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        loss, preds, y = self._shared_step(batch)
+        loss, logits, y = self._shared_step(batch)
         self.test_loss(loss)
-        self.test_acc(preds, y)
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+        if self.multilabel:
+            self._outputs["test"].append(torch.cat([logits.sigmoid(), y], dim=1).detach())
+            return
+        preds = logits.argmax(dim=1)
+        for m in (self.test_acc, self.test_acc_balanced):
+            m(preds, y)
         for m in (self.test_f1, self.test_precision, self.test_recall, self.test_confusion):
             m.update(preds, y)
-        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.log("test/acc_balanced", self.test_acc_balanced, on_step=False, on_epoch=True)
 
     def on_test_epoch_end(self) -> None:
+        if self.multilabel:
+            outputs, c = self._gathered("test"), len(self.class_names)
+            if outputs is not None:
+                metrics, self.test_report = ml.final_scores(outputs[:, :c], outputs[:, c:], self.thresholds.cpu(),
+                                                            self.class_names)
+                for key, value in metrics.items():
+                    self.log(key, value)
+            return
         f1, prec, rec = (m.compute().tolist() for m in (self.test_f1, self.test_precision, self.test_recall))
         self.log("test/f1_macro", float(sum(f1) / len(f1)))
         self.test_report = {
@@ -214,7 +318,7 @@ class ClassifierModule(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).softmax(dim=1)
+        return self.probabilities(self(x))
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
         self.optimization.step_scheduler(scheduler, metric)

@@ -24,6 +24,7 @@ class Deployable(nn.Module):
         self.net = model.net
         self.pixels = PixelNormalize(model.hparams.mean, model.hparams.std)  # exported with the net
         self.softmax = softmax
+        self.multilabel = bool(getattr(model, "multilabel", False))  # probabilities: one sigmoid per class
         self.segment = is_segmenter(model)
         self.stride = int(getattr(model, "stride", 1))
         if self.segment:
@@ -33,7 +34,9 @@ class Deployable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._padded(self.net, self.pixels, self.stride, x) if self.segment else self.net(self.pixels(x))
-        return out.softmax(dim=1) if self.softmax else out
+        if not self.softmax:
+            return out
+        return out.sigmoid() if self.multilabel else out.softmax(dim=1)
 
 
 def sidecar(model: nn.Module, fmt: str, input_dtype: str, softmax: bool, ckpt: Path) -> dict[str, Any]:
@@ -41,6 +44,10 @@ def sidecar(model: nn.Module, fmt: str, input_dtype: str, softmax: bool, ckpt: P
     hp = model.hparams
     size, n = int(hp.image_size), len(model.class_names)
     output: dict[str, Any] = {"name": "probabilities" if softmax else "logits", "shape": ["N", n]}
+    if getattr(model, "multilabel", False):
+        output = {**output, "multilabel": True, "activation": "sigmoid per class" if softmax else "none (logits)",
+                  "thresholds": [round(float(t), 6) for t in model.thresholds],
+                  "decision": "class c is present when its probability >= thresholds[c] (tuned on validation)"}
     if is_segmenter(model):
         output = {**output, "shape": ["N", n, size, size],
                   "mask": "argmax over dim 1 gives each pixel's class index"}

@@ -25,7 +25,7 @@ from visionsweep.utils.metrics_csv import intact_rows
 
 log = logging.getLogger(__name__)
 
-METRIC_PREFERENCE = ("val/acc_best", "val/miou_best", "val/miou", "val/acc", "test/acc")
+METRIC_PREFERENCE = ("val/acc_best", "val/miou_best", "val/map_best", "val/miou", "val/acc", "val/map", "test/acc")
 LOWER_IS_BETTER = re.compile(r"loss|error|err$")
 REPLICATE_KEYS = ("seed", "data.fold")  # what a configuration is summarised over
 # run.json fields the report reads besides status and metrics, and the types they must have (or null)

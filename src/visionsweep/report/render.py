@@ -27,7 +27,8 @@ from visionsweep.report.stats import Paired, paired  # noqa: E402
 from visionsweep.utils.atomic import atomic_open, save_figure  # noqa: E402
 from visionsweep.utils.text import csv_cell, md_escape  # noqa: E402
 
-EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "val/miou", "test/miou")
+EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "test/acc_balanced", "val/miou", "test/miou",
+                 "val/map_best", "test/map")
 
 
 def summary_rows(configs: list[Configuration], metric: str) -> list[dict[str, Any]]:

@@ -1,0 +1,277 @@
+"""What a trained model costs: size (parameters, multiply-adds), inference speed, peak memory, time to a target.
+
+Results are plain JSON-able ints/floats (ready for run.json). A model is any module taking ``N x 3 x S x S``
+images, uint8 by default as ClassifierModule and SegmenterModule do. Measurements run in eval mode under
+``torch.inference_mode()``; every submodule's train/eval flag is restored afterwards (frozen BN included).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from os import PathLike
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+MIB = 2 ** 20
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a model without any)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode; each submodule's own ``training`` flag is put back on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _images(n: int, size: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """``n`` random 0..255 RGB images from a seeded generator, as ``dtype`` on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8).to(device=device, dtype=dtype)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0..100), interpolated linearly between ranks (numpy's default)."""
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _ms(seconds: float) -> float:
+    """Seconds as milliseconds to the microsecond."""
+    return round(seconds * 1e3, 3)
+
+
+def _time_calls(fn: Callable[[], Any], calls: int, warmup: int, budget_s: float,
+                sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Seconds of each of ``calls`` timed calls of ``fn`` (``sync`` before each clock read).
+
+    At least one untimed warm-up call is made (it estimates a call's time); further ones are skipped once
+    warming up has used a quarter of ``budget_s``. When the timed calls would overrun ``budget_s`` they are
+    fewer than ``calls``, never fewer than 5 (nor than ``calls`` if that is lower).
+    """
+    def timed() -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    start = time.perf_counter()
+    for _ in range(max(1, warmup)):
+        last = timed()
+        if time.perf_counter() - start > budget_s / 4:
+            break
+    n = min(calls, max(5, int((budget_s - (time.perf_counter() - start)) / max(last, 1e-9))))
+    return [timed() for _ in range(max(1, n))]
+
+
+def model_size(model: nn.Module, image_size: int, dtype: torch.dtype = torch.uint8) -> dict[str, int]:
+    """Parameter counts and the multiply-adds of one forward pass at batch 1.
+
+    MACs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matrix products,
+    attention; element-wise ops such as normalisation, activations and bias additions are not counted, as
+    in the usual MAC tables) and halved: one multiply-add = 2 FLOPs.
+
+    Args:
+        model: The model (its input: ``1 x 3 x S x S`` zeros of ``dtype`` on the model's device).
+        image_size: Input side ``S`` (the job's ``model.image_size``).
+        dtype: Input dtype (uint8 for the visionsweep modules; float32 for a bare timm network).
+
+    Returns:
+        ``params`` (total), ``trainable_params``, ``macs``.
+    """
+    params = list(model.parameters())
+    x = torch.zeros(1, 3, int(image_size), int(image_size), dtype=dtype, device=_device_of(model))
+    with _eval_mode(model), torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return {"params": sum(p.numel() for p in params),
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "macs": int(counter.get_total_flops()) // 2}
+
+
+def inference_speed(model: nn.Module, image_size: int, device: str | torch.device | None = None, batch: int = 32,
+                    calls: int = 30, warmup: int = 3, budget_s: float = 10.0,
+                    dtype: torch.dtype = torch.uint8) -> dict[str, Any]:
+    """Latency at batch 1 and throughput at ``batch``, in eval mode under ``torch.inference_mode()``.
+
+    Each figure is the median of timed calls made after ``warmup`` untimed ones; on CUDA the device is
+    synchronised around every timed call. Half of ``budget_s`` goes to each figure: a slow model gets
+    fewer timed calls (never fewer than 5), counted in ``latency_calls`` / ``throughput_calls``.
+
+    Args:
+        model: The model (takes random ``N x 3 x S x S`` images of ``dtype``, seeded).
+        image_size: Input side ``S``.
+        device: Where to measure (None: the model's device; another one: the model is moved there and back).
+        batch: Batch size of the throughput calls (0: no throughput).
+        calls: Timed calls wanted per figure (``warmup`` untimed ones first).
+        warmup: Untimed calls per figure.
+        budget_s: Rough total time for the measurement.
+        dtype: Input dtype (uint8 for the visionsweep modules).
+
+    Returns:
+        ``latency_ms`` (median, batch 1), ``latency_ms_p90``, ``latency_calls``, ``throughput_img_s``
+        (``batch`` / median call time; None when ``batch`` is 0 or ran out of device memory),
+        ``throughput_batch``, ``throughput_calls``, ``device``.
+    """
+    home = _device_of(model)
+    dev = torch.device(device) if device is not None else home
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    sync = (lambda: _sync(dev))
+    out: dict[str, Any] = {"device": str(dev)}
+    if dev != home:
+        model.to(dev)
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            x1 = _images(1, image_size, dtype, dev)
+            times = _time_calls(lambda: model(x1), calls, warmup, budget_s / 2, sync)
+            out.update(latency_ms=_ms(statistics.median(times)), latency_ms_p90=_ms(_percentile(times, 90)),
+                       latency_calls=len(times), throughput_img_s=None, throughput_batch=int(batch),
+                       throughput_calls=0)
+            if batch > 0:
+                try:
+                    xb = _images(int(batch), image_size, dtype, dev, seed=1)
+                    times = _time_calls(lambda: model(xb), calls, warmup, budget_s / 2, sync)
+                    out.update(throughput_img_s=round(batch / statistics.median(times), 2),
+                               throughput_calls=len(times))
+                except torch.OutOfMemoryError:
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+    finally:
+        if dev != home:
+            model.to(home)
+    return out
+
+
+def peak_memory(device: str | torch.device | None = None) -> dict[str, Any]:
+    """The process's peak memory so far, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, since the start or the last
+    ``torch.cuda.reset_peak_memory_stats``); measure it before :func:`inference_speed`, whose batch may
+    raise it. CPU (or anything else): the peak resident set size of the whole process.
+
+    Args:
+        device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``... (None: the CPU).
+
+    Returns:
+        ``peak_mem_mb``, ``peak_mem_kind`` (``"cuda_allocated"`` or ``"cpu_rss"``).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return {"peak_mem_mb": round(torch.cuda.max_memory_allocated(dev) / MIB, 1), "peak_mem_kind": "cuda_allocated"}
+    import resource  # (POSIX only)
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB on Linux
+    return {"peak_mem_mb": round(rss / (MIB if sys.platform == "darwin" else 1024), 1), "peak_mem_kind": "cpu_rss"}
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a metrics.csv cell ('' / None / 'nan' / junk: None)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def time_to_target(history: Iterable[Mapping[str, Any]], target: float, metric: str = "val/acc",
+                   mode: str = "max", time_key: str = "time_s") -> float | None:
+    """Wall-clock seconds until ``metric`` first reached ``target``.
+
+    Args:
+        history: Rows of a Lightning metrics.csv (``csv.DictReader``: strings, many cells empty) or any
+            dicts with the metric and a ``time_key`` column (seconds since training started).
+        target: The value to reach.
+        metric: The metric column.
+        mode: ``"max"`` (reached when ``>= target``) or ``"min"`` (``<= target``).
+        time_key: The wall-clock column. When the row that reaches the target has no time (Lightning writes
+            each ``log`` call as its own row), the latest time of the rows with the same ``step`` is used.
+
+    Returns:
+        The time in seconds, or None when the target was never reached or no time was recorded for it.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode={mode!r}: use 'max' or 'min'")
+    rows = list(history)
+    for row in rows:
+        value = _number(row.get(metric))
+        if value is None or not (value >= target if mode == "max" else value <= target):
+            continue
+        t = _number(row.get(time_key))
+        if t is None and row.get("step") not in (None, ""):
+            same = [_number(r.get(time_key)) for r in rows if r.get("step") == row["step"]]
+            t = max((s for s in same if s is not None), default=None)
+        return None if t is None else round(t, 3)
+    return None
+
+
+def onnx_speed(onnx_path: str | PathLike, image_size: int, batch: int = 1, calls: int = 30, warmup: int = 3,
+               budget_s: float = 10.0, threads: int | None = None) -> dict[str, Any]:
+    """Latency of an exported ONNX model through onnxruntime's CPU provider.
+
+    The input matches the file's: uint8 or float32 (0..255 values, as :mod:`visionsweep.export` writes
+    them, normalisation inside), ``N x 3 x S x S``; a file with a fixed batch dimension is timed at that
+    batch.
+
+    Args:
+        onnx_path: The ``.onnx`` file.
+        image_size: Input side ``S``.
+        batch: Images per call (random, seeded).
+        calls, warmup, budget_s: As for :func:`inference_speed` (fewer calls when slow, never fewer than 5).
+        threads: onnxruntime's intra-op threads (None: its default, all cores).
+
+    Returns:
+        ``onnx_latency_ms`` (median call), ``onnx_latency_ms_p90``, ``onnx_calls``, ``onnx_batch``,
+        ``onnx_throughput_img_s``.
+    """
+    try:
+        import numpy as np
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("onnx_speed needs onnxruntime: pip install onnxruntime") from None
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    dtypes = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
+    if inp.type not in dtypes:
+        raise ValueError(f"{onnx_path}: input {inp.name!r} is {inp.type}; expected uint8 or float32 images")
+    shape = list(inp.shape)
+    n = shape[0] if isinstance(shape[0], int) else int(batch)
+    want = [n, 3, int(image_size), int(image_size)]
+    if len(shape) != 4 or any(isinstance(d, int) and d != w for d, w in zip(shape, want)):
+        raise ValueError(f"{onnx_path}: input shape {shape} does not take {want} (image_size={image_size}?)")
+    x = _images(n, image_size, torch.uint8, torch.device("cpu")).numpy().astype(dtypes[inp.type])
+    times = _time_calls(lambda: sess.run(None, {inp.name: x}), calls, warmup, budget_s)
+    med = statistics.median(times)
+    return {"onnx_latency_ms": _ms(med), "onnx_latency_ms_p90": _ms(_percentile(times, 90)),
+            "onnx_calls": len(times), "onnx_batch": n, "onnx_throughput_img_s": round(n / med, 2)}
