@@ -277,7 +277,7 @@ _MODEL_VALUES = {
     "encoder_depth": lambda v, k: checks.whole(v, k, 1, 5, 5), "overlay_count": _count,
     "ignore_index": lambda v, k: checks.whole(v, k, -100, 255, 255),
     "channels_last": checks.flag, "pretrained": checks.flag, "weight_decay_norm_bias": checks.flag,
-    "multilabel": checks.flag, "loss": lambda v, k: checks.choice(v, k, ("ce", "bce", "asl")),
+    "multilabel": checks.flag,  # (model.loss: each module checks its own choices: ce/bce/asl, ce/dice/dice_ce)
 }
 #: callbacks.<any>.<key> → its check
 _CALLBACK_VALUES = {

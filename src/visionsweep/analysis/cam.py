@@ -20,6 +20,7 @@ from visionsweep.analysis.common import (backbone, checkpoint_and_images, image_
                                          uint8_hwc)
 from visionsweep.analysis.features import feature_points
 from visionsweep.errors import ConfigError
+from visionsweep.utils.text import plain
 
 MIN_MAP = 4  # smallest map side Grad-CAM uses by default (ResNets at 224 px give 7x7)
 
@@ -106,7 +107,7 @@ def cam_figure(views: np.ndarray, titles: list[str], columns: list[tuple[list[in
         for col, (targets, maps) in enumerate(columns, start=1):
             c, heat = targets[row], maps[row]
             # one scale per map (CAM magnitudes are not comparable across images), starting at 0 = no evidence
-            title = f"Grad-CAM for class {classes[c]}\np={float(probs[row, c]):.2f}" + (" (predicted)" * (col == 1))
+            title = plain(f"Grad-CAM for class {classes[c]}\np={float(probs[row, c]):.2f}" + (" (predicted)" * (col == 1)))
             bar = plots.overlay(axes[row, col], views[row], heat, title, vmax=max(float(heat.max()), 1e-12))
             plots.colorbar(axes[row, col], bar)
     return fig

@@ -189,7 +189,9 @@ def run_images(ck: Checkpoint, cfg: DictConfig, limit: int,
     dm = run_datamodule(ck, cfg)
     if ck.segment:  # (image, mask) pairs: no image-level label
         return [Path(p) for p, _ in dm.val_samples[:limit]], [None] * min(limit, len(dm.val_samples))
-    pool = [(Path(p), int(y)) for p, y in dm.val_samples]
+    # a multi-label image stands for its first class (None without one); "correct": that class is found
+    multi = bool(getattr(ck.model, "multilabel", False))
+    pool = [(Path(p), (y.index(1) if 1 in y else None) if multi else int(y)) for p, y in dm.val_samples]
     pick = str(cfg.see.get("pick") or "first")
     if pick not in ("first", "confident"):
         raise ConfigError(f"see.pick={pick}: use confident or first")
@@ -198,7 +200,9 @@ def run_images(ck: Checkpoint, cfg: DictConfig, limit: int,
         with torch.no_grad():
             probs = torch.cat([image_probs(ck.model, ck.prepare(load_images([p for p, _ in pool[i:i + 64]])))
                                for i in range(0, len(pool), 64)])
-        right = [k for k, (_, y) in enumerate(pool) if int(probs[k].argmax()) == y]
+        found = ck.model.decide(probs) if multi else None
+        right = [k for k, (_, y) in enumerate(pool)
+                 if y is not None and (bool(found[k, y]) if multi else int(probs[k].argmax()) == y)]
         right.sort(key=lambda k: -float(probs[k, pool[k][1]]))
         wrong = sorted(set(range(len(pool))) - set(right))
         pool = [pool[k] for k in right + wrong]  # surest correct first; the rest only if a class has none right
@@ -246,4 +250,6 @@ def short_title(path: Path, width: int = 22) -> str:
 
 def image_title(ck: Checkpoint, path: Path, label: int | None) -> str:
     """``<true class>: <file>`` (or just the file when the class is unknown)."""
-    return f"{ck.classes[label]}: {short_title(path, 14)}" if label is not None else short_title(path)
+    from visionsweep.utils.text import plain  # a class or file named "$x^$" must not switch on mathtext
+
+    return plain(f"{ck.classes[label]}: {short_title(path, 14)}" if label is not None else short_title(path))

@@ -3,7 +3,8 @@
 Confusion matrix (counts and row-normalised), per-class precision / recall / F1, the most confused
 pairs and a gallery of the highest-loss images. The split is the training run's own (its
 ``splits/*.csv``), built exactly as ``visionsweep.eval`` builds it. Segmentation checkpoints: the same
-over pixels, plus IoU (``segerrors.py``).
+over pixels, plus IoU (``segerrors.py``). Multi-label checkpoints: a 2 x 2 confusion per class at the tuned
+thresholds, per-class AP, and the surest false positives / negatives (``multierrors.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from visionsweep.analysis import plots
 from visionsweep.analysis.common import load_checkpoint, run_datamodule
 from visionsweep.errors import ConfigError
 from visionsweep.utils.atomic import atomic_open
-from visionsweep.utils.text import csv_cell
+from visionsweep.utils.text import csv_cell, plain
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def confusion_figure(cm: np.ndarray, classes: list[str], index: plots.Index) -> 
         ax.set_ylabel("actual", fontsize=7)
         if n <= 20:  # names and numbers only while they stay readable
             ticks = range(n)
-            ax.set_xticks(ticks, [c[:8] for c in classes], fontsize=6, rotation=90)
-            ax.set_yticks(ticks, [c[:8] for c in classes], fontsize=6)
+            ax.set_xticks(ticks, [plain(c[:8]) for c in classes], fontsize=6, rotation=90)
+            ax.set_yticks(ticks, [plain(c[:8]) for c in classes], fontsize=6)
             for i in range(n):
                 for j in range(n):
                     ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=6,
@@ -102,7 +103,7 @@ def confusion_figure(cm: np.ndarray, classes: list[str], index: plots.Index) -> 
 
 def table_figure(stats: dict[str, np.ndarray], classes: list[str], index: plots.Index) -> None:
     """Save ``per_class.png``: precision / recall / F1 / support per class and their macro average."""
-    rows = [[c, f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(s)] for c, p, r, f, s in
+    rows = [[plain(c), f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(s)] for c, p, r, f, s in
             zip(classes, stats["precision"], stats["recall"], stats["f1"], stats["support"])]
     rows.append(["macro avg", *(f"{stats[k].mean():.3f}" for k in ("precision", "recall", "f1")),
                  str(int(stats["support"].sum()))])
@@ -143,13 +144,13 @@ def top_loss_title(pred: str, actual: str, loss: float, prob: float) -> str:
     """``pred <p> / actual <a> / loss <l>`` (then p(pred)) over a top-losses cell, broken where it is too wide."""
     head, tail = f"pred {pred[:10]} / actual {actual[:10]}", f"loss {loss:.2f}"
     if len(head) + len(tail) <= 27:  # ~30 characters fit a 2.2-inch cell at 8 pt
-        return f"{head} / {tail}\np(pred) {prob:.2f}"
-    return f"{head} /\n{tail}, p(pred) {prob:.2f}"
+        return plain(f"{head} / {tail}\np(pred) {prob:.2f}")
+    return plain(f"{head} /\n{tail}, p(pred) {prob:.2f}")
 
 
 def run(cfg: DictConfig, index: plots.Index) -> None:
     """``see=errors``: confusion, per-class table, most-confused pairs and top losses on a split
-    (of pixels for a segmentation checkpoint)."""
+    (of pixels for a segmentation checkpoint; per class and at the tuned thresholds for a multi-label one)."""
     ck = load_checkpoint(cfg)
     dm = run_datamodule(ck, cfg)
     split = str(cfg.get("split") or "val")
@@ -165,6 +166,10 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
         from visionsweep.analysis import segerrors
 
         return segerrors.run(ck, loader, cfg, split, index)
+    if getattr(ck.model, "multilabel", False):  # a yes/no question per class: analysis/multierrors.py
+        from visionsweep.analysis import multierrors
+
+        return multierrors.run(ck, loader, cfg, split, index)
     probs, labels, losses = predict(ck.model, loader)
     classes = ck.classes
     cm = confusion_matrix(labels, probs.argmax(1), len(classes))

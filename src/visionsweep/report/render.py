@@ -25,7 +25,7 @@ from visionsweep.report.collect import (  # noqa: E402
 )
 from visionsweep.report.stats import Paired, paired  # noqa: E402
 from visionsweep.utils.atomic import atomic_open, save_figure  # noqa: E402
-from visionsweep.utils.text import csv_cell, md_escape  # noqa: E402
+from visionsweep.utils.text import csv_cell, md_escape, plain  # noqa: E402
 
 EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "test/acc_balanced", "val/miou", "test/miou",
                  "val/map_best", "test/map")
@@ -242,11 +242,6 @@ def html_table(header: list[str], cells: list[list[str]], table_id: str = "") ->
 def html_paragraph(markdown_text: str) -> str:
     """``<p>`` of a one-line Markdown text: ``**`` dropped, everything else escaped."""
     return f"<p>{html.escape(markdown_text.replace('**', ''))}</p>"
-
-
-def plain(text: str) -> str:
-    """``text`` for a matplotlib label: ``$`` escaped, so a name never switches on mathtext."""
-    return str(text).replace("$", r"\$")
 
 
 def paired_table(results: list[Paired], best_label: str) -> tuple[list[str], list[list[str]]]:

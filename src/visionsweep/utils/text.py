@@ -59,3 +59,9 @@ def csv_cell(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(_FORMULA_START):
         return "'" + value
     return value
+
+
+def plain(text: Any) -> str:
+    """``text`` for a matplotlib title, label, tick or table cell: ``$`` escaped, so a class or run name never
+    switches on mathtext (``$x^$`` would fail to render, ``$x$`` would show as math)."""
+    return str(text).replace("$", r"\$")
