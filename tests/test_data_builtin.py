@@ -102,8 +102,8 @@ def test_write_shapes_deterministic(tmp_path: Path) -> None:
 
 
 def test_ensure_builtin(tmp_path: Path) -> None:
-    assert set(BUILTIN) == {"digits", "shapes"}
-    with pytest.raises(ConfigError, match="digits, shapes"):
+    assert set(BUILTIN) == {"digits", "shapes", "shapes_multi"}
+    with pytest.raises(ConfigError, match="digits, shapes, shapes_multi"):
         ensure_builtin("mnist", tmp_path / "x")
     with pytest.raises(ConfigError, match="data.builtin 'mnist'"):
         _dm(tmp_path / "x", builtin="mnist")
@@ -169,3 +169,34 @@ def test_dataloaders_yield_uint8(tmp_path: Path) -> None:
     to_float = ImageFolderDataset(dm.train_samples, A.Compose([A.Normalize()]))
     with pytest.raises(ConfigError, match="uint8"):
         to_float[0]
+
+
+def test_shapes_multi_lists_each_image_once_with_the_shapes_it_holds(tmp_path: Path) -> None:
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from visionsweep.data.builtin import write_shapes_multi
+
+    root = write_shapes_multi(tmp_path / "m", n_images=200, size=32, seed=3)
+    rows = list(csv.DictReader((root / "labels.csv").open()))
+    assert [r["path"] for r in rows] == [f"images/{i:04d}.png" for i in range(200)]
+    assert sorted(p.relative_to(root).as_posix() for p in root.glob("images/*.png")) == [r["path"] for r in rows]
+    sets = [r["labels"].split() for r in rows]
+    assert all(len(s) == len(set(s)) and set(s) <= {"circle", "square", "triangle"} for s in sets)
+    sizes = [len(s) for s in sets]
+    assert set(sizes) == {0, 1, 2, 3}  # presence 0.5 each: every count occurs in 200 images
+    for name in ("circle", "square", "triangle"):
+        assert 0.35 < sum(name in s for s in sets) / 200 < 0.65, name
+    # a shape is a flat patch of one colour: an image with shapes holds many pixels equal to a common
+    # non-background value, one without holds none (the textured background never repeats that much)
+    def flat_pixels(path: str) -> int:
+        img = np.asarray(Image.open(root / path)).reshape(-1, 3)
+        _, counts = np.unique(img, axis=0, return_counts=True)
+        return int(counts.max())
+    empty = [r["path"] for r, s in zip(rows, sets) if not s][:5]
+    full = [r["path"] for r, s in zip(rows, sets) if len(s) == 3][:5]
+    assert max(map(flat_pixels, empty)) < min(map(flat_pixels, full))
+    again = write_shapes_multi(tmp_path / "again", n_images=200, size=32, seed=3)
+    assert (again / "labels.csv").read_text() == (root / "labels.csv").read_text()
