@@ -147,3 +147,22 @@ def test_onnx_export_with_softmax_applies_the_sigmoid_like_predict(multi_run, tm
     got = session.run(None, {session.get_inputs()[0].name: x.astype(info["input"]["dtype"])})[0]
     assert torch.allclose(torch.from_numpy(got), want, atol=1e-4)
     assert not torch.allclose(want.sum(1), torch.ones(8), atol=0.05)  # sigmoids, not a softmax
+
+
+def test_bce_and_asl_fall_as_the_logits_agree_with_the_labels_and_bad_losses_are_named():
+    from visionsweep.errors import ConfigError
+    from visionsweep.models.multilabel import check_loss, multilabel_loss
+
+    targets = (torch.rand(16, 4, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    right = (2 * targets - 1) * 4.0
+    for kind in ("bce", "asl"):
+        good, bad = multilabel_loss(kind, right, targets), multilabel_loss(kind, -right, targets)
+        assert torch.isfinite(good) and 0 <= float(good) < float(bad), kind
+    # the batch mean, not timm's batch sum: a larger batch of the same samples gives the same loss
+    assert multilabel_loss("asl", right.repeat(2, 1), targets.repeat(2, 1)) == pytest.approx(
+        float(multilabel_loss("asl", right, targets)))
+    assert check_loss(None, True) == "bce" and check_loss(None, False) == "ce"
+    with pytest.raises(ConfigError, match="task=multilabel"):
+        check_loss("asl", False)
+    with pytest.raises(ConfigError, match="bce, asl"):
+        check_loss("focal", True)
