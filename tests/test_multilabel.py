@@ -159,7 +159,7 @@ def test_bce_and_asl_fall_as_the_logits_agree_with_the_labels_and_bad_losses_are
         good, bad = multilabel_loss(kind, right, targets), multilabel_loss(kind, -right, targets)
         assert torch.isfinite(good) and 0 <= float(good) < float(bad), kind
     # the batch mean, not timm's batch sum: a larger batch of the same samples gives the same loss
-    assert multilabel_loss("asl", right.repeat(2, 1), targets.repeat(2, 1)) == pytest.approx(
+    assert float(multilabel_loss("asl", right.repeat(2, 1), targets.repeat(2, 1))) == pytest.approx(
         float(multilabel_loss("asl", right, targets)))
     assert check_loss(None, True) == "bce" and check_loss(None, False) == "ce"
     with pytest.raises(ConfigError, match="task=multilabel"):

@@ -38,9 +38,14 @@ def multilabel_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, smoo
     """Mean loss of a batch: BCE with logits (targets smoothed towards 0.5, ``pos_weight`` per class), or
     timm's asymmetric loss (ASL, Ridnik et al. 2021), averaged over the batch."""
     if kind == "asl":
+        import inspect
+
         from timm.loss import AsymmetricLossMultiLabel
 
-        return AsymmetricLossMultiLabel()(logits, targets) / max(1, len(logits))  # timm returns the batch sum
+        loss = AsymmetricLossMultiLabel()(logits, targets)
+        # timm >= 1.0.2x averages over the batch ("batchmean", its default); earlier releases return the sum
+        batch_mean = "reduction" in inspect.signature(AsymmetricLossMultiLabel.__init__).parameters
+        return loss if batch_mean else loss / max(1, len(logits))
     if smoothing:
         targets = targets * (1.0 - smoothing) + 0.5 * smoothing
     return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
