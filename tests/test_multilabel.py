@@ -166,3 +166,23 @@ def test_bce_and_asl_fall_as_the_logits_agree_with_the_labels_and_bad_losses_are
         check_loss("asl", False)
     with pytest.raises(ConfigError, match="bce, asl"):
         check_loss("focal", True)
+
+
+@pytest.mark.scaling  # the shared multi-label run
+def test_the_report_ranks_a_multilabel_run_by_val_map_and_tta_predicts_probabilities(multi_run, tmp_path):
+    from visionsweep.checkpoints import load
+    from visionsweep.inference import predict_images
+    from visionsweep.report import build_report
+
+    run, metrics, root = multi_run
+    got = build_report([run], tmp_path / "report")
+    assert got["metric"] == "val/map_best"  # chosen by itself: a multi-label run has no val/acc
+    with (tmp_path / "report" / "summary.csv").open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["val/map_best mean"]) == pytest.approx(metrics["val/map_best"], abs=1e-6)
+    model = load(_best(run)).model
+    paths = sorted((root / "images").glob("*.png"))[:6]
+    views = ["eval", "hflip(eval)"]
+    probs = predict_images(model, paths, tta=True, views=views)
+    assert probs.shape == (6, 3) and bool(((probs >= 0) & (probs <= 1)).all())
+    assert not torch.allclose(probs.sum(1), torch.ones(6), atol=0.05)  # averaged sigmoids, not softmaxes
