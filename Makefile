@@ -11,7 +11,7 @@ GPU_CHECK_OUT ?= runs/gpu-check
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train eval predict export pretrain sweep report see bench bench-fastai cache test test-scaling test-all gpu-wheels gpu-check clean
+.PHONY: help install train eval calibrate predict export pretrain sweep report see bench bench-fastai cache test test-scaling test-all gpu-wheels gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ train: $(STAMP)  ## train the default config (resnet34 on the embedded digits); 
 
 eval: $(STAMP)  ## evaluate a checkpoint: make eval ARGS="ckpt_path=runs/train/<run>/checkpoints/last.ckpt"
 	$(PY) -m visionsweep.eval $(ARGS)
+
+calibrate: $(STAMP)  ## temperature scaling of a checkpoint (a calibrated copy): make calibrate ARGS="ckpt_path=..."
+	$(PY) -m visionsweep.calibrate $(ARGS)
 
 predict: $(STAMP)  ## class + probabilities per image: make predict ARGS="ckpt_path=... input=<image|folder>"
 	$(PY) -m visionsweep.predict $(ARGS)

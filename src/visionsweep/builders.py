@@ -240,6 +240,17 @@ def check_config(cfg: DictConfig) -> None:
     if "batch_size" in data:
         checks.whole(data.batch_size, "data.batch_size", 1, None, 32)
     checks.keys(cfg.get("model") or {}, _MODEL_VALUES, "model.")
+    checks.keys(cfg, {"calibrate": checks.flag, "cost.enabled": checks.flag, "cost.onnx": checks.flag,
+                      "cost.batch": lambda v, k: checks.whole(v, k, 1, None, 32),
+                      "cost.calls": lambda v, k: checks.whole(v, k, 1, None, 30),
+                      "cost.budget_s": lambda v, k: checks.number(v, k, 0, None, 10, low_open=True),
+                      "cost.opset": lambda v, k: checks.whole(v, k, 7, None, 18)})
+    model = cfg.get("model") or {}
+    if checks.flag(cfg.get("calibrate", False), "calibrate") and (
+            model.get("multilabel") or "Segmenter" in str(model.get("_target_"))):
+        task = "multilabel" if model.get("multilabel") else "segment"
+        raise ConfigError(f"calibrate=true fits the softmax temperature of a single-label classifier: drop it "
+                          f"with task={task}")
     check_trainer(cfg.get("trainer") or {})
     for name, node in (cfg.get("callbacks") or {}).items():
         if isinstance(node, (dict, DictConfig)):

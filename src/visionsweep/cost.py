@@ -275,3 +275,55 @@ def onnx_speed(onnx_path: str | PathLike, image_size: int, batch: int = 1, calls
     med = statistics.median(times)
     return {"onnx_latency_ms": _ms(med), "onnx_latency_ms_p90": _ms(_percentile(times, 90)),
             "onnx_calls": len(times), "onnx_batch": n, "onnx_throughput_img_s": round(n / med, 2)}
+
+
+def job_cost(model: nn.Module, image_size: int, device: torch.device, fit_s: float, train_img_s: float | None,
+             devices: int = 1, batch: int = 32, calls: int = 30, budget_s: float = 10.0,
+             onnx: bool = False, opset: int = 18) -> dict[str, Any]:
+    """run.json's ``cost`` of a finished job: size, peak memory, inference speed, training time.
+
+    Peak memory is read first (an inference batch may raise it); inference is timed on the run's device
+    from the model as it stands (the best checkpoint's weights after testing).
+
+    Args:
+        model: the trained module (uint8 input).
+        image_size: its input side.
+        device: the device it trained on.
+        fit_s: seconds ``trainer.fit`` took.
+        train_img_s: training images per second (run.json's ``train_images_per_s``).
+        devices: devices the fit used (device-hours = ``fit_s * devices / 3600``).
+        batch: throughput batch size.
+        calls, budget_s: timed calls per figure and the rough time budget (see :func:`inference_speed`).
+        onnx: also export the model to ONNX (a temporary file) and time it through onnxruntime.
+        opset: ONNX opset of that export.
+
+    Returns:
+        ``params``, ``trainable_params``, ``macs``, ``image_size``, ``peak_mem_mb``, ``peak_mem_kind``,
+        ``latency_ms`` (median at batch 1), ``latency_ms_p90``, ``latency_calls``, ``throughput_img_s``,
+        ``throughput_batch``, ``throughput_calls``, ``device``, ``train_s``, ``train_img_s``,
+        ``device_hours`` (and ``onnx_latency_ms``... with ``onnx``).
+    """
+    out: dict[str, Any] = {**model_size(model, image_size), "image_size": int(image_size), **peak_memory(device)}
+    out.update(inference_speed(model, image_size, device, batch=batch, calls=calls, budget_s=budget_s))
+    out.update(train_s=round(fit_s, 3), train_img_s=train_img_s, device_hours=round(fit_s * max(1, devices) / 3600, 6))
+    if onnx:
+        import tempfile
+        from pathlib import Path
+
+        from visionsweep.models.deploy import Deployable, random_images, to_onnx
+
+        with tempfile.TemporaryDirectory(prefix="visionsweep-cost-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            home = _device_of(model)
+            try:
+                to_onnx(Deployable(model.cpu()).eval(), random_images(1, image_size, "uint8"), path, opset)
+            finally:
+                model.to(home)
+            out.update(onnx_speed(path, image_size, calls=calls, budget_s=budget_s / 2))
+    return out
+
+
+def loggable(cost: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a ``cost`` record as ``cost/<key>`` metrics for the loggers."""
+    return {f"cost/{k}": float(v) for k, v in cost.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_calls")}

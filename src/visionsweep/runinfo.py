@@ -168,3 +168,42 @@ def read_json(path: Path) -> Any:
     if problem:
         log.warning("%s: left out of run.json", problem)
     return data
+
+
+def reliability(bins: dict[str, Any] | None, calibration: dict[str, Any] | None, has_test: bool
+                ) -> dict[str, Any] | None:
+    """run.json's ``reliability``: the test pass's bins (the final model's, temperature included), with the
+    bins before temperature scaling under ``before`` when it ran."""
+    if not bins:
+        return None
+    out = {"split": "test" if has_test else "val", **bins}
+    if calibration and calibration.get("bins_before"):
+        out["before"] = calibration["bins_before"]
+    return out
+
+
+def measure_cost(cfg: Any, model: Any, trainer: Any, fit_s: float, train_img_s: float | None) -> dict[str, Any] | None:
+    """Time and size the trained model (``cfg.cost``), log the figures as ``cost/*`` to every logger.
+
+    A failed measurement is a warning (the run's results stand), not a failed run.
+    """
+    from visionsweep import cost
+
+    opts = cfg.get("cost") or {}
+    size = int(model.hparams.get("image_size") or 224)
+    try:
+        record = cost.job_cost(model, size, trainer.strategy.root_device, fit_s, train_img_s,
+                               devices=max(1, int(getattr(trainer, "num_devices", 1) or 1)),
+                               batch=int(opts.get("batch") or 32), calls=int(opts.get("calls") or 30),
+                               budget_s=float(opts.get("budget_s") or 10.0), onnx=bool(opts.get("onnx")),
+                               opset=int(opts.get("opset") or 18))
+    except Exception as e:  # noqa: BLE001 - e.g. an op the FLOP counter or the ONNX exporter cannot take
+        log.warning("cost measurement failed (%s: %s): run.json has no cost", type(e).__name__, str(e).split("\n")[0])
+        return None
+    for logger in trainer.loggers:
+        logger.log_metrics(cost.loggable(record), step=trainer.global_step)
+        logger.save()
+    log.info("cost: %.2fM params, %.3fG MACs at %d px; latency %.2f ms (batch 1, %s), %s img/s at batch %d",
+             record["params"] / 1e6, record["macs"] / 1e9, size, record["latency_ms"], record["device"],
+             record["throughput_img_s"], record["throughput_batch"])
+    return record

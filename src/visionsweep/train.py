@@ -65,7 +65,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 out, task=cfg.task_name, overrides=_overrides(), seed=cfg.seed, backbone=cfg.model.backbone,
                 augmentation=cfg.augmentation.get("name"), resumed_from=resume, input=inp.__dict__,
                 data={"description": dm.describe(), "fingerprint": dm.fingerprint(), "classes": dm.classes,
-                      "split": dm.split_source, "bad_images": [str(p) for p, _ in dm.bad_images]},
+                      "split": dm.split_source, "bad_images": [str(p) for p, _ in dm.bad_images],
+                      "class_counts": dm.class_counts() if hasattr(dm, "class_counts") else None},
                 params=builders.count_params(model), lr_find=lr_found, config_hash=config_hash,
                 threads=threads, pretrained=getattr(model, "weights_report", None), started=started)
         start_epoch = pl.callbacks.LambdaCallback(  # epochs done before a resume, for images/s
@@ -82,18 +83,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return metrics  # ranks > 0 are done: rank 0 tests alone and writes run.json
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         state = outcome.status(trainer)
+        calibration = None
+        if cfg.get("calibrate") and state == "ok":  # T fitted on val, written into the best checkpoint
+            from visionsweep.models.calibration import calibrate_checkpoint
+
+            calibration = calibrate_checkpoint(model, dm, best, trainer.strategy.root_device)
         if cfg.get("test") and dm.has_test and state == "ok":
             distributed.tester(trainer).test(model, datamodule=dm, ckpt_path=best or None, verbose=False,
                                              weights_only=True)
             metrics.update(outcome.scalars(model.trainer.callback_metrics))
         epochs = trainer.current_epoch - (record.data.get("start_epoch") or 0)
         floor = builders.baselines(dm) if getattr(model, "multilabel", False) else None  # what "learnt" must beat
+        img_s = runinfo.images_per_s(metrics, trainer, dm, epochs, fit_s)
+        test_report = getattr(model, "test_report", None) or {}
         record.update(
             status=state, metrics=metrics, best_checkpoint=best or None, epochs=trainer.current_epoch,
-            fit_seconds=round(fit_s, 2),
-            train_images_per_s=runinfo.images_per_s(metrics, trainer, dm, epochs, fit_s),
-            perf=runinfo.read_json(out / "perf.json"),
-            test_report=getattr(model, "test_report", None) or None, baselines=floor, finished=round(time.time(), 3))
+            fit_seconds=round(fit_s, 2), train_images_per_s=img_s, perf=runinfo.read_json(out / "perf.json"),
+            calibration=calibration and {k: v for k, v in calibration.items() if k != "bins_before"},
+            reliability=runinfo.reliability(test_report.pop("reliability", None), calibration, dm.has_test),
+            test_report=test_report or None, baselines=floor)
+        if state == "ok" and cfg.get("cost", {}).get("enabled", True):  # after the test: the best weights
+            record.update(cost=runinfo.measure_cost(cfg, model, trainer, fit_s, img_s))
+        record.update(finished=round(time.time(), 3))
         outcome.drop_last_checkpoint(trainer, is_multirun())
         outcome.print_summary(metrics, fit_s, out, state, floor)
         return metrics

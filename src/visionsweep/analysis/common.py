@@ -141,13 +141,15 @@ def image_scores(model: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def image_probs(model: Any, x: torch.Tensor) -> torch.Tensor:
-    """``N x classes`` probabilities: a classifier's softmax (multi-label: a sigmoid per class), a segmenter's
-    mean per-pixel softmax (class share)."""
+    """``N x classes`` probabilities: a classifier's (softmax at its temperature; multi-label: a sigmoid per
+    class), a segmenter's mean per-pixel softmax (class share)."""
     from visionsweep.checkpoints import is_segmenter
 
     out = model(x)
-    out = out.sigmoid() if getattr(model, "multilabel", False) else out.softmax(dim=1)
-    return out.mean(dim=(2, 3)) if is_segmenter(model) else out
+    if is_segmenter(model):
+        return out.softmax(dim=1).mean(dim=(2, 3))
+    to_probs = getattr(model, "probabilities", None)  # the checkpoint's temperature (or a sigmoid per class)
+    return to_probs(out) if to_probs is not None else out.softmax(dim=1)
 
 
 def predicted(model: Any, probs: torch.Tensor) -> list[int]:

@@ -67,10 +67,12 @@ def most_confused(cm: np.ndarray, classes: list[str], k: int) -> list[dict[str, 
 
 @torch.no_grad()
 def predict(model: Any, loader: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probabilities (N, C), labels (N,) and per-image cross-entropy (N,) over a loader, in order."""
+    """Probabilities (N, C), labels (N,) and per-image cross-entropy (N,) over a loader, in order (the
+    checkpoint's temperature applied to both)."""
     probs, labels, losses = [], [], []
+    t = getattr(model, "temperature", 1.0)
     for x, y in loader:
-        logits = model(x)
+        logits = model(x) / t
         probs.append(logits.softmax(1))
         labels.append(y)
         losses.append(F.cross_entropy(logits, y, reduction="none"))

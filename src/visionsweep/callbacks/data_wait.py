@@ -59,6 +59,7 @@ class DataWaitMonitor(pl.Callback):
         self.epochs: list[dict[str, Any]] = []
         self.warned = False
         self.first_step_unix: float | None = None
+        self.val_elapsed: list[list[float]] = []  # [epoch, seconds since fit start] when its val metrics exist
         self._fit_start = time.perf_counter()
         self._reset()
 
@@ -71,6 +72,11 @@ class DataWaitMonitor(pl.Callback):
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()  # epochs' elapsed_s count from here (sanity check included)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the wall clock of each epoch's val metrics: the report's time to a target accuracy
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.val_elapsed.append([trainer.current_epoch, round(time.perf_counter() - self._fit_start, 3)])
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
@@ -172,7 +178,7 @@ class DataWaitMonitor(pl.Callback):
 
     def summary(self) -> dict[str, Any]:
         """Everything measured so far (the content of perf.json)."""
-        return {"epochs": self.epochs, "first_step_unix": self.first_step_unix,
+        return {"epochs": self.epochs, "val_elapsed_s": self.val_elapsed, "first_step_unix": self.first_step_unix,
                 "threshold": self.threshold, "input_bound": any(e["input_bound"] for e in self.epochs)}
 
     @rank_zero_only

@@ -291,6 +291,11 @@ class FolderDataModule(SplitDataModule):
         """One line per split with its count of each class (positives per class for multi-label)."""
         return count_lines(self.classes, self._state(), self.multilabel)
 
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """``split → class → count`` (positives per class for multi-label): run.json's ``data.class_counts``."""
+        return {split: dict(zip(self.classes, class_counts([y for _, y in samples], self.num_classes)))
+                for split, samples in self._state().items() if samples}
+
     def train_imbalance(self) -> float:
         """Largest / smallest class count of the training split."""
         return imbalance(class_counts([y for _, y in self.train_samples], self.num_classes))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import (
     MulticlassAccuracy,
+    MulticlassCalibrationError,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassPrecision,
@@ -22,6 +24,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 from visionsweep.errors import ConfigError
+from visionsweep.models import calibration as cal
 from visionsweep.models import multilabel as ml
 from visionsweep.models.backbones import create_backbone
 from visionsweep.models.normalize import PixelNormalize
@@ -40,11 +43,23 @@ def _build_mixup(cfg: dict | None, label_smoothing: float, num_classes: int) -> 
                           "cutmix_minmax, prob, switch_prob, mode, correct_lam)") from None
 
 
+PER_CLASS_LIMIT = 20  # per-class recall is logged as a metric up to this many classes (always in test_report)
+
+
+def _metric_names(class_names: list[str]) -> list[str]:
+    """Class names usable in a metric key (``val/recall/<name>``): other characters become ``_``; index
+    names when that makes two alike."""
+    names = [re.sub(r"[^A-Za-z0-9_.-]", "_", n)[:40] or str(i) for i, n in enumerate(class_names)]
+    return names if len(set(names)) == len(names) else [str(i) for i in range(len(names))]
+
+
 class ClassifierModule(pl.LightningModule):
     """A timm backbone trained with cross-entropy (or, multi-label, BCE); logs ``train/*``, ``val/*``, ``test/*``.
 
     Single-label metrics: ``val/acc`` (checkpoints and sweeps compare by it), ``val/f1_macro`` and
-    ``val/acc_balanced`` (mean per-class recall), their ``test/*`` twins. Multi-label
+    ``val/acc_balanced`` (mean per-class recall), their ``test/*`` twins, per-class recall
+    (``val/recall/<class>``, up to :data:`PER_CLASS_LIMIT` classes) and calibration (``val/ece``,
+    ``val/nll``, ``val/brier`` at the ``temperature`` buffer, which temperature scaling sets). Multi-label
     (:mod:`visionsweep.models.multilabel`): ``val/map``, ``val/f1_macro``, ``val/f1_micro`` (at 0.5),
     and on test ``test/map`` and F1 at the per-class thresholds tuned on validation.
 
@@ -125,6 +140,8 @@ class ClassifierModule(pl.LightningModule):
             self.class_weights = None
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()  # of val/<primary>
+        # softmax(logits / T): 1 until temperature scaling (models/calibration.py) fits it; in the checkpoint
+        self.register_buffer("temperature", torch.ones(()))
         self.test_report: dict[str, Any] = {}
         if self.multilabel:
             self.register_buffer("thresholds", torch.full((num_classes,), 0.5))  # tuned on val, kept in checkpoints
@@ -140,6 +157,13 @@ class ClassifierModule(pl.LightningModule):
             self.val_acc = MulticlassAccuracy(average="micro", **metric)
             self.val_f1 = MulticlassF1Score(average="macro", **metric)
             self.val_acc_balanced = MulticlassAccuracy(average="macro", **metric)  # mean per-class recall
+            self.val_recall = MulticlassRecall(average=None, **metric)
+            self.recall_names = _metric_names(self.class_names) if num_classes <= PER_CLASS_LIMIT else []
+            for split in ("val", "test"):  # calibration of softmax(logits / temperature)
+                setattr(self, f"{split}_ece", MulticlassCalibrationError(n_bins=cal.N_BINS, **metric))
+                setattr(self, f"{split}_nll", MeanMetric())
+                setattr(self, f"{split}_brier", MeanMetric())
+            self._confidence: list[torch.Tensor] = []  # test (top-class probability, correct) rows: reliability bins
             self.test_acc = MulticlassAccuracy(average="micro", **metric)
             self.test_acc_balanced = MulticlassAccuracy(average="macro", **metric)
             self.test_f1 = MulticlassF1Score(average=None, **metric)
@@ -164,8 +188,9 @@ class ClassifierModule(pl.LightningModule):
         return self.net(self.normalize(x))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of logits: a softmax, or one sigmoid per class for multi-label."""
-        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+        """Class probabilities of logits: ``softmax(logits / temperature)``, or one sigmoid per class for
+        multi-label."""
+        return logits.sigmoid() if self.multilabel else (logits / self.temperature).softmax(dim=1)
 
     def decide(self, probs: torch.Tensor) -> torch.Tensor:
         """Multi-label decisions (``N x C`` bool) at the tuned per-class thresholds."""
@@ -217,6 +242,8 @@ class ClassifierModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_acc_best = (checkpoint.get("visionsweep") or {}).get(self._best_key())
+        if isinstance(checkpoint.get("state_dict"), dict):  # a checkpoint from before temperature scaling: T = 1
+            checkpoint["state_dict"].setdefault("temperature", torch.ones(()))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -259,11 +286,31 @@ class ClassifierModule(pl.LightningModule):
         for i, (name, metric) in enumerate(self._val_metrics().items()):
             metric(preds, target)
             self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=i == 0)
+        if not self.multilabel:
+            self.val_recall.update(preds, target)
+            self._calibration("val", logits, y)
+
+    def _calibration(self, split: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Update and log ``<split>/ece``, ``/nll``, ``/brier`` of ``softmax(logits / T)``; returns the probabilities."""
+        z = logits.float() / self.temperature
+        probs = z.softmax(dim=1)
+        ece, nll, brier = (getattr(self, f"{split}_{k}") for k in ("ece", "nll", "brier"))
+        ece(probs, y)
+        nll(F.cross_entropy(z, y, reduction="none"))
+        brier(cal.brier(probs, y))
+        for key, metric in (("ece", ece), ("nll", nll), ("brier", brier)):
+            self.log(f"{split}/{key}", metric, on_step=False, on_epoch=True)
+        return probs
 
     def on_validation_epoch_end(self) -> None:
         primary = self._val_metrics()[self.primary]
         self.val_acc_best(primary.compute())
         self.log(f"val/{self.primary}_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+        if not self.multilabel:
+            recall = self.val_recall.compute()
+            self.val_recall.reset()
+            for name, value in zip(self.recall_names, recall):
+                self.log(f"val/recall/{name}", value)
         if self.multilabel:
             outputs = self._gathered("val")
             if outputs is not None and not self.trainer.sanity_checking:
@@ -288,6 +335,8 @@ class ClassifierModule(pl.LightningModule):
             self._outputs["test"].append(torch.cat([logits.sigmoid(), y], dim=1).detach())
             return
         preds = logits.argmax(dim=1)
+        probs = self._calibration("test", logits, y)
+        self._confidence.append(torch.stack([probs.max(dim=1).values, (preds == y).float()], dim=1).detach().cpu())
         for m in (self.test_acc, self.test_acc_balanced):
             m(preds, y)
         for m in (self.test_f1, self.test_precision, self.test_recall, self.test_confusion):
@@ -306,15 +355,26 @@ class ClassifierModule(pl.LightningModule):
             return
         f1, prec, rec = (m.compute().tolist() for m in (self.test_f1, self.test_precision, self.test_recall))
         self.log("test/f1_macro", float(sum(f1) / len(f1)))
+        for name, value in zip(self.recall_names, rec):
+            self.log(f"test/recall/{name}", value)
         self.test_report = {
             "per_class": {
                 name: {"precision": p, "recall": r, "f1": f}
                 for name, p, r, f in zip(self.class_names, prec, rec, f1)
             },
             "confusion_matrix": self.test_confusion.compute().tolist(),
+            "reliability": self._reliability(),
         }
         for m in (self.test_f1, self.test_precision, self.test_recall, self.test_confusion):
             m.reset()
+
+    def _reliability(self) -> dict[str, Any] | None:
+        """Reliability bins of this test pass (then cleared)."""
+        rows, self._confidence = self._confidence, []
+        if not rows:
+            return None
+        both = torch.cat(rows)
+        return cal.reliability_bins(both[:, 0], both[:, 1])
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -24,6 +24,7 @@ class Deployable(nn.Module):
         self.net = model.net
         self.pixels = PixelNormalize(model.hparams.mean, model.hparams.std)  # exported with the net
         self.softmax = softmax
+        self.register_buffer("temperature", getattr(model, "temperature", torch.ones(())).detach().clone().reshape(()))
         self.multilabel = bool(getattr(model, "multilabel", False))  # probabilities: one sigmoid per class
         self.segment = is_segmenter(model)
         self.stride = int(getattr(model, "stride", 1))
@@ -36,7 +37,7 @@ class Deployable(nn.Module):
         out = self._padded(self.net, self.pixels, self.stride, x) if self.segment else self.net(self.pixels(x))
         if not self.softmax:
             return out
-        return out.sigmoid() if self.multilabel else out.softmax(dim=1)
+        return out.sigmoid() if self.multilabel else (out / self.temperature).softmax(dim=1)
 
 
 def sidecar(model: nn.Module, fmt: str, input_dtype: str, softmax: bool, ckpt: Path) -> dict[str, Any]:
@@ -44,6 +45,11 @@ def sidecar(model: nn.Module, fmt: str, input_dtype: str, softmax: bool, ckpt: P
     hp = model.hparams
     size, n = int(hp.image_size), len(model.class_names)
     output: dict[str, Any] = {"name": "probabilities" if softmax else "logits", "shape": ["N", n]}
+    t = float(getattr(model, "temperature", 1.0))
+    if not getattr(model, "multilabel", False) and not is_segmenter(model):
+        output["temperature"] = round(t, 6)
+        output["activation"] = (f"softmax(logits / {t:.4g})" if softmax else
+                                f"none (logits; probabilities = softmax(logits / {t:.4g}), the fitted temperature)")
     if getattr(model, "multilabel", False):
         output = {**output, "multilabel": True, "activation": "sigmoid per class" if softmax else "none (logits)",
                   "thresholds": [round(float(t), 6) for t in model.thresholds],
