@@ -103,6 +103,19 @@ def test_temperature_scaling_lowers_nll_and_ece_on_test_and_the_checkpoint_keeps
     assert metrics["test/acc"] > 0.4  # ten classes: chance is 0.1
 
 
+def test_a_checkpoint_from_before_temperature_scaling_loads_with_t_1(calibrated, tmp_path):
+    from visionsweep import checkpoints
+
+    run, _ = calibrated
+    ck = checkpoints.read(json.loads((run / "run.json").read_text())["best_checkpoint"])
+    del ck["state_dict"]["temperature"]
+    torch.save(ck, tmp_path / "old.ckpt")
+    model = checkpoints.load(tmp_path / "old.ckpt", kind="classifier").model
+    assert float(model.temperature) == 1.0
+    logits = torch.tensor([[2.0, 0.0, -1.0] + [0.0] * 7])
+    torch.testing.assert_close(model.probabilities(logits), logits.softmax(1))
+
+
 def test_eval_of_the_calibrated_checkpoint_has_the_same_accuracy_and_a_lower_nll(calibrated, tmp_path):
     from visionsweep.eval import evaluate
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 
@@ -11,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from visionsweep.cost import inference_speed, model_size, onnx_speed, peak_memory, time_to_target
+from visionsweep.cost import inference_speed, model_size, onnx_speed, peak_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,37 +114,6 @@ def test_peak_memory_units_on_linux_macos_and_cuda(monkeypatch):
     assert peak_memory("cpu")["peak_mem_mb"] == 3.0  # bytes on macOS
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2 ** 20 + 123)
     assert peak_memory("cuda:0") == {"peak_mem_mb": 5.0, "peak_mem_kind": "cuda_allocated"}
-
-
-METRICS_CSV = """epoch,step,time_s,train/acc,train/loss,val/acc,val/loss
-0,9,,,,0.50,1.20
-0,9,12.5,,,,
-0,9,,0.40,1.50,,
-1,19,25.0,,,0.75,0.90
-1,19,,0.70,0.95,,
-2,29,37.5,,,0.74,0.60
-2,29,,0.80,0.70,,
-"""
-
-
-def _rows(text: str = METRICS_CSV) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(text)))
-
-
-def test_time_to_target_on_a_metrics_csv_with_empty_cells():
-    rows = _rows()
-    assert time_to_target(rows, 0.75) == 25.0  # first val/acc >= 0.75: epoch 1, in the row with its time
-    assert time_to_target(rows, 0.5) == 12.5  # val/acc 0.5 at step 9: its time is in another row of step 9
-    assert time_to_target(rows, 0.9) is None  # never reached
-    assert time_to_target(rows, 0.9, metric="val/loss", mode="min") == 25.0  # first val/loss <= 0.9
-    assert time_to_target(rows, 0.1, metric="val/loss", mode="min") is None
-    assert time_to_target(rows, 0.7, metric="train/acc") == 25.0
-    assert time_to_target(rows, 0.5, metric="no/such/metric") is None
-    assert time_to_target([{"epoch": "0", "step": "9", "val/acc": "0.9"}], 0.5) is None  # no time column
-    assert time_to_target([{"val/acc": 0.9, "time_s": 3.0}], 0.5) == 3.0  # plain numbers work too
-    assert time_to_target([{"val/acc": "nan", "time_s": "1"}, {"val/acc": "0.6", "time_s": "2"}], 0.5) == 2.0
-    with pytest.raises(ValueError, match="mode"):
-        time_to_target(rows, 0.5, mode="maximum")
 
 
 def test_onnx_speed_of_an_exported_uint8_classifier(tmp_path):

@@ -1,4 +1,6 @@
-"""What a trained model costs: size (parameters, multiply-adds), inference speed, peak memory, time to a target.
+"""What a trained model costs: size (parameters, multiply-adds), inference speed, peak memory (run.json ``cost``).
+
+Time to a target metric is the report's (``report/cost.py``, from the per-epoch wall clock the job records).
 
 Results are plain JSON-able ints/floats (ready for run.json). A model is any module taking ``N x 3 x S x S``
 images, uint8 by default as ClassifierModule and SegmenterModule do. Measurements run in eval mode under
@@ -11,7 +13,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from os import PathLike
 from typing import Any
@@ -191,46 +193,6 @@ def peak_memory(device: str | torch.device | None = None) -> dict[str, Any]:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB on Linux
     return {"peak_mem_mb": round(rss / (MIB if sys.platform == "darwin" else 1024), 1), "peak_mem_kind": "cpu_rss"}
-
-
-def _number(value: Any) -> float | None:
-    """A finite float from a metrics.csv cell ('' / None / 'nan' / junk: None)."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def time_to_target(history: Iterable[Mapping[str, Any]], target: float, metric: str = "val/acc",
-                   mode: str = "max", time_key: str = "time_s") -> float | None:
-    """Wall-clock seconds until ``metric`` first reached ``target``.
-
-    Args:
-        history: Rows of a Lightning metrics.csv (``csv.DictReader``: strings, many cells empty) or any
-            dicts with the metric and a ``time_key`` column (seconds since training started).
-        target: The value to reach.
-        metric: The metric column.
-        mode: ``"max"`` (reached when ``>= target``) or ``"min"`` (``<= target``).
-        time_key: The wall-clock column. When the row that reaches the target has no time (Lightning writes
-            each ``log`` call as its own row), the latest time of the rows with the same ``step`` is used.
-
-    Returns:
-        The time in seconds, or None when the target was never reached or no time was recorded for it.
-    """
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode={mode!r}: use 'max' or 'min'")
-    rows = list(history)
-    for row in rows:
-        value = _number(row.get(metric))
-        if value is None or not (value >= target if mode == "max" else value <= target):
-            continue
-        t = _number(row.get(time_key))
-        if t is None and row.get("step") not in (None, ""):
-            same = [_number(r.get(time_key)) for r in rows if r.get("step") == row["step"]]
-            t = max((s for s in same if s is not None), default=None)
-        return None if t is None else round(t, 3)
-    return None
 
 
 def onnx_speed(onnx_path: str | PathLike, image_size: int, batch: int = 1, calls: int = 30, warmup: int = 3,

@@ -72,6 +72,8 @@ class DataWaitMonitor(pl.Callback):
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()  # epochs' elapsed_s count from here (sanity check included)
+        if pl_module.device.type == "cuda":  # run.json cost.peak_mem_mb: this job's, not an earlier one's in
+            torch.cuda.reset_peak_memory_stats(pl_module.device)  # the same (joblib, Ray) worker process
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the wall clock of each epoch's val metrics: the report's time to a target accuracy
