@@ -125,7 +125,7 @@ def test_the_report_is_computed_without_the_job_whose_run_json_is_damaged(sweep,
     result = build_report([sweep])
     row = _summary(sweep)["augmentation=none"]
     assert int(row["seeds"]) == 1 and float(row["val/acc_best mean"]) == pytest.approx(0.80)  # job 1 alone
-    assert float(row["best epoch"]) == 2.0 and float(row["train s"]) == 20.0
+    assert float(row["best epoch"]) == 2.0 and float(row["train_s"]) == 20.0
     assert result["failed"] == []  # left out, not counted as a failure
     assert _warnings(caplog) == [f"{path} {RUN_DAMAGE['cut'][1]}: job left out of the report"]
     # and the report itself says so, in each document (not only on the console)
@@ -144,7 +144,7 @@ def test_fields_of_the_wrong_type_are_ignored_not_used(sweep, caplog):
     build_report([sweep])
     row = _summary(sweep)["augmentation=none"]
     assert int(row["seeds"]) == 1 and float(row["val/acc_best mean"]) == pytest.approx(0.90)  # job 0 alone
-    assert float(row["train s"]) == 10.0 and float(row["best epoch"]) == 2.5  # curves still read: (3 + 2) / 2
+    assert float(row["train_s"]) == 10.0 and float(row["best epoch"]) == 2.5  # curves still read: (3 + 2) / 2
     assert _warnings(caplog) == [f"{path} has values of the wrong type (fit_seconds 'x'; params [1]; "
                                  "metrics['val/acc_best'] '0.99'): ignored them"]
 

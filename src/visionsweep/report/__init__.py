@@ -1,25 +1,31 @@
 """The comparison report of sweeps: ``python -m visionsweep.report <sweep dir> [...]``.
 
 collect.py reads run dirs, stats.py computes mean ± CI and paired differences over seeds,
-render.py writes tables and PNGs, study.py adds the Optuna study; :func:`build_report` ties them.
+render.py writes tables and PNGs, cost.py adds cost columns, Pareto fronts and time to target,
+calibration.py temperature scaling, reliability diagrams and the imbalance warning, study.py the Optuna
+study; :func:`build_report` ties them.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from visionsweep.errors import ConfigError
-from visionsweep.report import collect, render, study
+from visionsweep.report import calibration, collect, cost, render, study
 from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.jsonsafe import json_default
 from visionsweep.utils.text import md_escape
 
+log = logging.getLogger(__name__)
+
 
 def build_report(paths: list[str | Path], out_dir: str | Path | None = None, metric: str | None = None,
-                 title: str | None = None) -> dict[str, Any]:
+                 title: str | None = None, reliability: str | None = None) -> dict[str, Any]:
     """Collect every job under ``paths`` and write the report into ``out_dir``.
 
     Args:
@@ -27,9 +33,14 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
         out_dir: where to write; default the single path given (a sweep dir).
         metric: metric to rank by; default the first of ``collect.METRIC_PREFERENCE`` found.
         title: page title.
+        reliability: label of the configuration shown beside the best one in reliability.png (default:
+            the one with the highest test/ece).
 
     Returns:
-        ``{"rows", "metric", "failed", "files", "paired"}`` describing what was written.
+        ``{"rows", "metric", "failed", "files", "paired", "time_to_target", ...}`` describing what was written.
+
+    Raises:
+        ConfigError: nothing to report, an unknown ``metric`` or ``reliability`` label.
     """
     roots = [Path(p).expanduser() for p in paths]
     if not roots:
@@ -43,6 +54,13 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     metric = collect.choose_metric([j for j in jobs if j.status == "ok"] or jobs, metric)
     configs = collect.group_configurations(jobs)
     rows = render.summary_rows(configs, metric)
+    target = cost.time_to_target(jobs, metric)
+    cost.add_columns(rows, configs, metric, target)
+    calibration.add_columns(rows, configs)
+    panels = calibration.pick(configs, [r["configuration"] for r in rows], reliability)
+    imbalance = calibration.imbalance_note(jobs, metric)
+    if imbalance:
+        log.warning("%s", imbalance)
     files = [render.write_csv(rows, out / "summary.csv")]
     header, cells = render.table(rows)
     pairs = render.comparisons(configs, metric)
@@ -50,9 +68,18 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     p_header, p_cells = render.paired_table(pairs, best)
     failed = render.failed_jobs(jobs)
 
+    def notes(esc: Any) -> list[str]:  # Pareto fronts, time to target, temperature scaling, reliability panels
+        lines = [*cost.front_lines(rows, metric, esc), cost.target_sentence(target, esc),
+                 calibration.temperature_sentence(configs, esc), calibration.describe_pick(panels, esc)]
+        return [line for line in lines if line] or ["no job recorded its cost, epoch times or calibration."]
+
     images = [p for p in (render.plot_curves(configs, metric, out / "curves.png"),
                           render.plot_bars(configs, metric, out / "bars.png"),
-                          render.plot_heatmap(configs, metric, out / "heatmap.png")) if p]
+                          render.plot_heatmap(configs, metric, out / "heatmap.png"),
+                          *(cost.plot_pareto(rows, metric, flag, out / png) for flag, (_, png) in cost.FRONTS.items()),
+                          cost.plot_time_to_target(configs, target, out / "time_to_target.png"),
+                          calibration.plot_reliability(list(map(calibration.panel, panels)), out / "reliability.png"))
+              if p]
     studies = [study.study_report(db, out) for db in study.find_studies(roots)]
     images += [img for s in studies for img in s["images"]]
 
@@ -64,7 +91,9 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
              f"better), mean ± 95% CI (Student t) over {render.unit(configs)}.")
     # Markdown: every user string (title, metric, labels, errors, study names) through md_escape
     md = [f"# {md_escape(title or 'visionsweep report')}", "", intro.format(metric=md_escape(metric)), "",
+          *([calibration.imbalance_note(jobs, metric, md_escape), ""] if imbalance else []),
           "## Summary", "", render.markdown_table(header, cells)]
+    md += ["", "## Cost, time to target and calibration", ""] + [f"- {n}" for n in notes(md_escape)]
     if pairs:
         md += ["", f"## Paired comparison: {md_escape(best)} against each other configuration "
                    f"(same {render.unit(configs)})", "", render.markdown_table(p_header, p_cells)]
@@ -80,7 +109,9 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     files.append(_write(out / "summary.md", "\n".join(md) + "\n"))
 
     # every string below may come from a user (metric, overrides, study names, errors): escaped
-    sections = [("Summary", render.html_paragraph(intro.format(metric=metric)) + render.html_table(header, cells, "summary"))]
+    summary = "".join(render.html_paragraph(t) for t in (intro.format(metric=metric), imbalance) if t)
+    sections = [("Summary", summary + render.html_table(header, cells, "summary")),
+                ("Cost, time to target and calibration", "".join(f"<p>{html.escape(n)}</p>" for n in notes(str)))]
     if pairs:
         sections.append((f"Paired comparison: {best} vs each other configuration",
                          render.html_table(p_header, p_cells, "paired")))
@@ -93,6 +124,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     files.append(_write(out / "report.html", render.html_page(title or "visionsweep report", sections, images)))
     result = {"metric": metric, "rows": rows, "failed": [str(j.path) for j in failed], "pruned": n_pruned, "left_out": left_out,
               "paired": [p.__dict__ for p in pairs], "studies": [e for s in studies for e in s["studies"]],
+              "time_to_target": {k: target[k] for k in ("metric", "target", "fraction")} if target else None,
+              "imbalance": imbalance, "reliability": [c.label for c in panels],
               "files": [str(f) for f in files + images]}
     _write(out / "report.json", json.dumps(result, indent=2, default=json_default))
     return result

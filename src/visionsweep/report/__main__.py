@@ -1,4 +1,4 @@
-"""``python -m visionsweep.report [SWEEP_DIR ...] [--metric val/acc_best] [--out DIR]``.
+"""``python -m visionsweep.report [SWEEP_DIR ...] [--metric val/acc_best] [--out DIR] [--reliability LABEL]``.
 
 A report is a read-only view of finished runs, so this entry point takes plain paths (what users
 type after a sweep) rather than Hydra overrides, and writes into the sweep dir itself.
@@ -12,6 +12,9 @@ from pathlib import Path
 
 from visionsweep.errors import VisionSweepError
 from visionsweep.utils.cli import fail
+
+
+SHOWN_COSTS = ("params", "latency_ms", "train_s", "time_to_target_s", "pareto")
 
 
 def newest_sweep(log_dir: Path = Path("runs")) -> Path:
@@ -29,16 +32,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", help="metric to rank by (default: val/acc_best, or val/miou for segmentation)")
     parser.add_argument("--out", type=Path, help="output folder (default: the first path)")
     parser.add_argument("--title", help="page title")
+    parser.add_argument("--reliability", metavar="LABEL",
+                        help="configuration shown beside the best one in reliability.png (default: highest test/ece)")
     args = parser.parse_args(argv)
     paths = args.paths or [newest_sweep()]
     from visionsweep.report import build_report, render
 
     try:
-        result = build_report(paths, args.out, args.metric, args.title)
+        result = build_report(paths, args.out, args.metric, args.title, args.reliability)
     except VisionSweepError as e:
         fail(str(e))
     header, cells = render.table(result["rows"])
-    print(render.markdown_table(header[:4] + header[5:6], [c[:4] + c[5:6] for c in cells]))
+    # the configuration, its replicates, the ranking metric and the costs some job recorded
+    keep = [i for i, h in enumerate(header) if i < 4 or h.startswith(f"{result['metric']} (")
+            or (h in SHOWN_COSTS and any(c[i] not in ("—", "") for c in cells))]
+    print(render.markdown_table([header[i] for i in keep], [[c[i] for i in keep] for c in cells]))
     if result["failed"]:
         print(f"\n{len(result['failed'])} failed job(s): " + ", ".join(result["failed"]), file=sys.stderr)
     out = Path(result["files"][0]).parent

@@ -26,12 +26,21 @@ from visionsweep.utils.metrics_csv import intact_rows
 log = logging.getLogger(__name__)
 
 METRIC_PREFERENCE = ("val/acc_best", "val/miou_best", "val/map_best", "val/miou", "val/acc", "val/map", "test/acc")
-LOWER_IS_BETTER = re.compile(r"loss|error|err$")
+# losses, errors and the calibration scores (expected calibration error, negative log-likelihood, Brier)
+LOWER_IS_BETTER = re.compile(r"loss|error|err$|(^|/)(ece|nll|brier)(_|$)")
 REPLICATE_KEYS = ("seed", "data.fold")  # what a configuration is summarised over
 # run.json fields the report reads besides status and metrics, and the types they must have (or null)
 RUN_FIELDS: dict[str, tuple[type, ...]] = {
     "seed": (int,), "backbone": (str,), "augmentation": (str,), "error": (str,), "error_type": (str,),
-    "overrides": (list,), "fit_seconds": (int, float), "train_images_per_s": (int, float), "params": (dict,)}
+    "overrides": (list,), "fit_seconds": (int, float), "train_images_per_s": (int, float), "params": (dict,),
+    "cost": (dict,), "calibration": (dict,), "reliability": (dict,), "perf": (dict,), "data": (dict,)}
+# numbers inside those objects: each must be a number or null where present (else it alone is ignored)
+NESTED_NUMBERS = {
+    "cost": ("params", "trainable_params", "macs", "image_size", "latency_ms", "latency_ms_p90", "latency_calls",
+             "throughput_img_s", "throughput_batch", "peak_mem_mb", "train_s", "train_img_s", "device_hours",
+             "onnx_latency_ms"),
+    "calibration": ("temperature", "ece_before", "ece_after", "nll_before", "nll_after", "brier_before",
+                    "brier_after")}
 LEFT_OUT = "job left out of the report"
 
 
@@ -171,12 +180,57 @@ def read_run(job_dir: Path) -> tuple[dict[str, Any], set[str]]:
     if isinstance(run.get("params"), dict) and not _number(run["params"].get("total"), missing_ok=True):
         wrong.add("params")
     notes = [f"{k} {_short(run[k])}" for k in RUN_FIELDS if k in wrong]
+    clean = {k: v for k, v in run.items() if k not in wrong}
+    notes += _check_nested(clean)
     notes += [f"metrics[{k!r}] {_short(v)}" for k, v in (metrics or {}).items() if not _number(v)]
     if notes:
         log.warning("%s has values of the wrong type (%s): ignored them", path, "; ".join(notes))
-    clean = {k: v for k, v in run.items() if k not in wrong}
     clean["metrics"] = {k: float(v) for k, v in (metrics or {}).items() if _number(v)}
     return clean, wrong
+
+
+def _check_nested(run: dict[str, Any]) -> list[str]:
+    """Drop the damaged parts inside cost, calibration, reliability, perf and data (in ``run``, copied).
+
+    Returns:
+        One note per part dropped, e.g. ``cost['latency_ms'] 'fast'``.
+    """
+    notes = []
+    for name, keys in NESTED_NUMBERS.items():
+        if isinstance(run.get(name), dict):
+            bad = [k for k in keys if not _number(run[name].get(k), missing_ok=True)]
+            notes += [f"{name}[{k!r}] {_short(run[name][k])}" for k in bad]
+            run[name] = {k: v for k, v in run[name].items() if k not in bad}
+    rel = run.get("reliability")
+    if rel is not None and not (_bins(rel) and (rel.get("before") is None or _bins(rel["before"]))):
+        notes.append(f"reliability {_short(rel)}")
+        del run["reliability"]
+    for name, key, ok in (("perf", "val_elapsed_s", _pairs), ("data", "class_counts", _counts)):
+        value = (run.get(name) or {}).get(key)
+        if value is not None and not ok(value):
+            notes.append(f"{name}[{key!r}] {_short(value)}")
+            run[name] = {k: v for k, v in run[name].items() if k != key}
+    return notes
+
+
+def _bins(rel: Any) -> bool:
+    """Reliability bins: equally long lists of confidence and accuracy (numbers or null) and counts."""
+    lists = [rel.get(k) if isinstance(rel, dict) else None for k in ("confidence", "accuracy", "count")]
+    return (all(isinstance(v, list) for v in lists) and len({len(v) for v in lists}) == 1
+            and all(_number(x, missing_ok=True) for v in lists[:2] for x in v)
+            and all(_number(x) and x >= 0 for x in lists[2]))
+
+
+def _pairs(value: Any) -> bool:
+    """``[[epoch, seconds], ...]``."""
+    return isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 and all(map(_number, p))
+                                           for p in value)
+
+
+def _counts(value: Any) -> bool:
+    """``{split: {class: n}}``."""
+    return isinstance(value, dict) and all(isinstance(c, dict) and all(_number(n) and n >= 0 for n in c.values())
+                                           for c in value.values())
 
 
 def _strings(value: Any) -> bool:

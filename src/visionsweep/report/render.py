@@ -23,12 +23,13 @@ from visionsweep.report.collect import (  # noqa: E402
     curve_metric,
     higher_is_better,
 )
+from visionsweep.report.cost import human  # noqa: E402
 from visionsweep.report.stats import Paired, paired  # noqa: E402
 from visionsweep.utils.atomic import atomic_open, save_figure  # noqa: E402
 from visionsweep.utils.text import csv_cell, md_escape, plain  # noqa: E402
 
 EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "test/acc_balanced", "val/miou", "test/miou",
-                 "val/map_best", "test/map")
+                 "val/map_best", "test/map", "test/ece", "test/nll")
 
 
 def summary_rows(configs: list[Configuration], metric: str) -> list[dict[str, Any]]:
@@ -46,11 +47,7 @@ def summary_rows(configs: list[Configuration], metric: str) -> list[dict[str, An
             row[f"{m} mean"], row[f"{m} ci95"] = c.stat(m)
         epochs = [e for e in (best_epoch(j, metric) for j in c.ok) if e is not None]
         row["best epoch"] = float(np.mean(epochs)) if epochs else math.nan
-        row["train s"] = _mean(j.info.get("fit_seconds") for j in c.ok)
-        row["images/s"] = _mean(j.info.get("train_images_per_s") for j in c.ok)
-        params = [(j.info.get("params") or {}).get("total") for j in c.ok]
-        row["params (M)"] = _mean(p / 1e6 for p in params if p)
-        rows.append(row)
+        rows.append(row)  # the cost columns: cost.add_columns (they need every row, for the Pareto fronts)
     sign = 1 if higher_is_better(metric) else -1
     return sorted(rows, key=lambda r: -sign * r[f"{metric} mean"] if not math.isnan(r[f"{metric} mean"])
                   else math.inf)
@@ -61,17 +58,13 @@ def unit(configs: list[Configuration]) -> str:
     return "folds" if any(c.unit == "folds" for c in configs) else "seeds"
 
 
-def _mean(values: Any) -> float:
-    vals = [float(v) for v in values if v is not None]
-    return float(np.mean(vals)) if vals else math.nan
-
-
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     """Write rows as CSV (full precision; a label a spreadsheet would run as a formula gets a ``'``)."""
     with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["configuration"])
         writer.writeheader()
-        writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+        writer.writerows({k: str(v).lower() if isinstance(v, bool) else csv_cell(v) for k, v in r.items()}
+                         for r in rows)
     return path
 
 
@@ -96,8 +89,9 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             header.append(key)
             for cell, r in zip(cells, rows):
                 v = r[key]
-                cell.append(f"{v:.1f}" if isinstance(v, float) and not math.isnan(v) else
-                            "—" if isinstance(v, float) else str(v))
+                shown = human(key, v)  # params as 11.7M, latency in ms to 2 decimals, flags as ✓
+                cell.append(shown if shown is not None else f"{v:.1f}" if isinstance(v, float) and not math.isnan(v)
+                            else "—" if isinstance(v, float) else str(v))
     return header, cells
 
 
