@@ -272,6 +272,7 @@ def test_builtin_weights_are_built_once_by_concurrent_jobs(tmp_path, monkeypatch
     assert bw.ensure_weights(tmp_path / "other.safetensors") is False  # no recipe: the caller's error
 
 
+@pytest.mark.scaling  # the real pre-training subprocess, which fails after its imports (~10 s)
 def test_missing_builtin_pretrained_file_failure_is_one_line(tmp_path):
     """The real pre-training subprocess fails (a built-in name whose backbone timm does not know: the child's
     own one-line error, after its imports): one ConfigError line naming the step and the log, no file."""

@@ -94,10 +94,8 @@ def test_train_refuses_a_run_dir_holding_a_finished_run(log_dir):
     assert {p: _digest(p) for p in run.rglob("*") if p.is_file()} == kept  # .hydra/ included
 
 
-def test_failed_commands_leave_no_run_dir_and_see_no_out_dir(tmp_path):
-    from visionsweep.errors import VisionSweepError
-    from visionsweep.see import see
-
+@pytest.mark.scaling  # four CLI processes (~13 s)
+def test_a_failed_command_leaves_no_run_dir(tmp_path):
     result = run_cli("eval", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'e'}")
     assert result.returncode == 2 and "nope.ckpt" in result.stderr and not (tmp_path / "e").exists()
     # the default layout (runs/eval/<stamp>/): the task folder this failure made goes too; one with runs stays
@@ -111,6 +109,11 @@ def test_failed_commands_leave_no_run_dir_and_see_no_out_dir(tmp_path):
     own.mkdir()
     result = run_cli("eval", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={own / 'e'}")
     assert result.returncode == 2 and own.is_dir() and not (own / "e").exists()
+
+
+def test_a_failed_see_leaves_no_out_dir_and_never_writes_over_a_users_files(tmp_path):
+    from visionsweep.errors import VisionSweepError
+    from visionsweep.see import see
 
     out = tmp_path / "pictures"
     with pytest.raises(VisionSweepError, match="nope.ckpt"):
@@ -126,6 +129,7 @@ def test_failed_commands_leave_no_run_dir_and_see_no_out_dir(tmp_path):
     assert (mine / "kernels.png").read_bytes() == b"my picture"
 
 
+@pytest.mark.scaling  # a real run, stopped by SIGINT after its first epoch (~11 s)
 def test_ctrl_c_records_an_interrupted_resumable_run_and_exits_130(tmp_path, shapes_root):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "visionsweep.train", *FAST, f"data.root={shapes_root}", "data.image_size=16",
