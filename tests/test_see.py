@@ -223,7 +223,14 @@ def test_errors_match_the_training_runs_torchmetrics(trained, tmp_path):
     assert result["accuracy"] == pytest.approx(trained["metrics"]["test/acc"], abs=1e-6)
     for name, row in trained["run_json"]["test_report"]["per_class"].items():
         assert result["per_class"][name]["f1"] == pytest.approx(row["f1"], abs=1e-5)
-    assert [f["file"] for f in result["files"]] == ["confusion.png", "per_class.png", "top_losses.png"]
+    assert [f["file"] for f in result["files"]] == ["confusion.png", "per_class.png", "reliability.png",
+                                                    "top_losses.png"]
+    # its reliability diagram: ECE and NLL as the training run's torchmetrics measured them on test
+    calibration = result["calibration"]
+    assert calibration["ece"] == pytest.approx(trained["metrics"]["test/ece"], abs=1e-4)
+    assert calibration["nll"] == pytest.approx(trained["metrics"]["test/nll"], abs=1e-4)
+    assert calibration["temperature"] == 1.0 and 0 <= calibration["brier"] <= 2
+    assert Image.open(tmp_path / "reliability.png").size[0] > 300
     losses = [g["loss"] for g in result["top_losses"]]
     assert len(losses) == 6 and losses == sorted(losses, reverse=True)
     assert (tmp_path / "per_class.csv").read_text().count("\n") == 4

@@ -142,6 +142,25 @@ def _top_losses_figure(dataset: Any, probs: np.ndarray, labels: np.ndarray, loss
     return gallery, fig
 
 
+def reliability_figure(model: Any, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray, split: str,
+                       index: plots.Index) -> dict[str, Any]:
+    """Save ``reliability.png`` (the report's diagram of these probabilities); returns ECE, NLL, Brier and T."""
+    from visionsweep.models import calibration as cal
+    from visionsweep.report.calibration import draw_reliability, ece
+
+    p, y = torch.from_numpy(probs).double(), torch.from_numpy(labels).long()
+    bins = {"split": split, **cal.reliability(p, y)}
+    t = float(getattr(model, "temperature", 1.0))
+    out = {"temperature": round(t, 6), "ece": round(ece(bins), 6),
+           "nll": round(float(losses.mean()), 6), "brier": round(float(cal.brier(p, y).mean()), 6)}
+    fig, axes = plots.grid(1, 1, panel=5.0)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.1)  # room for the axes' numbers and names
+    draw_reliability(axes[0, 0], f"{split} split, temperature {t:.3g}", bins)
+    index.save(fig, "reliability",
+               f"reliability diagram ({split}): accuracy per confidence bin, ECE {out['ece']:.4f}")
+    return out
+
+
 def top_loss_title(pred: str, actual: str, loss: float, prob: float) -> str:
     """``pred <p> / actual <a> / loss <l>`` (then p(pred)) over a top-losses cell, broken where it is too wide."""
     head, tail = f"pred {pred[:10]} / actual {actual[:10]}", f"loss {loss:.2f}"
@@ -178,6 +197,7 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
     stats = per_class(cm)
     confusion_figure(cm, classes, index)
     table_figure(stats, classes, index)
+    calibration = reliability_figure(ck.model, probs, labels, losses, split, index)
     gallery, _ = _top_losses_figure(loader.dataset, probs, labels, losses, classes,
                                  int(cfg.see.get("top_k") or 16), index)
     pairs = most_confused(cm, classes, int(cfg.see.get("pairs") or 10))
@@ -193,5 +213,5 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
                       classes=classes, confusion_matrix=cm.tolist(),
                       per_class={c: {k: (int(stats[k][i]) if k == "support" else round(float(stats[k][i]), 6))
                                      for k in stats} for i, c in enumerate(classes)},
-                      most_confused=pairs, top_losses=gallery)
+                      most_confused=pairs, top_losses=gallery, calibration=calibration)
     print(f"{split}: {int(cm.sum())} images, acc={acc:.4f}", flush=True)

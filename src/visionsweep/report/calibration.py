@@ -180,7 +180,7 @@ def panel(config: Configuration) -> tuple[str, dict[str, Any]]:
 
 
 def plot_reliability(panels: list[tuple[str, dict[str, Any]]], path: Path) -> Path | None:
-    """Accuracy per confidence bin, the diagonal, the gap shaded, ECE in the title; before → after when recorded.
+    """One :func:`draw_reliability` panel per ``(title, bins)``, side by side, saved as ``path``.
 
     Args:
         panels: ``(title, bins)`` per panel; bins as run.json's ``reliability`` (``confidence``, ``accuracy``,
@@ -193,31 +193,46 @@ def plot_reliability(panels: list[tuple[str, dict[str, Any]]], path: Path) -> Pa
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5.5), squeeze=False)
-    for ax, (label, after) in zip(axes[0], panels):
-        before = after.get("before")
-        n = len(after["count"])
-        centres, width = (np.arange(n) + 0.5) / n, 1.0 / n
-        title = f"{label}\nECE {ece(after):.4f}"
-        if before and len(before["count"]) == n:  # outlines on top: visible whether above or below the bars
-            shown = [i for i in range(n) if before["accuracy"][i] is not None]
-            ax.bar(centres[shown], [before["accuracy"][i] for i in shown], width, fill=False, edgecolor="#ff7f0e",
-                   ls="--", lw=1.3, zorder=4, label=f"accuracy before scaling (ECE {ece(before):.4f})")
-            title = f"{label}\nECE {ece(before):.4f} → {ece(after):.4f} (temperature scaling)"
-        shown = [i for i in range(n) if after["accuracy"][i] is not None]
-        acc = np.array([after["accuracy"][i] for i in shown])
-        conf = np.array([after["confidence"][i] for i in shown])
-        ax.bar(centres[shown], acc, width, color="#4C72B0", alpha=0.85, edgecolor="black", lw=0.5, label="accuracy")
-        ax.bar(centres[shown], conf - acc, width, bottom=acc, color="#d62728", alpha=0.3, hatch="//",
-               edgecolor="#d62728", lw=0.5, label="gap to confidence")
-        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel=plain(f"accuracy ({after.get('split') or '?'})"),
-               title=plain(title))
-        ax.title.set_fontsize(9)
-        ax.legend(fontsize=7, loc="upper left")
+    for ax, (label, bins) in zip(axes[0], panels):
+        draw_reliability(ax, label, bins)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+def draw_reliability(ax: Any, label: str, after: dict[str, Any]) -> None:
+    """Accuracy per confidence bin, the diagonal, the gap shaded, ECE in the title; before → after when recorded.
+
+    Args:
+        ax: the matplotlib axis to draw into (its ticks are set here).
+        label: the first title line.
+        after: reliability bins (``count``, ``confidence``, ``accuracy``; optional ``split`` and ``before``).
+    """
+    before = after.get("before")
+    n = len(after["count"])
+    centres, width = (np.arange(n) + 0.5) / n, 1.0 / n
+    title = f"{label}\nECE {ece(after):.4f}"
+    if before and len(before["count"]) == n:  # outlines on top: visible whether above or below the bars
+        shown = [i for i in range(n) if before["accuracy"][i] is not None]
+        ax.bar(centres[shown], [before["accuracy"][i] for i in shown], width, fill=False, edgecolor="#ff7f0e",
+               ls="--", lw=1.3, zorder=4, label=f"accuracy before scaling (ECE {ece(before):.4f})")
+        title = f"{label}\nECE {ece(before):.4f} → {ece(after):.4f} (temperature scaling)"
+    shown = [i for i in range(n) if after["accuracy"][i] is not None]
+    acc = np.array([after["accuracy"][i] for i in shown])
+    conf = np.array([after["confidence"][i] for i in shown])
+    ax.bar(centres[shown], acc, width, color="#8fa8d4", edgecolor="black", lw=0.5, zorder=2, label="accuracy")
+    # hatched only, on top: an over-confident gap stands above its bar, an under-confident one inside it
+    ax.bar(centres[shown], conf - acc, width, bottom=acc, fill=False, hatch="//", edgecolor="#d62728", lw=0.8,
+           zorder=3, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ticks = np.linspace(0, 1, 6)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel=plain(f"accuracy ({after.get('split') or '?'})"),
+           title=plain(title))
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def imbalance_note(jobs: list[Job], metric: str, esc: Callable[[Any], str] = str) -> str | None:
