@@ -27,12 +27,13 @@ CONFIGS = {
 
 
 def write_job(job: Path, model: str, seed: int, metrics: dict | None, status: str = "ok",
-              curves: dict[str, list[float]] | None = None, **fields) -> None:
+              curves: dict[str, list[float]] | None = None, augmentation: str | None = None, **fields) -> None:
     """A job as train.py leaves it: .hydra/overrides.yaml, run.json (with ``fields``), metrics.csv from ``curves``."""
     (job / ".hydra").mkdir(parents=True)
-    overrides = [f"model={model}", f"seed={seed}"]
+    overrides = [f"model={model}", *([f"augmentation={augmentation}"] if augmentation else []), f"seed={seed}"]
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    run = {"status": status, "seed": seed, "backbone": model, "augmentation": "none", "overrides": overrides,
+    run = {"status": status, "seed": seed, "backbone": model, "augmentation": augmentation or "none",
+           "overrides": overrides,
            "metrics": metrics, **fields}
     (job / "run.json").write_text(json.dumps(run))
     if curves:
@@ -163,6 +164,26 @@ def test_the_pareto_plots_are_drawn_with_the_front_marked(sweep):
         with Image.open(path) as img:
             px = list(img.convert("RGB").getdata())
         assert sum(1 for r, g, b in px if r > 190 and g < 70 and b < 70) > 50  # the red rings and step line
+
+
+def test_one_network_gets_one_latency_so_timing_noise_decides_no_front(tmp_path):
+    """Two augmentations of one network: the better one, timed slower by chance, still dominates the other."""
+    jobs = {("net", "strong"): (0.95, (2.5, 2.4)), ("net", "none"): (0.90, (2.2, 2.1)),
+            ("big", "none"): (0.97, (9.0, 9.2))}
+    n = 0
+    for (model, aug), (acc, latencies) in jobs.items():
+        for seed, latency in enumerate(latencies, start=1):
+            params = 5_000_000 if model == "net" else 20_000_000
+            write_job(tmp_path / str(n), model, seed, {"val/acc_best": acc}, augmentation=aug,
+                      cost=_cost(latency, 100.0, params, params * 300))
+            n += 1
+    build_report([tmp_path])
+    rows = _summary(tmp_path)
+    strong, plain, big = (rows[f"model={m} augmentation={a}"] for m, a in jobs)
+    assert float(strong["latency_ms"]) == float(plain["latency_ms"]) == pytest.approx((2.5 + 2.4 + 2.2 + 2.1) / 4)
+    assert float(big["latency_ms"]) == pytest.approx(9.1)  # another network: its own timings
+    assert float(strong["throughput_img_s"]) == float(plain["throughput_img_s"])
+    assert (strong["pareto"], plain["pareto"], big["pareto"]) == ("true", "false", "true")
 
 
 def test_pareto_front_ties_nan_and_direction():

@@ -44,6 +44,27 @@ def job_cost(job: Job, key: str) -> float | None:
     return float(value) if ok else None
 
 
+# inference is timed on the network alone: its numbers depend on what it is and where it ran, not on how it was
+# trained, so the report pools them over every job with the same key (below) instead of ranking timing noise
+INFERENCE = ("latency_ms", "throughput_img_s")
+_NETWORK = ("params", "macs", "image_size", "device", "throughput_batch")
+
+
+def _network(job: Job) -> tuple[Any, ...] | None:
+    cost = job.info.get("cost") or {}
+    key = (job.info.get("backbone"), *(cost.get(k) for k in _NETWORK))
+    return key if all(v is not None for v in key[:4]) else None
+
+
+def pooled_inference(jobs: list[Job]) -> dict[tuple[Any, ...], dict[str, float]]:
+    """Mean latency and throughput per network (backbone, params, MACs, input size, device, batch) over ``jobs``."""
+    groups: dict[tuple[Any, ...], list[Job]] = {}
+    for job in jobs:
+        if job.status == "ok" and (key := _network(job)) is not None:
+            groups.setdefault(key, []).append(job)
+    return {key: {k: _mean([job_cost(j, k) for j in group]) for k in INFERENCE} for key, group in groups.items()}
+
+
 def _mean(values: list[float | None]) -> float:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else math.nan
@@ -119,10 +140,14 @@ def add_columns(rows: list[dict[str, Any]], configs: list[Configuration], metric
         target: :func:`time_to_target`, or None.
     """
     by_label = {c.label: c for c in configs}
+    pooled = pooled_inference([j for c in configs for j in c.ok])
     for row in rows:
         ok = by_label[row["configuration"]].ok
         for key in MEAN_COLUMNS:
-            row[key] = _mean([job_cost(j, key) for j in ok])
+            if key in INFERENCE:  # the same network timed anywhere in the sweep: one number
+                row[key] = _mean([pooled[n][key] if (n := _network(j)) in pooled else job_cost(j, key) for j in ok])
+            else:
+                row[key] = _mean([job_cost(j, key) for j in ok])
         for key in ("params", "macs"):  # counts: whole numbers in the CSV
             row[key] = int(round(row[key])) if math.isfinite(row[key]) else row[key]
         times = [job_time_to_target(j, target) for j in ok] if target else []
@@ -219,8 +244,10 @@ def plot_pareto(rows: list[dict[str, Any]], metric: str, flag: str, path: Path) 
         ax.scatter(x[front], y[front], s=160, facecolors="none", edgecolors="#d62728", lw=1.8, zorder=3,
                    label="Pareto front")
         ax.legend(fontsize=8, loc="best")
-    for xi, yi, r in zip(x, y, pts):
-        ax.annotate(plain(r["configuration"]), (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    # labels above and below in turn, along the x axis: neighbours (often one network) do not overprint
+    for k, i in enumerate(np.lexsort((y, x))):
+        ax.annotate(plain(pts[i]["configuration"]), (x[i], y[i]), textcoords="offset points",
+                    xytext=(6, 6 if k % 2 == 0 else -12), fontsize=7)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: si(v)))  # 10M, not 10⁷
     if x.min() > 0 and x.max() / x.min() > 10:
         ax.set_xscale("log")
