@@ -197,6 +197,20 @@ def test_export_round_trip(ckpt, tmp_path, fmt):
         else:
             got = torch.jit.load(str(path))(x)
     assert (got - ref).abs().max() <= 1e-4
+    if fmt == "onnx":  # the file was timed through onnxruntime, and its run.json says so
+        cost = side["cost"]
+        assert cost["onnx_latency_ms"] > 0 and cost["onnx_batch"] == 1 and cost["onnx_calls"] >= 5
+        assert cost["onnx_throughput_img_s"] == pytest.approx(1000 / cost["onnx_latency_ms"], rel=0.01)
+        assert json.loads((tmp_path / "run.json").read_text())["cost"] == cost
+    else:
+        assert "cost" not in side
+
+
+def test_export_time_false_skips_the_timing(ckpt, tmp_path):
+    from visionsweep.export import export
+
+    info = export(compose_cfg(tmp_path, [f"ckpt_path={ckpt}", "time=false", "check=false"], config_name="export"))
+    assert "cost" not in info and "cost" not in json.loads(Path(info["path"]).with_suffix(".json").read_text())
 
 
 def test_export_state_dict_is_a_pretrained_file(ckpt, tmp_path):

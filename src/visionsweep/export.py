@@ -6,7 +6,8 @@ onnx / torchscript: a model that takes a batch of RGB images ``N x 3 x S x S`` (
 is inside the model. The images must be prepared as in training's
 eval view: resize the short side to ``round(S / crop_pct)`` (``interpolation``), centre-crop ``S x S``.
 A sidecar ``<name>.json`` records all of it plus the class names. The export is checked against the
-checkpoint on random images (max abs difference ≤ ``tolerance``).
+checkpoint on random images (max abs difference ≤ ``tolerance``), and an ONNX file is timed through
+onnxruntime (``time=true``: latency at batch 1 on the CPU, the median of 30 calls, into the sidecar's ``cost``).
 
 state_dict: the backbone's (a segmenter's: its timm encoder's) weights as ``.safetensors``, to start another run from them with
 ``model.pretrained_file=<file>`` (how the offline fine-tune demo gets its "pretrained" weights).
@@ -43,7 +44,7 @@ def _opset(value: Any, key: str) -> int:
 
 #: export's own numeric keys and flags → their check
 VALUES = {"opset": _opset, "tolerance": lambda v, k: checks.number(v, k, 0, None, 1e-4, low_open=True),
-          "softmax": checks.flag, "check": checks.flag}
+          "softmax": checks.flag, "check": checks.flag, "time": checks.flag}
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -71,6 +72,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     finally:
         tmp.unlink(missing_ok=True)
     info["path"] = str(path)
+    if fmt == "onnx" and checks.flag(cfg.get("time", True), "time"):
+        from visionsweep.cost import onnx_speed
+
+        # the deployed file's own speed: onnxruntime's latency, beside the run's PyTorch figure (run.json cost)
+        info["cost"] = onnx_speed(path, int(model.hparams.image_size), batch=1)
+        log.info("onnxruntime: %.2f ms per image at batch 1 (median of %d calls, cpu)",
+                 info["cost"]["onnx_latency_ms"], info["cost"]["onnx_calls"])
     if fmt == "state_dict":
         info["use"] = f"model.backbone={model.hparams.backbone} model.pretrained_file={path}"
     atomic_write(side, json.dumps(info, indent=2))
