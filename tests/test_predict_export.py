@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, compose_cfg, run_cli
+from conftest import compose_cfg, run_cli
 
 
 @pytest.fixture(scope="module")
