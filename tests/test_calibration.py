@@ -42,6 +42,41 @@ def test_ece_is_the_count_weighted_gap_of_the_reliability_bins():
     assert scores(logits, y)["ece"] == pytest.approx(by_hand, abs=1e-6)
 
 
+def test_a_saturated_confidence_has_its_own_slot_as_in_torchmetrics_ece():
+    """Softmax in float32 reaches exactly 1: torchmetrics bins it apart, and so do the reliability bins."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    from visionsweep.models.calibration import reliability
+    from visionsweep.report.calibration import ece
+
+    p = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.95, 0.05], [0.95, 0.05]])
+    y = torch.tensor([0, 1, 0, 0])
+    bins = reliability(p, y)
+    assert bins["at_one"] == {"count": 2, "accuracy": 0.5} and sum(bins["count"]) == 2
+    expected = float(multiclass_calibration_error(p, y, num_classes=2, n_bins=15))
+    assert ece(bins) == pytest.approx(expected, abs=1e-6) and expected == pytest.approx(0.275)
+    g = torch.Generator().manual_seed(2)  # and a realistic mix of saturated and unsure rows
+    logits = torch.randn(400, 5, generator=g) * torch.tensor([1.0, 40.0]).repeat(200)[:, None]
+    y = torch.randint(0, 5, (400,), generator=g)
+    probs = logits.softmax(1)
+    assert reliability(probs, y)["at_one"]["count"] > 50
+    assert ece(reliability(probs, y)) == pytest.approx(float(multiclass_calibration_error(probs, y, 5, 15)), abs=1e-5)
+
+
+def test_calibrating_a_calibrated_model_scores_before_at_its_old_temperature():
+    from types import SimpleNamespace
+
+    from visionsweep.models.calibration import calibrate, scores
+
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2000, 4, generator=g)
+    y = torch.multinomial(z.softmax(1), 1, generator=g).squeeze(1)
+    model = SimpleNamespace(temperature=torch.tensor(2.0))  # an earlier calibration stored T = 2
+    out = calibrate(model, (3 * z, y), (3 * z, y), "val")
+    assert out["nll_before"] == pytest.approx(scores(3 * z, y, temperature=2.0)["nll"], abs=1e-6)
+    assert float(model.temperature) == pytest.approx(out["temperature"]) and 2.6 < out["temperature"] < 3.4
+
+
 def test_brier_is_zero_when_sure_and_right_and_two_when_sure_and_wrong():
     from visionsweep.models.calibration import brier
 
@@ -95,7 +130,7 @@ def test_temperature_scaling_lowers_nll_and_ece_on_test_and_the_checkpoint_keeps
           f"NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}  test/acc {metrics['test/acc']:.3f}")
     assert cal["fitted_on"] == "val" and cal["measured_on"] == "test"
     assert cal["temperature"] > 1.0  # trained to overfit without smoothing: too sure of itself
-    assert cal["nll_after"] < cal["nll_before"] - 0.02
+    assert cal["nll_after"] < cal["nll_before"] - 0.02 and cal["ece_after"] < cal["ece_before"]
     # the test pass ran with T: its metrics are the "after" figures, and run.json's reliability bins too
     assert metrics["test/nll"] == pytest.approx(cal["nll_after"], abs=1e-4)
     assert metrics["test/ece"] == pytest.approx(cal["ece_after"], abs=1e-4)
@@ -104,6 +139,26 @@ def test_temperature_scaling_lowers_nll_and_ece_on_test_and_the_checkpoint_keeps
     loaded = checkpoints.load(record["best_checkpoint"], kind="classifier").model
     assert float(loaded.temperature) == pytest.approx(cal["temperature"], abs=1e-5)
     assert metrics["test/acc"] > 0.4  # ten classes: chance is 0.1
+
+
+def test_another_checkpoint_of_a_calibrated_run_warns_and_names_the_calibrated_one(calibrated, tmp_path, caplog):
+    """last.ckpt (keep_last=true, or ckpt_path=latest) has no temperature: loading it says which file has one."""
+    import logging
+    import shutil
+
+    from visionsweep import checkpoints
+
+    run, _ = calibrated
+    record = json.loads((run / "run.json").read_text())
+    plain = _uncalibrated_copy(run, tmp_path)
+    last = plain.rename(plain.with_name("last.ckpt"))
+    shutil.copy(run / "run.json", last.parent.parent / "run.json")
+    with caplog.at_level(logging.WARNING, logger="visionsweep.checkpoints"):
+        checkpoints.load(record["best_checkpoint"])
+        assert not caplog.records  # the calibrated checkpoint itself: nothing to say
+        checkpoints.load(last)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert str(last) in message and f"ckpt_path={record['best_checkpoint']}" in message
 
 
 def test_a_checkpoint_from_before_temperature_scaling_loads_with_t_1(calibrated, tmp_path):

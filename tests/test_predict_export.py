@@ -213,6 +213,20 @@ def test_export_time_false_skips_the_timing(ckpt, tmp_path):
     assert "cost" not in info and "cost" not in json.loads(Path(info["path"]).with_suffix(".json").read_text())
 
 
+def test_an_onnx_file_that_cannot_be_timed_is_still_exported_with_its_sidecar(ckpt, tmp_path, monkeypatch, caplog):
+    import logging
+    import sys
+
+    from visionsweep.export import export
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as when onnxruntime is not installed
+    with caplog.at_level(logging.WARNING, logger="visionsweep.export"):
+        info = export(compose_cfg(tmp_path, [f"ckpt_path={ckpt}", "check=false"], config_name="export"))
+    path = Path(info["path"])
+    assert path.is_file() and "cost" not in json.loads(path.with_suffix(".json").read_text())
+    assert any("not timed" in r.getMessage() and "onnxruntime" in r.getMessage() for r in caplog.records)
+
+
 def test_export_state_dict_is_a_pretrained_file(ckpt, tmp_path):
     from visionsweep import checkpoints
     from visionsweep.export import export

@@ -131,6 +131,7 @@ def test_bins_are_pooled_over_a_configurations_jobs(calibrated):
     expected = (10 * abs(0.80 - 0.83) + 30 * abs(0.85 - 0.90)
                 + 160 * abs((0.95 * 70 + 0.96 * 90) / 160 - (0.97 * 70 + 0.95 * 90) / 160)) / 200
     assert ece(pooled) == pytest.approx(expected)
+    assert pooled["at_one"] == {"count": 0, "accuracy": None}  # bins written before the slot existed
     before = pooled_bins(x, "before")  # only job 0 recorded them
     assert before["count"][13:] == [40, 60] and before["jobs"] == 1
 

@@ -324,10 +324,10 @@ def test_labels_are_escaped_in_the_new_sections(tmp_path):
 def test_report_cli_prints_costs_and_a_rerun_gives_the_same_summary(sweep, capsys):
     from visionsweep.report.__main__ import main
 
-    before = {p.name: p.stat().st_mtime_ns for p in sweep.glob("*/run.json")}
+    before = {str(p): p.stat().st_mtime_ns for p in sweep.glob("*/run.json")}
     main([str(sweep), "--out", str(sweep / "again")])
     out = capsys.readouterr().out
     line = next(r for r in out.splitlines() if r.startswith("| model=a "))
     assert "11M" in line and "5.00" in line
-    assert {p.name: p.stat().st_mtime_ns for p in sweep.glob("*/run.json")} == before
+    assert {str(p): p.stat().st_mtime_ns for p in sweep.glob("*/run.json")} == before
     assert (sweep / "again" / "summary.csv").read_text() == (sweep / "summary.csv").read_text()

@@ -242,7 +242,24 @@ def load(ckpt_path: Any, log_dir: str | Path = "runs", kind: str | None = None,
     got = kind_of(ck, path)
     if kind is not None and got != kind:
         raise ConfigError(f"ckpt_path '{path}' holds a {got}, but this needs a {kind} checkpoint")
+    _warn_uncalibrated(ck, path)
     return LoadedCheckpoint(build(ck, got, path), path, got, run_dir_of(path))
+
+
+def _warn_uncalibrated(ck: dict[str, Any], path: Path) -> None:
+    """Warn when a run calibrated its best checkpoint and this is another one of its files (e.g. last.ckpt)."""
+    t = (ck.get("state_dict") or {}).get("temperature")
+    if t is not None and float(t) != 1.0:
+        return
+    try:
+        record = json.loads((run_dir_of(path) / "run.json").read_text())
+    except (OSError, ValueError):
+        return
+    calibration = record.get("calibration") if isinstance(record, dict) else None
+    if isinstance(calibration, dict) and isinstance(calibration.get("temperature"), (int, float)):
+        log.warning("%s has no temperature (T = 1): its run calibrated only its best checkpoint (T = %s): "
+                    "ckpt_path=%s gives the calibrated probabilities", path, calibration["temperature"],
+                    record.get("best_checkpoint") or "<the best checkpoint>")
 
 
 def check_resumable(ckpt_path: Any, log_dir: str | Path, task_name: str, kind: str | None = None) -> Path:

@@ -68,17 +68,12 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     tmp = tmp_path(path)  # written beside the target, renamed into place once checked: never half a model
     try:
         info = _write(cfg, fmt, loaded, tmp)
+        if fmt == "onnx" and checks.flag(cfg.get("time", True), "time"):
+            info.update(_timed(tmp, int(model.hparams.image_size)))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     info["path"] = str(path)
-    if fmt == "onnx" and checks.flag(cfg.get("time", True), "time"):
-        from visionsweep.cost import onnx_speed
-
-        # the deployed file's own speed: onnxruntime's latency, beside the run's PyTorch figure (run.json cost)
-        info["cost"] = onnx_speed(path, int(model.hparams.image_size), batch=1)
-        log.info("onnxruntime: %.2f ms per image at batch 1 (median of %d calls, cpu)",
-                 info["cost"]["onnx_latency_ms"], info["cost"]["onnx_calls"])
     if fmt == "state_dict":
         info["use"] = f"model.backbone={model.hparams.backbone} model.pretrained_file={path}"
     atomic_write(side, json.dumps(info, indent=2))
@@ -87,6 +82,21 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     check = f", max abs diff {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
     print(f"\n{fmt}: {path} (+ {path.with_suffix('.json').name}){check}", flush=True)
     return info
+
+
+def _timed(path: Path, image_size: int) -> dict[str, Any]:
+    """``{"cost": ...}``: the ONNX file's own speed through onnxruntime (beside the run's PyTorch figure in its
+    run.json), or nothing, with a warning, when it cannot be timed: the export itself is fine."""
+    from visionsweep.cost import onnx_speed
+
+    try:
+        cost = onnx_speed(path, image_size, batch=1)
+    except Exception as e:  # noqa: BLE001 (onnxruntime missing or refusing the graph: a number lost, not the file)
+        log.warning("the ONNX file was not timed (%s: %s)", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return {}
+    log.info("onnxruntime: %.2f ms per image at batch 1 (median of %d calls, cpu)", cost["onnx_latency_ms"],
+             cost["onnx_calls"])
+    return {"cost": cost}
 
 
 def _write(cfg: DictConfig, fmt: str, loaded: checkpoints.LoadedCheckpoint, path: Path) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             calibration=calibration and {k: v for k, v in calibration.items() if k != "bins_before"},
             reliability=runinfo.reliability(test_report.pop("reliability", None), calibration, dm.has_test),
             test_report=test_report or None, baselines=floor)
-        if state == "ok" and cfg.get("cost", {}).get("enabled", True):  # after the test: the best weights
+        if state == "ok" and (cfg.get("cost") or {}).get("enabled", True):  # after the test: the best weights
             record.update(cost=runinfo.measure_cost(cfg, model, trainer, fit_s, img_s))
         record.update(finished=round(time.time(), 3))
         outcome.drop_last_checkpoint(trainer, is_multirun())

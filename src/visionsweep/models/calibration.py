@@ -61,7 +61,8 @@ def reliability(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = N_BINS
 
 def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = N_BINS) -> dict[str, Any]:
     """Per equal-width bin of the top-class confidence: its count, mean confidence and accuracy (None for an
-    empty bin). Bins are ``[lo, hi)`` as in torchmetrics' ECE (a confidence of exactly 1 in the last).
+    empty bin). Bins are ``[lo, hi)`` as in torchmetrics' ECE, which gives a confidence of exactly 1 (a saturated
+    float32 softmax) a slot of its own: ``at_one``, so that the ECE of these bins is the logged ``*/ece``.
 
     Args:
         confidence: ``N`` top-class probabilities.
@@ -69,16 +70,21 @@ def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: in
         n_bins: number of bins on [0, 1].
 
     Returns:
-        ``{"n_bins", "count", "confidence", "accuracy"}`` (lists of ``n_bins`` JSON-able values).
+        ``{"n_bins", "count", "confidence", "accuracy"}`` (lists of ``n_bins`` JSON-able values) and
+        ``at_one: {"count", "accuracy"}``.
     """
     conf, right = confidence.double().flatten(), correct.double().flatten()
+    one = conf >= 1.0
+    ones = {"count": int(one.sum()), "accuracy": round(float(right[one].mean()), 6) if one.any() else None}
+    conf, right = conf[~one], right[~one]
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     index = torch.bucketize(conf, edges[1:-1], right=True)
     count = torch.bincount(index, minlength=n_bins)
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, conf)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, right)
     mean = lambda s: [round(float(v / n), 6) if n else None for v, n in zip(s, count)]  # noqa: E731
-    return {"n_bins": n_bins, "count": count.tolist(), "confidence": mean(conf_sum), "accuracy": mean(acc_sum)}
+    return {"n_bins": n_bins, "count": count.tolist(), "confidence": mean(conf_sum), "accuracy": mean(acc_sum),
+            "at_one": ones}
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
@@ -150,16 +156,17 @@ def calibrate(model: Any, val: tuple[torch.Tensor, torch.Tensor], measure: tuple
 
     Returns:
         run.json's ``calibration``: ``temperature``, ``fitted_on``, ``measured_on``, ``<ece|nll|brier>_before``
-        and ``_after``; and ``bins_before`` (reliability bins at T = 1).
+        and ``_after``; and ``bins_before`` (reliability bins at the model's temperature before this fit).
     """
+    t0 = float(model.temperature)  # 1, or what an earlier calibration stored: "before" is the model as it was
     t = fit_temperature(*val)
-    before, after = scores(*measure), scores(*measure, temperature=t)
+    before, after = scores(*measure, temperature=t0), scores(*measure, temperature=t)
     model.temperature.fill_(t)
     out: dict[str, Any] = {"temperature": round(t, 6), "fitted_on": "val", "measured_on": measured_on,
                            "n_fit": len(val[1]), "n_measured": len(measure[1])}
     for key in ("ece", "nll", "brier"):
         out[f"{key}_before"], out[f"{key}_after"] = round(before[key], 6), round(after[key], 6)
-    out["bins_before"] = reliability(measure[0].double().softmax(dim=1), measure[1])
+    out["bins_before"] = reliability((measure[0].double() / t0).softmax(dim=1), measure[1])
     return out
 
 

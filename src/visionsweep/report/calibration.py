@@ -110,23 +110,41 @@ def pooled_bins(config: Configuration, which: str = "after") -> dict[str, Any] |
     sets = [s for s in sets if len(s[0]["count"]) == n]
     count = np.zeros(n)
     sums = {"confidence": np.zeros(n), "accuracy": np.zeros(n)}
+    one_count, one_right = 0, 0.0  # confidence exactly 1 (models.calibration.reliability_bins)
     for bins, _ in sets:
+        one = _at_one(bins)
+        if one:
+            one_count, one_right = one_count + one[0], one_right + one[0] * one[1]
         for i in range(n):
             if bins["count"][i] and bins["confidence"][i] is not None and bins["accuracy"][i] is not None:
                 count[i] += bins["count"][i]
                 for key in sums:
                     sums[key][i] += bins["count"][i] * bins[key][i]
     pooled = {key: [float(s / k) if k else None for s, k in zip(v, count)] for key, v in sums.items()}
-    return {**pooled, "count": count.astype(int).tolist(), "split": sets[0][1], "jobs": len(sets)}
+    at_one = {"count": one_count, "accuracy": one_right / one_count if one_count else None}
+    return {**pooled, "count": count.astype(int).tolist(), "at_one": at_one, "split": sets[0][1], "jobs": len(sets)}
+
+
+def _at_one(bins: dict[str, Any]) -> tuple[int, float] | None:
+    """``(count, accuracy)`` of the images whose confidence was exactly 1, when bins record any."""
+    one = bins.get("at_one")
+    if not isinstance(one, dict):
+        return None
+    k, acc = one.get("count"), one.get("accuracy")
+    ok = isinstance(k, int) and k > 0 and isinstance(acc, (int, float)) and math.isfinite(acc)
+    return (k, float(acc)) if ok else None
 
 
 def ece(bins: dict[str, Any]) -> float:
-    """Expected calibration error of bins: the count-weighted mean of ``|accuracy - confidence|``."""
-    total = sum(bins["count"])
+    """Expected calibration error of bins: the count-weighted mean of ``|accuracy - confidence|`` (torchmetrics'
+    definition: the images at confidence exactly 1 are a slot of their own)."""
+    one = _at_one(bins)
+    total = sum(bins["count"]) + (one[0] if one else 0)
     if not total:
         return math.nan
-    return float(sum(k * abs(a - c) for k, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"])
-                     if k and a is not None and c is not None) / total)
+    gap = sum(k * abs(a - c) for k, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"])
+              if k and a is not None and c is not None)
+    return float((gap + (one[0] * (1.0 - one[1]) if one else 0.0)) / total)
 
 
 def pick(configs: list[Configuration], ranked_labels: list[str], label: str | None = None) -> list[Configuration]:
@@ -226,6 +244,10 @@ def draw_reliability(ax: Any, label: str, after: dict[str, Any]) -> None:
     ax.bar(centres[shown], conf - acc, width, bottom=acc, fill=False, hatch="//", edgecolor="#d62728", lw=0.8,
            zorder=3, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    one = _at_one(after)
+    if one:  # torchmetrics' own slot: a diamond on the right edge
+        ax.plot([1.0], [one[1]], "D", color="#d62728", ms=7, clip_on=False, zorder=5,
+                label=f"confidence exactly 1 ({one[0]} images)")
     ticks = np.linspace(0, 1, 6)
     ax.set_xticks(ticks)
     ax.set_yticks(ticks)
