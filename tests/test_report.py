@@ -182,16 +182,20 @@ def _check_heatmap(path: Path) -> None:
         assert centre[(archs[0], aug)][0] < centre[(archs[1], aug)][0] - 50, centre
 
 
-def test_report_cli_and_bad_path(sweep, tmp_path):
+def test_report_cli_and_bad_path(sweep, tmp_path, capsys):
     from conftest import run_cli
+    from visionsweep.report.__main__ import main
 
-    proc = run_cli("report", str(sweep), "--metric", "test/acc")
+    proc = run_cli("report", str(sweep), "--metric", "test/acc")  # the real entry point, once
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model=vgg19 augmentation=none" in proc.stdout and (sweep / "report.html").is_file()
-    bad = run_cli("report", str(tmp_path / "nowhere"))
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "nowhere" in bad.stderr
-    bad_metric = run_cli("report", str(sweep), "--metric", "val/nope")
-    assert bad_metric.returncode == 2 and "val/nope" in bad_metric.stderr and "val/acc_best" in bad_metric.stderr
+    for argv, words in (([str(tmp_path / "nowhere")], ["nowhere"]),
+                        ([str(sweep), "--metric", "val/nope"], ["val/nope", "val/acc_best"])):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
+        assert all(w in err for w in words), err
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
