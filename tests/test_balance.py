@@ -116,6 +116,31 @@ def test_imbalanced_classes_chosen_by_plain_accuracy_get_a_warning_naming_better
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
+def test_macro_f1_chooses_the_checkpoint_is_what_a_sweeper_gets_and_ranks_the_report(lopsided, tmp_path, caplog):
+    """val/f1_macro as callbacks.model_checkpoint.monitor, optimized_metric and the report's --metric, on 90/10."""
+    import csv
+
+    from visionsweep.report import build_report
+    from visionsweep.train import train
+
+    run = tmp_path / "run"
+    cfg = compose_cfg(run, [*FAST, "data=folder", f"data.root={lopsided}", "data.image_size=16", "seed=2",
+                            "trainer.max_epochs=3", "scheduler=none", "callbacks.model_checkpoint.monitor=val/f1_macro",
+                            "optimized_metric=val/f1_macro", "cost.enabled=false"])
+    with caplog.at_level(logging.WARNING):
+        metrics = train(cfg)
+    assert not [r for r in caplog.records if "imbalanced" in r.getMessage() or "3:1" in r.getMessage()]
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("val/f1_macro")]
+    f1 = {int(r["epoch"]): float(r["val/f1_macro"]) for r in rows}
+    assert len(f1) == 3 and 0.0 <= min(f1.values()) and max(f1.values()) <= 1.0
+    best = json.loads((run / "run.json").read_text())["best_checkpoint"]
+    assert Path(best).name == f"epoch_{max(f1, key=f1.get):03d}.ckpt"  # the epoch of the highest macro-F1
+    assert metrics["val/f1_macro"] == pytest.approx(f1[2], abs=1e-6)  # _hydra_main returns metrics[optimized_metric]
+    result = build_report([run], tmp_path / "report", "val/f1_macro")
+    (row,) = result["rows"]
+    assert result["metric"] == "val/f1_macro" and row["val/f1_macro mean"] == pytest.approx(f1[2], abs=1e-5)
+
+
 @pytest.mark.scaling  # three short training runs (in process)
 def test_a_resumed_run_with_the_sampler_equals_the_uninterrupted_run(lopsided, tmp_path):
     from visionsweep.train import train
