@@ -220,7 +220,7 @@ def test_an_onnx_file_that_cannot_be_timed_is_still_exported_with_its_sidecar(ck
     from visionsweep.export import export
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as when onnxruntime is not installed
-    with caplog.at_level(logging.WARNING, logger="visionsweep.export"):
+    with caplog.at_level(logging.WARNING):
         info = export(compose_cfg(tmp_path, [f"ckpt_path={ckpt}", "check=false"], config_name="export"))
     path = Path(info["path"])
     assert path.is_file() and "cost" not in json.loads(path.with_suffix(".json").read_text())

@@ -9,6 +9,7 @@ images, uint8 by default as ClassifierModule and SegmenterModule do. Measurement
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import sys
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
+
+log = logging.getLogger("visionsweep.cost")
 
 MIB = 2 ** 20
 
@@ -237,6 +240,19 @@ def onnx_speed(onnx_path: str | PathLike, image_size: int, batch: int = 1, calls
     med = statistics.median(times)
     return {"onnx_latency_ms": _ms(med), "onnx_latency_ms_p90": _ms(_percentile(times, 90)),
             "onnx_calls": len(times), "onnx_batch": n, "onnx_throughput_img_s": round(n / med, 2)}
+
+
+def onnx_cost(path: str | PathLike, image_size: int) -> dict[str, Any]:
+    """``{"cost": onnx_speed(...)}`` of an exported file at batch 1, or ``{}`` with a warning when it cannot be
+    timed (onnxruntime missing or refusing the graph: a number lost, not the export)."""
+    try:
+        cost = onnx_speed(path, image_size, batch=1)
+    except Exception as e:  # noqa: BLE001
+        log.warning("the ONNX file was not timed (%s: %s)", type(e).__name__, (str(e).splitlines() or [""])[0])
+        return {}
+    log.info("onnxruntime: %.2f ms per image at batch 1 (median of %d calls, cpu)", cost["onnx_latency_ms"],
+             cost["onnx_calls"])
+    return {"cost": cost}
 
 
 def job_cost(model: nn.Module, image_size: int, device: torch.device, fit_s: float, train_img_s: float | None,

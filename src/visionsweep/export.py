@@ -16,7 +16,6 @@ state_dict: the backbone's (a segmenter's: its timm encoder's) weights as ``.saf
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -32,7 +31,6 @@ from visionsweep.utils.atomic import atomic_write, tmp_path
 from visionsweep.utils.cli import guarded, precheck
 from visionsweep.utils.outputs import check_output_file
 
-log = logging.getLogger("visionsweep.export")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "state_dict": ".safetensors"}
 
 
@@ -69,7 +67,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     try:
         info = _write(cfg, fmt, loaded, tmp)
         if fmt == "onnx" and checks.flag(cfg.get("time", True), "time"):
-            info.update(_timed(tmp, int(model.hparams.image_size)))
+            from visionsweep.cost import onnx_cost
+
+            info.update(onnx_cost(tmp, int(model.hparams.image_size)))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -82,21 +82,6 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     check = f", max abs diff {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
     print(f"\n{fmt}: {path} (+ {path.with_suffix('.json').name}){check}", flush=True)
     return info
-
-
-def _timed(path: Path, image_size: int) -> dict[str, Any]:
-    """``{"cost": ...}``: the ONNX file's own speed through onnxruntime (beside the run's PyTorch figure in its
-    run.json), or nothing, with a warning, when it cannot be timed: the export itself is fine."""
-    from visionsweep.cost import onnx_speed
-
-    try:
-        cost = onnx_speed(path, image_size, batch=1)
-    except Exception as e:  # noqa: BLE001 (onnxruntime missing or refusing the graph: a number lost, not the file)
-        log.warning("the ONNX file was not timed (%s: %s)", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return {}
-    log.info("onnxruntime: %.2f ms per image at batch 1 (median of %d calls, cpu)", cost["onnx_latency_ms"],
-             cost["onnx_calls"])
-    return {"cost": cost}
 
 
 def _write(cfg: DictConfig, fmt: str, loaded: checkpoints.LoadedCheckpoint, path: Path) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # so that a typo is reported in under a second
     import pytorch_lightning as pl
 
-    from visionsweep import builders, distributed, run_config
+    from visionsweep import builders, config_checks, distributed, run_config
     from visionsweep.optim import lr_find
 
     out, lead = Path(cfg.paths.output_dir), distributed.is_rank_zero()
@@ -50,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if lead:
             print_config_tree(cfg)  # what runs: data.image_size=auto, timm's mean/std, ... filled in
         resume, inp = resolved.resume, resolved.inputs
-        builders.check_config(cfg)  # optimizer.lr=-1: one line, before anything is written
+        config_checks.check_config(cfg)  # optimizer.lr=-1: one line, before anything is written
         distributed.check_batch_size(cfg)  # DDP: the global data.batch_size must divide among the ranks
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d, %d threads", cfg.seed, threads)

@@ -25,6 +25,14 @@ from visionsweep.utils.atomic import atomic_write, save_figure  # noqa: E402
 from visionsweep.utils.jsonsafe import json_default  # noqa: E402
 from visionsweep.utils.text import md_escape  # noqa: E402
 
+def save_plot(fig: Any, path: str | Path, dpi: int = 110, **savefig_kwargs: Any) -> Path:
+    """A chart (not a :func:`grid`): tight layout, saved atomically as ``path``, closed. Returns ``path``."""
+    fig.tight_layout()
+    save_figure(fig, path, dpi=dpi, **savefig_kwargs)
+    plt.close(fig)
+    return Path(path)
+
+
 PANEL = 2.0     # inches per grid cell
 TITLE = 0.35    # inches of title strip above each cell
 DPI = 100

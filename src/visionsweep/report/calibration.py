@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from visionsweep.errors import ConfigError  # noqa: E402
 from visionsweep.report.collect import Configuration, Job  # noqa: E402
-from visionsweep.utils.atomic import save_figure  # noqa: E402
+from visionsweep.analysis.plots import save_plot  # noqa: E402
 from visionsweep.utils.text import plain  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -213,10 +213,7 @@ def plot_reliability(panels: list[tuple[str, dict[str, Any]]], path: Path) -> Pa
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5.5), squeeze=False)
     for ax, (label, bins) in zip(axes[0], panels):
         draw_reliability(ax, label, bins)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path)
 
 
 def draw_reliability(ax: Any, label: str, after: dict[str, Any]) -> None:

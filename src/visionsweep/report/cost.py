@@ -20,7 +20,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from visionsweep.report.collect import Configuration, Job, curve_metric, higher_is_better  # noqa: E402
-from visionsweep.utils.atomic import save_figure  # noqa: E402
+from visionsweep.analysis.plots import save_plot  # noqa: E402
 from visionsweep.utils.text import plain  # noqa: E402
 
 # the summary columns, in order (means over a configuration's finished jobs; device_hours is their sum)
@@ -257,7 +257,7 @@ def plot_pareto(rows: list[dict[str, Any]], metric: str, flag: str, path: Path) 
     ax.set(xlabel=plain(f"{axis} (lower is better)"), ylabel=plain(f"{metric} ({better} is better)"),
            title=plain(f"{metric} against {axis}: mean ± 95% CI, Pareto front ringed"))
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_plot(fig, path)
 
 
 def plot_time_to_target(configs: list[Configuration], target: dict[str, Any] | None, path: Path) -> Path | None:
@@ -298,11 +298,5 @@ def plot_time_to_target(configs: list[Configuration], target: dict[str, Any] | N
            title=plain(f"time to target: {key} against wall-clock time (bold: mean per epoch)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_plot(fig, path)
 
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path

@@ -25,7 +25,8 @@ from visionsweep.report.collect import (  # noqa: E402
 )
 from visionsweep.report.cost import human  # noqa: E402
 from visionsweep.report.stats import Paired, paired  # noqa: E402
-from visionsweep.utils.atomic import atomic_open, save_figure  # noqa: E402
+from visionsweep.analysis.plots import save_plot  # noqa: E402
+from visionsweep.utils.atomic import atomic_open  # noqa: E402
 from visionsweep.utils.text import csv_cell, md_escape, plain  # noqa: E402
 
 EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "test/acc_balanced", "val/miou", "test/miou",
@@ -139,7 +140,7 @@ def plot_curves(configs: list[Configuration], metric: str, path: Path) -> Path |
            title=plain(f"{key} per epoch (mean over {unit(configs)}, shaded: their range)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_plot(fig, path)
 
 
 def plot_bars(configs: list[Configuration], metric: str, path: Path) -> Path | None:
@@ -168,7 +169,7 @@ def plot_bars(configs: list[Configuration], metric: str, path: Path) -> Path | N
     ax.set_xticks(x, [plain(c.label) for c in ranked], rotation=30, ha="right", fontsize=8)
     ax.set(ylabel=plain(metric), title=plain(f"{metric}: mean ± 95% CI over {unit(configs)} (dots: {unit(configs)})"))
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_plot(fig, path)
 
 
 def plot_heatmap(configs: list[Configuration], metric: str, path: Path) -> Path | None:
@@ -194,14 +195,8 @@ def plot_heatmap(configs: list[Configuration], metric: str, path: Path) -> Path 
     ax.set_yticks(range(len(archs)), [plain(a) for a in archs])
     ax.set(xlabel="augmentation", ylabel="architecture", title=plain(f"{metric} (mean over {unit(configs)})"))
     fig.colorbar(im, ax=ax)
-    return _save(fig, path)
+    return save_plot(fig, path)
 
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def failed_jobs(jobs: list[Job]) -> list[Job]:
