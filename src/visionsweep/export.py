@@ -7,7 +7,7 @@ is inside the model. The images must be prepared as in training's
 eval view: resize the short side to ``round(S / crop_pct)`` (``interpolation``), centre-crop ``S x S``.
 A sidecar ``<name>.json`` records all of it plus the class names. The export is checked against the
 checkpoint on random images (max abs difference ≤ ``tolerance``), and an ONNX file is timed through
-onnxruntime (``time=true``: latency at batch 1 on the CPU, the median of 30 calls, into the sidecar's ``cost``).
+onnxruntime (``time=true``: latency at batch 1 on the CPU, the median of up to 30 calls, into the sidecar's ``cost``).
 
 state_dict: the backbone's (a segmenter's: its timm encoder's) weights as ``.safetensors``, to start another run from them with
 ``model.pretrained_file=<file>`` (how the offline fine-tune demo gets its "pretrained" weights).
