@@ -129,8 +129,9 @@ def test_a_failed_see_leaves_no_out_dir_and_never_writes_over_a_users_files(tmp_
     assert (mine / "kernels.png").read_bytes() == b"my picture"
 
 
-@pytest.mark.scaling  # a real run, stopped by SIGINT after its first epoch (~11 s)
-def test_ctrl_c_records_an_interrupted_resumable_run_and_exits_130(tmp_path, shapes_root):
+@pytest.mark.scaling  # a real run, stopped by SIGINT (Ctrl-C) or SIGTERM (a scheduler) after its first epoch (~11 s)
+@pytest.mark.parametrize(("sig", "code", "how"), [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_or_sigterm_records_an_interrupted_resumable_run(tmp_path, shapes_root, sig, code, how):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "visionsweep.train", *FAST, f"data.root={shapes_root}", "data.image_size=16",
            "trainer.max_epochs=200", "callbacks.model_checkpoint.last_every_s=0", f"hydra.run.dir={run}"]
@@ -142,16 +143,16 @@ def test_ctrl_c_records_an_interrupted_resumable_run_and_exits_130(tmp_path, sha
     deadline = time.monotonic() + 240
     while not (run / "checkpoints" / "last.ckpt").is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # the first epoch's last.ckpt: there is something to resume
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()  # (a no-op once it ended) a run that ignored the signal must not go on beside the suite
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     record = json.loads((run / "run.json").read_text())
-    assert record["status"] == "interrupted" and record["epochs"] >= 1
+    assert record["status"] == "interrupted" and record["epochs"] >= 1 and record["finished"]
     assert record["metrics"] and 0.0 <= record["metrics"]["val/acc"] <= 1.0
     assert Path(record["resume_checkpoint"]).is_file()
     last = err.strip().splitlines()[-1]
-    assert "interrupted after" in last and f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}" in last
+    assert "interrupted after" in last and f"({how})" in last and f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}" in last
     assert "Traceback" not in err

@@ -96,8 +96,10 @@ def test_config_hash_ignores_where_and_how_a_job_runs():
 def test_the_ledger_reads_each_job_dir_of_a_sweep(tmp_path):
     from visionsweep import ledger
 
+    # the status says what happened: a failure whose text names an interrupt is not guessed to be one
     runs = {"0": {"status": "ok", "config_hash": "abc"}, "1": {"status": "running"},
-            "2": {"status": "failed", "error": "KeyboardInterrupt: "}, "3": {"status": "failed", "error": "bad"}}
+            "2": {"status": "interrupted", "error": "SIGTERMException: stopped by a SIGTERM (preempted or cancelled)"},
+            "3": {"status": "failed", "error": "KeyboardInterrupt: raised by the user's own code"}}
     for num, run in runs.items():
         (tmp_path / num / "checkpoints").mkdir(parents=True)
         (tmp_path / num / "run.json").write_text(json.dumps(run))

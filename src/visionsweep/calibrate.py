@@ -60,7 +60,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     reliability = {"split": split, **after_bins, "before": result.pop("bins_before")}
     result["previous_temperature"] = round(before_t, 6)
     atomic_write(out / "calibration.json", json.dumps({**result, "reliability": reliability}, indent=2))
-    record.update(status="ok", calibration=result, reliability=reliability, checkpoint_out=str(target))
+    record.finish(runinfo.Status.OK, calibration=result, reliability=reliability, checkpoint_out=str(target))
     from visionsweep.report.calibration import plot_reliability  # the report's diagram
 
     plot_reliability([(loaded.path.stem, reliability)], out / "reliability.png")

@@ -65,7 +65,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer.test(model, dataloaders=loader, verbose=False)
     metrics = {k.replace("test/", f"{split}/"): round(float(v), 6)
                for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    record.update(status="ok", metrics=metrics, test_report=model.test_report)
+    record.finish(runinfo.Status.OK, metrics=metrics, test_report=model.test_report)
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
     shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("/acc", "/miou", "/loss")))
     print(f"\n{ckpt.name} on {split} ({len(loader.dataset)} images): {shown}  → {out}", flush=True)

@@ -77,8 +77,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if fmt == "state_dict":
         info["use"] = f"model.backbone={model.hparams.backbone} model.pretrained_file={path}"
     atomic_write(side, json.dumps(info, indent=2))
-    runinfo.RunRecord(out_dir, task="export", status="ok", **{k: v for k, v in info.items() if k != "format"},
-                      export_format=fmt)
+    runinfo.RunRecord(out_dir, task="export", **{k: v for k, v in info.items() if k != "format"},
+                      export_format=fmt).finish(runinfo.Status.OK)
     check = f", max abs diff {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
     print(f"\n{fmt}: {path} (+ {path.with_suffix('.json').name}){check}", flush=True)
     return info

@@ -21,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from visionsweep.runinfo import STATUSES, Status
 from visionsweep.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ log = logging.getLogger(__name__)
 # keys that never change what a job computes: where it writes, which launcher, its threads and GPUs
 EXCLUDED = ("hydra", "paths", "ckpt_path", "threads", "gpus", "overwrite")
 LEDGER_FILE = "ledger.json"
-# errors a job records when it is stopped from outside rather than failing by itself
-INTERRUPTS = ("KeyboardInterrupt", "SystemExit", "Interrupted", "SIGTERM")
-# every status a run.json is written with (runinfo.RunRecord, train.py, outcome.status)
-STATUSES = ("running", "ok", "pruned", "failed", "interrupted")
 _JSON_KINDS = {list: "a JSON list", str: "a JSON string", int: "a number", float: "a number",
                bool: "true/false", type(None): "null"}
 
@@ -139,7 +136,8 @@ class JobEntry:
 
     Args:
         num: the job number (its dir name).
-        status: ok | failed | pruned | running | missing (no run.json yet).
+        status: a run.json :class:`~visionsweep.runinfo.Status`, or ``missing`` (no run.json yet) or
+            ``damaged`` (one that cannot be trusted).
         config_hash: the hash its run.json recorded (None for runs from before hashes).
         last_ckpt: its checkpoints/last.ckpt when there is one.
         error: the error its run.json recorded, if any.
@@ -147,7 +145,7 @@ class JobEntry:
     """
 
     num: int
-    status: str
+    status: Status | str
     config_hash: str | None
     last_ckpt: Path | None
     error: str | None = None
@@ -155,10 +153,8 @@ class JobEntry:
 
     @property
     def interrupted(self) -> bool:
-        """The job was stopped from outside: killed (still ``running``), Ctrl-C or SIGTERM."""
-        if self.status in ("running", "interrupted"):
-            return True
-        return self.status == "failed" and str(self.error or "").startswith(INTERRUPTS)
+        """The job was stopped from outside: killed (still ``running``), Ctrl-C or SIGTERM (``interrupted``)."""
+        return self.status in (Status.RUNNING, Status.INTERRUPTED)
 
 
 def job_entry(job_dir: Path, num: int) -> JobEntry:
@@ -172,7 +168,7 @@ def job_entry(job_dir: Path, num: int) -> JobEntry:
     if problem is not None or run is None:
         return JobEntry(num, "damaged", None, last_ckpt, problem=problem)
     error = run.get("error")
-    return JobEntry(num, run["status"], run.get("config_hash"), last_ckpt, None if error is None else str(error))
+    return JobEntry(num, Status(run["status"]), run.get("config_hash"), last_ckpt, None if error is None else str(error))
 
 
 def _entry_problem(path: Path, run: dict[str, Any]) -> str | None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from visionsweep.errors import DiskFullError, exception_chain
+from visionsweep.runinfo import Status
 from visionsweep.utils.atomic import disk_full_cause
 
 if TYPE_CHECKING:
@@ -24,12 +24,12 @@ def scalars(metrics: dict) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
 
-def status(trainer: pl.Trainer) -> str:
+def status(trainer: pl.Trainer) -> Status:
     """``pruned`` when an Optuna pruner stopped the job (callbacks/optuna_pruning.py), else ``ok``."""
     from visionsweep.callbacks.optuna_pruning import OptunaPruning
 
     pruned = any(isinstance(cb, OptunaPruning) and cb.pruned_at is not None for cb in trainer.callbacks)
-    return "pruned" if pruned else "ok"
+    return Status.PRUNED if pruned else Status.OK
 
 
 def failure(e: BaseException) -> dict[str, str]:
@@ -88,13 +88,20 @@ def remove_if_only_hydra_files(out: Path) -> bool:
     return False
 
 
-def interrupted(e: BaseException) -> bool:
-    """Whether ``e`` is a Ctrl-C: a KeyboardInterrupt, or Lightning's ``sys.exit(1)`` after one."""
-    return any(isinstance(x, KeyboardInterrupt) for x in exception_chain(e))
+def interrupted(e: BaseException) -> str | None:
+    """How ``e`` stopped the run from outside: ``Ctrl-C`` (a KeyboardInterrupt, or Lightning's ``sys.exit(1)``
+    after one), ``SIGTERM`` (Lightning's SIGTERMException: a scheduler preempting the job), else None."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    chain = list(exception_chain(e))
+    if any(isinstance(x, KeyboardInterrupt) for x in chain):
+        return "Ctrl-C"
+    return "SIGTERM" if any(isinstance(x, SIGTERMException) for x in chain) else None
 
 
-def record_interrupt(record: Any, trainer: pl.Trainer | None, out: Path) -> None:
-    """Record a Ctrl-C'd run as ``interrupted`` and print the one line that resumes it.
+def record_interrupt(record: Any, trainer: pl.Trainer | None, out: Path, how: str = "Ctrl-C") -> None:
+    """Record a run stopped from outside (``how``: Ctrl-C, SIGTERM) as ``interrupted`` and print the one
+    line that resumes it.
 
     run.json keeps the metrics of the last finished epoch and the checkpoint to resume from
     (``last.ckpt``, written at epoch ends: see callbacks/checkpoint.py's ``last_every_s``).
@@ -103,6 +110,7 @@ def record_interrupt(record: Any, trainer: pl.Trainer | None, out: Path) -> None
         record: The run's RunRecord (None when it was interrupted before run.json was written).
         trainer: The run's trainer, None before it was built.
         out: The run dir.
+        how: What stopped it (:func:`interrupted`).
     """
     finished = int(trainer.current_epoch) if trainer is not None else 0
     metrics = {k: v for k, v in scalars(trainer.callback_metrics).items() if not k.endswith("_step")} \
@@ -110,15 +118,16 @@ def record_interrupt(record: Any, trainer: pl.Trainer | None, out: Path) -> None
     last = out / "checkpoints" / "last.ckpt"
     resume = last if last.is_file() else None
     if record is not None:
-        record.update(status="interrupted", error="KeyboardInterrupt: stopped by the user (Ctrl-C)",
-                      error_type="KeyboardInterrupt", metrics=metrics or None, epochs=finished,
-                      resume_checkpoint=str(resume) if resume else None, finished=round(time.time(), 3))
-    how = (f"resume with: python -m visionsweep.train ckpt_path={resume}" if resume
-           else "no checkpoint was written yet: start it again")
-    print(f"\ninterrupted after {finished} finished epoch(s): {how}  → {out}", file=sys.stderr, flush=True)
+        error = ("KeyboardInterrupt: stopped by the user (Ctrl-C)" if how == "Ctrl-C"
+                 else "SIGTERMException: stopped by a SIGTERM (preempted or cancelled)")
+        record.finish(Status.INTERRUPTED, error=error, error_type=error.split(":")[0], metrics=metrics or None,
+                      epochs=finished, resume_checkpoint=str(resume) if resume else None)
+    then = (f"resume with: python -m visionsweep.train ckpt_path={resume}" if resume
+            else "no checkpoint was written yet: start it again")
+    print(f"\ninterrupted after {finished} finished epoch(s) ({how}): {then}  → {out}", file=sys.stderr, flush=True)
 
 
-def print_summary(metrics: dict[str, Any], seconds: float, out: Path, state: str = "ok",
+def print_summary(metrics: dict[str, Any], seconds: float, out: Path, state: Status = Status.OK,
                   baselines: dict[str, Any] | None = None) -> None:
     """The one line a user reads at the end: the main metrics, the time, the run dir (multi-label: and the
     image-blind baselines of :func:`visionsweep.models.multilabel.baselines` before it)."""
@@ -127,5 +136,5 @@ def print_summary(metrics: dict[str, Any], seconds: float, out: Path, state: str
                           for name, b in baselines.items() if isinstance(b, dict))
         print(f"\nbaselines on {baselines.get('split')} (image-blind; the model must beat them): {floor}", flush=True)
     shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
-    note = "  (pruned)" if state == "pruned" else ""
+    note = "  (pruned)" if state == Status.PRUNED else ""
     print(f"\n{shown}  ({seconds:.0f} s){note}  → {out}", flush=True)

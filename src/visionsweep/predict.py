@@ -79,7 +79,7 @@ def _predict(cfg: DictConfig) -> list[dict[str, Any]]:
     acc = sum(r["label"] == r["predicted"] for r in known) / len(known) if known else None
     runinfo.RunRecord(out, task="predict", checkpoint=str(ckpt), input=str(cfg.input), tta=bool(cfg.tta),
                       tta_views=views, tta_zoom=zoom if zoom > 1 else None, n_images=len(rows) - len(skipped),
-                      skipped=_listed(skipped), accuracy=acc, status="ok")
+                      skipped=_listed(skipped), accuracy=acc).finish(runinfo.Status.OK)
     print_predictions(rows, int(cfg.get("show") or 20), out / "predictions.csv", acc, len(skipped))
     return rows
 
@@ -108,7 +108,7 @@ def _predict_masks(cfg: DictConfig, loaded: checkpoints.LoadedCheckpoint, device
     written = predict_folder(loaded.model.to(device), cfg.input, out / "masks", skipped=skipped if skip else None)
     _warn_skipped(skipped, len(written) + len(skipped), cfg.input, "listed in run.json, skipped")
     runinfo.RunRecord(out, task="predict", checkpoint=str(loaded.path), input=str(cfg.input),
-                      n_images=len(written), skipped=_listed(skipped), status="ok")
+                      n_images=len(written), skipped=_listed(skipped)).finish(runinfo.Status.OK)
     print(f"\n{len(written)} masks → {out / 'masks'}", flush=True)
     return [{"path": str(p)} for p in written]
 

@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import time
+from enum import Enum
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,26 @@ from visionsweep.utils.atomic import atomic_write, remove_tmp_files
 from visionsweep.utils.jsonsafe import json_default
 
 log = logging.getLogger("visionsweep.runinfo")
+
+
+class Status(str, Enum):
+    """A run's ``status`` in run.json; :meth:`RunRecord.finish` is the one place that ends a run with one.
+
+    ``interrupted``: stopped from outside (Ctrl-C, SIGTERM) with its last.ckpt kept for a resume, which
+    is what the sweep ledger resumes (with ``running``: the process died without a word).
+    """
+
+    RUNNING = "running"
+    OK = "ok"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STATUSES = tuple(s.value for s in Status)
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "timm", "torchmetrics", "albumentations",
             "hydra-core", "omegaconf", "numpy", "opencv-python-headless", "wandb")
 
@@ -75,17 +96,19 @@ def to_jsonable(value: Any) -> Any:
 
 
 class RunRecord:
-    """The run.json of one run dir, rewritten atomically whenever it changes.
+    """The run.json of one run dir, rewritten atomically whenever it changes; ``status: running`` until
+    :meth:`finish` (or :meth:`fail`) ends it.
 
     Args:
         run_dir: the run's output dir.
-        **fields: initial content.
+        **fields: initial content (not ``status``).
     """
 
     def __init__(self, run_dir: str | Path, **fields: Any) -> None:
+        _no_status(fields)
         self.path = Path(run_dir) / "run.json"
         self.data: dict[str, Any] = {
-            "status": "running", "argv": sys.argv, "git": git_state(Path.cwd()),
+            "status": Status.RUNNING, "argv": sys.argv, "git": git_state(Path.cwd()),
             "versions": versions(), "device": device_info(), **fields,
         }
         self.save()
@@ -95,12 +118,18 @@ class RunRecord:
         """A record not written yet (e.g. to :meth:`fail` on a disk too full for the usual first write)."""
         record = cls.__new__(cls)
         record.path = Path(run_dir) / "run.json"
-        record.data = {"status": "running", "argv": sys.argv, **fields}
+        record.data = {"argv": sys.argv, **fields, "status": Status.RUNNING}
         return record
 
     def update(self, **fields: Any) -> None:
-        """Merge ``fields`` in and save."""
+        """Merge ``fields`` (not ``status``: :meth:`finish`) in and save."""
+        _no_status(fields)
         self.data.update(fields)
+        self.save()
+
+    def finish(self, status: Status, **fields: Any) -> None:
+        """End the run: ``status``, ``finished`` (unix time) and ``fields`` merged in, then saved."""
+        self.data.update(fields, status=Status(status), finished=round(time.time(), 3))
         self.save()
 
     def save(self) -> None:
@@ -109,7 +138,10 @@ class RunRecord:
         Raises:
             DiskFullError: No space left (run.json keeps its previous content; no temp file is left).
         """
-        atomic_write(self.path, json.dumps(to_jsonable(self.data), indent=2, default=json_default))
+        self._write(self.data)
+
+    def _write(self, data: dict[str, Any]) -> None:
+        atomic_write(self.path, json.dumps(to_jsonable(data), indent=2, default=json_default))
 
     def fail(self, error: str, error_type: str | None = None) -> None:
         """Record ``status: failed`` with ``error`` (one line) and ``error_type``, even on a full disk.
@@ -120,20 +152,23 @@ class RunRecord:
         the failed write took), then the full record is tried, then a minimal one; if even that cannot
         be written the failure is only logged, since run.json is never written in place.
         """
-        self.data.update(status="failed", error=error, error_type=error_type, finished=round(time.time(), 3))
         try:
-            return self.save()
+            return self.finish(Status.FAILED, error=error, error_type=error_type)
         except DiskFullError:
             remove_tmp_files(self.path.parent)
         minimal = ("status", "error", "error_type", "task", "argv", "overrides", "started", "finished", "gpu")
         for data in (self.data, {k: self.data.get(k) for k in minimal}):
             try:
-                atomic_write(self.path, json.dumps(to_jsonable(data), indent=2, default=json_default))
-                return None
+                return self._write(data)
             except DiskFullError:
                 continue
         log.error("could not record the failure in %s: no space left", self.path)
         return None
+
+
+def _no_status(fields: dict[str, Any]) -> None:
+    if "status" in fields:
+        raise TypeError("a run's status is set by RunRecord.finish / fail only")
 
 
 def load(run_dir: str | Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from visionsweep import gpus, ledger, outcome, parallel, runinfo
+from visionsweep.runinfo import Status
 from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.cli import guarded, is_multirun, precheck
 from visionsweep.utils.config import print_config_tree
@@ -84,11 +85,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         state = outcome.status(trainer)
         calibration = None
-        if cfg.get("calibrate") and state == "ok":  # T fitted on val, written into the best checkpoint
+        if cfg.get("calibrate") and state == Status.OK:  # T fitted on val, written into the best checkpoint
             from visionsweep.models.calibration import calibrate_checkpoint
 
             calibration = calibrate_checkpoint(model, dm, best, trainer.strategy.root_device)
-        if cfg.get("test") and dm.has_test and state == "ok":
+        if cfg.get("test") and dm.has_test and state == Status.OK:
             distributed.tester(trainer).test(model, datamodule=dm, ckpt_path=best or None, verbose=False,
                                              weights_only=True)
             metrics.update(outcome.scalars(model.trainer.callback_metrics))
@@ -97,22 +98,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         img_s = runinfo.images_per_s(metrics, trainer, dm, epochs, fit_s)
         test_report = getattr(model, "test_report", None) or {}
         record.update(
-            status=state, metrics=metrics, best_checkpoint=best or None, epochs=trainer.current_epoch,
+            metrics=metrics, best_checkpoint=best or None, epochs=trainer.current_epoch,
             fit_seconds=round(fit_s, 2), train_images_per_s=img_s, perf=runinfo.read_json(out / "perf.json"),
             calibration=calibration and {k: v for k, v in calibration.items() if k != "bins_before"},
             reliability=runinfo.reliability(test_report.pop("reliability", None), calibration, dm.has_test),
             test_report=test_report or None, baselines=floor)
-        if state == "ok" and (cfg.get("cost") or {}).get("enabled", True):  # after the test: the best weights
+        if state == Status.OK and (cfg.get("cost") or {}).get("enabled", True):  # after the test: the best weights
             record.update(cost=runinfo.measure_cost(cfg, model, trainer, fit_s, img_s))
-        record.update(finished=round(time.time(), 3))
+        record.finish(state)
         outcome.drop_last_checkpoint(trainer, is_multirun())
         outcome.print_summary(metrics, fit_s, out, state, floor)
         return metrics
     except BaseException as e:
-        if outcome.interrupted(e):  # Ctrl-C (Lightning turns it into SystemExit(1)): resumable, exit 130
+        if how := outcome.interrupted(e):  # Ctrl-C or SIGTERM: resumable, exit 130 / 143 (128 + the signal)
             if lead:
-                outcome.record_interrupt(record, trainer, out)
-            raise SystemExit(130) from None
+                outcome.record_interrupt(record, trainer, out, how)
+            raise SystemExit(130 if how == "Ctrl-C" else 143) from None
         full = outcome.disk_full(e, out)
         if lead and (record is not None or full is not None):  # a full disk: "failed" even without run.json
             record = record or runinfo.RunRecord.unsaved(out, task=cfg.get("task_name"), overrides=_overrides(),

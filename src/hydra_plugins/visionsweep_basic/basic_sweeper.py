@@ -125,6 +125,7 @@ class VisionSweepBasicSweeper(BasicSweeper):
         """(job number, run | resume | skip, overrides) for every job, checked against the ledger."""
         from visionsweep import ledger
         from visionsweep.errors import ConfigError
+        from visionsweep.runinfo import Status
 
         saved = sweep_dir / "multirun.yaml"
         old, problem = ledger.read_yaml(saved)
@@ -150,7 +151,7 @@ class VisionSweepBasicSweeper(BasicSweeper):
                 plan.append((num, "run", overrides))
                 continue
             self._check_same_config(sweep_dir / str(num), entry, overrides)
-            if entry.status in ("ok", "pruned"):
+            if entry.status in (Status.OK, Status.PRUNED):
                 plan.append((num, "skip", overrides))
             elif entry.interrupted and entry.last_ckpt is not None:
                 log.info("job %d was interrupted: resuming from %s", num, entry.last_ckpt)

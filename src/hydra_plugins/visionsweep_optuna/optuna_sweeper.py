@@ -318,12 +318,14 @@ class OptunaSweeper(Sweeper):
         """Tell Optuna how the job ended: its value, PRUNED (run.json says so) or FAIL."""
         import optuna
 
+        from visionsweep.runinfo import Status
+
         try:
             value = result.return_value
         except Exception as e:  # the job raised: record it and go on with the search
             log.error("trial %d failed: %s", trial.number, e)
             value = None
-        if job_status(result) == "pruned":
+        if job_status(result) == Status.PRUNED:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         elif value is None or not math.isfinite(float(value)):
             study.tell(trial, state=optuna.trial.TrialState.FAIL)

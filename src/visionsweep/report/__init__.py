@@ -20,6 +20,7 @@ from visionsweep.report import calibration, collect, cost, render, study
 from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.jsonsafe import json_default
 from visionsweep.utils.text import md_escape
+from visionsweep.runinfo import Status
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     if not jobs:
         raise ConfigError(f"report: no run dirs (run.json or .hydra/) under {', '.join(map(str, roots))}")
     out.mkdir(parents=True, exist_ok=True)
-    metric = collect.choose_metric([j for j in jobs if j.status == "ok"] or jobs, metric)
+    metric = collect.choose_metric([j for j in jobs if j.status == Status.OK] or jobs, metric)
     configs = collect.group_configurations(jobs)
     rows = render.summary_rows(configs, metric)
     target = cost.time_to_target(jobs, metric)
@@ -83,7 +84,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     studies = [study.study_report(db, out) for db in study.find_studies(roots)]
     images += [img for s in studies for img in s["images"]]
 
-    n_pruned = sum(j.status == "pruned" for j in jobs)
+    n_pruned = sum(j.status == Status.PRUNED for j in jobs)
     n_ok = len(jobs) - len(failed) - n_pruned
     pruned = f", {n_pruned} pruned" if n_pruned else ""
     intro = (f"{len(jobs)} jobs ({n_ok} ok, {len(failed)} failed{pruned}) in {len(configs)} configurations; "

@@ -23,6 +23,7 @@ from visionsweep.errors import ConfigError  # noqa: E402
 from visionsweep.report.collect import Configuration, Job  # noqa: E402
 from visionsweep.analysis.plots import save_plot  # noqa: E402
 from visionsweep.utils.text import plain  # noqa: E402
+from visionsweep.runinfo import Status  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ IMBALANCE_RATIO = 3.0
 
 
 def _calibrated(jobs: list[Job]) -> list[dict[str, Any]]:
-    return [j.info["calibration"] for j in jobs if j.status == "ok" and j.info.get("calibration")]
+    return [j.info["calibration"] for j in jobs if j.status == Status.OK and j.info.get("calibration")]
 
 
 def _num(record: dict[str, Any], key: str) -> float | None:
@@ -272,12 +273,12 @@ def imbalance_note(jobs: list[Job], metric: str, esc: Callable[[Any], str] = str
     ratios = []
     for job in jobs:
         counts = list(((job.info.get("data") or {}).get("class_counts") or {}).get("train", {}).values())
-        if job.status == "ok" and len(counts) > 1:
+        if job.status == Status.OK and len(counts) > 1:
             ratios.append(max(counts) / min(counts) if min(counts) > 0 else math.inf)
     worst = max(ratios, default=0.0)
     if worst <= IMBALANCE_RATIO:
         return None
-    present = {m for j in jobs if j.status == "ok" for m in j.metrics}
+    present = {m for j in jobs if j.status == Status.OK for m in j.metrics}
     better = [esc(m) for m in BALANCED if m in present]
     ratio = "∞" if math.isinf(worst) else f"{worst:.1f}"
     advice = (f"rank by --metric {' or '.join(better)}" if better

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from visionsweep.errors import ConfigError, DataError
-from visionsweep.ledger import STATUSES, read_json_object, read_yaml
+from visionsweep.ledger import read_json_object, read_yaml
+from visionsweep.runinfo import STATUSES, Status
 from visionsweep.report.stats import mean_ci
 from visionsweep.utils.metrics_csv import intact_rows
 
@@ -49,7 +50,7 @@ class Job:
     """One run dir, read back."""
 
     path: Path
-    status: str
+    status: Status
     error: str | None
     overrides: list[str]
     seed: int | None
@@ -79,7 +80,7 @@ class Configuration:
     @property
     def ok(self) -> list[Job]:
         """Jobs that finished."""
-        return [j for j in self.jobs if j.status == "ok"]
+        return [j for j in self.jobs if j.status == Status.OK]
 
     @property
     def unit(self) -> str:
@@ -295,10 +296,11 @@ def load_job(job_dir: Path) -> Job:
     seed = run["seed"] if run.get("seed") is not None else omap.get("seed", cfg.get("seed"))
     data = cfg.get("data") or {}
     fold = omap.get("data.fold", data.get("fold") if data.get("folds") else None)
-    status = str(run.get("status") or "unknown")
+    status = Status(run["status"]) if run else Status.FAILED  # (read_run checked it)
+    error = run.get("error") if run else "no run.json: the job stopped before writing it"
     return Job(
-        path=job_dir, status=status, error=run.get("error") if status != "ok" else None,
-        error_type=run.get("error_type") if status != "ok" else None, overrides=overrides,
+        path=job_dir, status=status, error=error if status != Status.OK else None,
+        error_type=run.get("error_type") if status != Status.OK else None, overrides=overrides,
         seed=int(seed) if seed is not None and str(seed).lstrip("-").isdigit() else None,
         arch=str(run.get("backbone") or (cfg.get("model") or {}).get("backbone") or omap.get("model", "?")),
         augmentation=str(run.get("augmentation") or (cfg.get("augmentation") or {}).get("name")

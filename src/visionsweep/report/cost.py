@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from visionsweep.report.collect import Configuration, Job, curve_metric, higher_is_better  # noqa: E402
 from visionsweep.analysis.plots import save_plot  # noqa: E402
 from visionsweep.utils.text import plain  # noqa: E402
+from visionsweep.runinfo import Status  # noqa: E402
 
 # the summary columns, in order (means over a configuration's finished jobs; device_hours is their sum)
 MEAN_COLUMNS = ("params", "macs", "latency_ms", "throughput_img_s", "train_s", "train_img_s")
@@ -60,7 +61,7 @@ def pooled_inference(jobs: list[Job]) -> dict[tuple[Any, ...], dict[str, float]]
     """Mean latency and throughput per network (backbone, params, MACs, input size, device, batch) over ``jobs``."""
     groups: dict[tuple[Any, ...], list[Job]] = {}
     for job in jobs:
-        if job.status == "ok" and (key := _network(job)) is not None:
+        if job.status == Status.OK and (key := _network(job)) is not None:
             groups.setdefault(key, []).append(job)
     return {key: {k: _mean([job_cost(j, k) for j in group]) for k in INFERENCE} for key, group in groups.items()}
 
@@ -104,7 +105,7 @@ def time_to_target(jobs: list[Job], metric: str, fraction: float = TARGET_FRACTI
         ``{"metric", "target", "fraction", "best"}``, or None when no finished job has that curve.
     """
     key = curve_metric(metric)
-    values = [v for j in jobs if j.status == "ok" for _, v in j.curves.get(key) or [] if math.isfinite(v)]
+    values = [v for j in jobs if j.status == Status.OK for _, v in j.curves.get(key) or [] if math.isfinite(v)]
     if not values:
         return None
     up = higher_is_better(metric)

@@ -28,6 +28,7 @@ from visionsweep.report.stats import Paired, paired  # noqa: E402
 from visionsweep.analysis.plots import save_plot  # noqa: E402
 from visionsweep.utils.atomic import atomic_open  # noqa: E402
 from visionsweep.utils.text import csv_cell, md_escape, plain  # noqa: E402
+from visionsweep.runinfo import Status  # noqa: E402
 
 EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "test/acc_balanced", "val/miou", "test/miou",
                  "val/map_best", "test/map", "test/ece", "test/nll")
@@ -41,9 +42,9 @@ def summary_rows(configs: list[Configuration], metric: str) -> list[dict[str, An
     for c in configs:
         row: dict[str, Any] = {"configuration": c.label, "arch": c.arch, "augmentation": c.augmentation,
                                unit(configs): len(c.values(metric)),
-                               "failed": sum(j.status not in ("ok", "pruned") for j in c.jobs)}
-        if any(j.status == "pruned" for k in configs for j in k.jobs):
-            row["pruned"] = sum(j.status == "pruned" for j in c.jobs)
+                               "failed": sum(j.status not in (Status.OK, Status.PRUNED) for j in c.jobs)}
+        if any(j.status == Status.PRUNED for k in configs for j in k.jobs):
+            row["pruned"] = sum(j.status == Status.PRUNED for j in c.jobs)
         for m in metrics:
             row[f"{m} mean"], row[f"{m} ci95"] = c.stat(m)
         epochs = [e for e in (best_epoch(j, metric) for j in c.ok) if e is not None]
@@ -201,7 +202,7 @@ def plot_heatmap(configs: list[Configuration], metric: str, path: Path) -> Path 
 
 def failed_jobs(jobs: list[Job]) -> list[Job]:
     """Jobs that did not finish, in job order (a pruned Optuna trial was stopped on purpose: not here)."""
-    return [j for j in jobs if j.status not in ("ok", "pruned")]
+    return [j for j in jobs if j.status not in (Status.OK, Status.PRUNED)]
 
 
 def html_page(title: str, sections: list[tuple[str, str]], images: list[Path]) -> str:

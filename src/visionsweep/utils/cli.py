@@ -103,13 +103,13 @@ def _record_failure(cfg: DictConfig, recorded: dict[str, str], create: bool = Tr
     try:
         out = Path(HydraConfig.get().runtime.output_dir)
         existing = runinfo.load(out)
-        if existing.get("status") == "failed":
+        if existing.get("status") == runinfo.Status.FAILED:
             return
         if existing:
             runinfo.RunRecord.unsaved(out, **existing).fail(**recorded)
         elif create:
-            runinfo.RunRecord(out, status="failed", task=cfg.get("task_name"),
-                              overrides=list(HydraConfig.get().overrides.task), **recorded)
+            runinfo.RunRecord(out, task=cfg.get("task_name"),
+                              overrides=list(HydraConfig.get().overrides.task)).fail(**recorded)
     except Exception as e:  # never mask the job's own error
         log.warning("could not record the failure in run.json: %s", e)
 
