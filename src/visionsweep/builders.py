@@ -193,9 +193,11 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 
     A node without ``_target_`` is skipped: it only adjusts a callback this config does not have
     (``debug=fast`` turns off the ``model_checkpoint`` of ``callbacks=default``, also under ``callbacks=null``).
+    So is one with ``enabled: false`` (``callbacks.compile``): a job does not import what it does not use.
     """
     return [instantiate(node) for node in (cfg.get("callbacks") or {}).values()
-            if node and (not isinstance(node, (dict, DictConfig)) or "_target_" in node)]
+            if node and (not isinstance(node, (dict, DictConfig)) or ("_target_" in node and node.get("enabled", True)
+                                                                       is not False))]
 
 
 def build_trainer(cfg: DictConfig, output_dir: str | Path,

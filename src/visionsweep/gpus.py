@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from visionsweep.errors import ConfigError
-from visionsweep.utils import slot_locks
 
 log = logging.getLogger("visionsweep.gpus")
 
@@ -138,6 +137,8 @@ def _positive(key: str, value: Any) -> int:
 
 def _try_lease(candidates: list[str], per_job: int, jobs_per_gpu: int, lock_dir: Path, owner: str) -> Lease | None:
     """``per_job`` distinct GPUs with a free slot each, all or nothing (no partial lease is kept)."""
+    from visionsweep.utils import slot_locks  # (a job that leases no GPU never needs it)
+
     lease = Lease(ids=[])
     # the least loaded GPUs first, so packed jobs spread before they share
     order = sorted(candidates, key=lambda g: sum(slot_locks.busy(slot_locks.slot_file(lock_dir, g, s))
@@ -209,6 +210,8 @@ def acquire(per_job: Any = 1, jobs_per_gpu: Any = 1, pool: Sequence[Any] | None 
         where = "this process can still see" if candidates != ids else "gpus.pool holds"
         raise ConfigError(f"gpus.per_job={per_job} but {where} {len(candidates)} GPU(s) ({','.join(candidates) or '-'}): "
                           f"lower gpus.per_job (or trainer.devices), or widen gpus.pool")
+    from visionsweep.utils import slot_locks
+
     directory = slot_locks.lock_dir(lock_dir)
     owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "job": label})
     waited = None

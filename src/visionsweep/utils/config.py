@@ -39,10 +39,10 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
     The file is checked weights-only (:func:`visionsweep.checkpoints.check_resumable`) before
     Lightning reads it: a pickle with code, a truncated file or the other model kind stop here in one line.
     """
-    from visionsweep import checkpoints, runinfo
-
     if not cfg.get("ckpt_path"):
         return None
+    from visionsweep import checkpoints, runinfo
+
     kind = checkpoints.kind_of_target(cfg.model.get("_target_"))
     ckpt = checkpoints.check_resumable(cfg.ckpt_path, cfg.paths.log_dir, cfg.task_name, kind)
     old_run = checkpoints.run_dir_of(ckpt)
