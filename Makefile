@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 ARGS ?=
 GPU_PYTHON ?= 3.12
 GPU_WHEELS ?= .whl
@@ -11,18 +12,25 @@ GPU_CHECK_OUT ?= runs/gpu-check
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train eval calibrate predict export pretrain sweep report see bench bench-fastai cache test test-scaling test-all gpu-wheels gpu-check clean
+.PHONY: help install install-ray train eval calibrate predict export pretrain sweep report see bench bench-fastai cache test test-scaling test-all gpu-wheels gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
-	@echo "setting up $(VENV) (once; ~2-3 min: torch, lightning, timm, hydra + launchers, ray, albumentations, wandb)"
+	@echo "setting up $(VENV) (once; ~2-3 min: torch, lightning, timm, hydra + launchers, albumentations, wandb, mlflow)"
 	$(PYTHON) -m venv $(VENV)
-	set -o pipefail; $(PY) -m pip install --quiet -e '.[dev,ray,dashboards]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	set -o pipefail; $(PY) -m pip install --quiet -e '.[dev,dashboards]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the package with its dependencies
+install: $(STAMP)  ## create .venv and install the package with its dependencies (and the dashboards extra)
+
+# the ray extra pins cloudpickle<3 and so joblib<1.6 (hydra-ray-launcher's last release): only those who use it pay
+$(RAY_STAMP): $(STAMP)
+	set -o pipefail; $(PY) -m pip install --quiet -e '.[ray]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	touch $(RAY_STAMP)
+
+install-ray: $(RAY_STAMP)  ## add the ray extra (hydra/launcher=ray; +32 packages, ~300 MB, joblib 1.5 instead of 1.6)
 
 train: $(STAMP)  ## train the default config (resnet34 on the embedded digits); ARGS="model=vgg19 ..."
 	$(PY) -m visionsweep.train $(ARGS)
@@ -69,7 +77,7 @@ cache: $(STAMP)  ## pre-fill the decoded-sample cache: make cache ARGS="data=fol
 test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores)
 	$(PY) -m pytest $(ARGS)
 
-test-scaling: $(STAMP)  ## end to end (minutes): launcher (joblib, submitit, ray), resume and DDP sweeps, kill/resume, dashboard servers, the wheel
+test-scaling: $(RAY_STAMP)  ## end to end (minutes): launcher (joblib, submitit, ray), resume and DDP sweeps, kill/resume, dashboard servers, the wheel
 	$(PY) -m pytest -m "scaling or package" $(ARGS)
 
 test-all: $(STAMP)  ## run every test, slow ones included

@@ -9,13 +9,15 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import FAST, run_cli
+from conftest import FAST, REPO, run_cli
 from PIL import Image
 
 from visionsweep.data import FolderDataModule
@@ -361,3 +363,16 @@ def test_cli_file_name_not_utf8_is_one_line(tmp_path):
     line = _one_error_line(proc)
     assert "\\xfe\\xff.png' is not valid UTF-8" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_the_ray_launcher_without_the_ray_extra_is_one_line_naming_the_extra(tmp_path):
+    # an install without the `ray` extra: its Hydra plugin cannot be imported (first on the path, this one fails)
+    fake = tmp_path / "hydra_plugins" / "hydra_ray_launcher"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    proc = subprocess.run([sys.executable, "-m", "visionsweep.train", "-m", "hydra/launcher=ray"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "hydra/launcher=ray" in last and "pip install -e '.[ray]'" in last and "joblib" in last  # the others

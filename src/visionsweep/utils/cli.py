@@ -285,6 +285,10 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# launchers whose Hydra plugin an optional extra installs (pyproject.toml)
+EXTRA_LAUNCHERS = {"ray": "ray", "ray_aws": "ray"}
+
+
 def _describe_compose_error(e: Exception, overrides: list[str]) -> str:
     text = str(e)
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
@@ -293,6 +297,8 @@ def _describe_compose_error(e: Exception, overrides: list[str]) -> str:
         options = re.findall(r"^\t(\S+)$", text, flags=re.M)
         close = difflib.get_close_matches(choice, options, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        if group == "hydra/launcher" and choice in EXTRA_LAUNCHERS:  # a plugin of an extra not installed
+            hint = f" (it comes with the {EXTRA_LAUNCHERS[choice]!r} extra: pip install -e '.[{EXTRA_LAUNCHERS[choice]}]')"
         return f"bad override '{group}={choice}': no such {group}{hint}; available: {', '.join(options)}"
     key = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)'", text)
     if key and isinstance(e.__cause__, OmegaConfBaseException) or "not in struct" in text:
