@@ -65,13 +65,6 @@ def disk_full(e: BaseException, out: Path) -> DiskFullError | None:
     return full
 
 
-def drop_last_checkpoint(trainer: pl.Trainer, multirun: bool) -> None:
-    """A finished sweep job drops its last.ckpt (RunCheckpoint's keep_last policy)."""
-    drop = getattr(trainer.checkpoint_callback, "drop_last", None)
-    if callable(drop):
-        drop(trainer, multirun)
-
-
 def remove_if_only_hydra_files(out: Path) -> bool:
     """A command that failed on a bad input before doing anything leaves no run dir (returns True if removed).
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from visionsweep import gpus, ledger, outcome, parallel, runinfo
 from visionsweep.runinfo import Status
 from visionsweep.utils.atomic import atomic_write
-from visionsweep.utils.cli import guarded, is_multirun, precheck
+from visionsweep.utils.cli import guarded, precheck
 from visionsweep.utils.config import print_config_tree
 
 log = logging.getLogger("visionsweep.train")
@@ -106,7 +106,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if state == Status.OK and (cfg.get("cost") or {}).get("enabled", True):  # after the test: the best weights
             record.update(cost=runinfo.measure_cost(cfg, model, trainer, fit_s, img_s))
         record.finish(state)
-        outcome.drop_last_checkpoint(trainer, is_multirun())
         outcome.print_summary(metrics, fit_s, out, state, floor)
         return metrics
     except BaseException as e:

@@ -93,6 +93,12 @@ class RunCheckpoint(ModelCheckpoint):
                  "callbacks.model_checkpoint.keep_last=true)", last)
         return last
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # (only a fit that ended normally gets here: Ctrl-C, SIGTERM and errors keep last.ckpt to resume from)
+        from visionsweep.utils.cli import is_multirun
+
+        self.drop_last(trainer, is_multirun())
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):

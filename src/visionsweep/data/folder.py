@@ -122,9 +122,11 @@ class FolderDataModule(SplitDataModule):
         balance: str = "none",
         multilabel: bool = False,
     ) -> None:
-        super().__init__(root, builtin, image_size, crop_pct, interpolation, val_fraction, test_fraction,  # base order
-                         split_seed, split_dir, batch_size, num_workers, pin_memory, persistent_workers, output_dir,
-                         train_transform, eval_transform)
+        super().__init__(root=root, builtin=builtin, image_size=image_size, crop_pct=crop_pct,
+                         interpolation=interpolation, val_fraction=val_fraction, test_fraction=test_fraction,
+                         split_seed=split_seed, split_dir=split_dir, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory, persistent_workers=persistent_workers, output_dir=output_dir,
+                         train_transform=train_transform, eval_transform=eval_transform)
         if builtin and builtin not in BUILTIN:
             raise ConfigError(f"unknown data.builtin '{builtin}': choose from {', '.join(sorted(BUILTIN))}")
         self.cache_mode = check_mode(cache)

@@ -130,9 +130,11 @@ class SegmentationDataModule(SplitDataModule):
     ) -> None:
         if not root:
             raise ConfigError("data.root is required: data.root=/path/to/folder with images/ and masks/")
-        super().__init__(root, builtin, image_size, crop_pct, interpolation, val_fraction, test_fraction,  # base order
-                         split_seed, split_dir, batch_size, num_workers, pin_memory, persistent_workers, output_dir,
-                         train_transform, eval_transform)
+        super().__init__(root=root, builtin=builtin, image_size=image_size, crop_pct=crop_pct,
+                         interpolation=interpolation, val_fraction=val_fraction, test_fraction=test_fraction,
+                         split_seed=split_seed, split_dir=split_dir, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory, persistent_workers=persistent_workers, output_dir=output_dir,
+                         train_transform=train_transform, eval_transform=eval_transform)
         for key, value, allowed in (("builtin", builtin, (None, *SEG_BUILTIN)), ("mask_mode", mask_mode, MASK_MODES),
                                     ("eval_resize", eval_resize, EVAL_RESIZE)):
             if value not in allowed:
