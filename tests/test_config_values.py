@@ -45,6 +45,7 @@ BAD = [  # (overrides, the key named)
     ("training=fine_tune callbacks.finetune.pct_start=0", "callbacks.finetune.pct_start"),
     ("tune.lr_find=true tune.min_lr=-1", "tune.min_lr"), ("tune.lr_find=true tune.num_training=0", "tune.num_training"),
     ("tune.lr_find=true tune.max_lr=1e-9", "tune.max_lr"), ("seed=1e30", "seed"),
+    ("threads=0", "threads"), ("threads=many", "threads"),  # (a sweep job's ThreadBudget only logs it)
 ]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from visionsweep import parallel
 from visionsweep.errors import ConfigError
 from visionsweep.utils import checks
 
@@ -25,6 +26,7 @@ def check_config(cfg: DictConfig) -> None:
     from visionsweep.optim.lr_find import check_tune
     from visionsweep.optim.optimization import check_scheduler
 
+    parallel.resolve_threads(cfg.get("threads", "auto"), None)  # (a sweep job gets here despite a bad one)
     data = cfg.get("data") or {}
     if "batch_size" in data:
         checks.whole(data.batch_size, "data.batch_size", 1, None, 32)

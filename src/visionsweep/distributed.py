@@ -29,6 +29,7 @@ from pytorch_lightning.strategies.launchers import subprocess_script
 from pytorch_lightning.utilities import rank_zero_only
 
 from visionsweep.errors import ConfigError
+from visionsweep.parallel import processes_per_node  # noqa: F401 - (where it was; the thread budget needs it first)
 from visionsweep.utils import checks
 
 CHILD_RUN_DIR = "VISIONSWEEP_DDP_RUN_DIR"  # set in the environment of ranks started by rank 0
@@ -215,14 +216,6 @@ def restore_env() -> None:
         else:
             os.environ[key] = value
     _saved_env = None
-
-
-def processes_per_node(trainer_cfg: Any) -> int:
-    """Training processes this job starts on each node (``trainer.devices`` under a DDP strategy, else 1)."""
-    strategy, devices = trainer_cfg.get("strategy"), trainer_cfg.get("devices", 1)
-    if not strategy or str(strategy) in ("auto", "single_device") or not str(devices).isdigit():
-        return 1
-    return max(1, int(devices))
 
 
 def end_of_fit(trainer: pl.Trainer) -> bool:

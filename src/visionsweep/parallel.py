@@ -2,8 +2,9 @@
 
 The launcher decides how many jobs run at once on a node (joblib ``n_jobs``, submitit
 ``tasks_per_node``, Ray ``num_cpus`` per task, 1 for the basic launcher); ``auto`` gives each job
-cores // that, so parallel jobs never oversubscribe. The job calls
-``apply_threads(resolve_threads(cfg.threads, launcher_cfg))`` first thing. OpenMP reads its
+cores // that, so parallel jobs never oversubscribe (and a DDP job shares its budget among its
+ranks). The ThreadBudget Hydra callback applies it, ``apply_threads(job_threads(cfg, launcher_cfg))``,
+in each job's process before the task runs: the one place threads are set. OpenMP reads its
 environment once, when torch loads it, so the sweeper also exports ``launch_env`` to the processes
 a launcher starts (joblib's loky workers inherit the parent's environment; joblib keeps a
 variable that is already set).
@@ -101,8 +102,27 @@ def resolve_threads(value: Any, launcher_cfg: Mapping[str, Any] | Any = None, co
     except ValueError:
         n = 0
     if n < 1:
-        raise ConfigError(f"threads={value}: use auto or an integer >= 1")
+        raise ConfigError(f"threads={value}: give auto or an integer >= 1")
     return n
+
+
+def processes_per_node(trainer_cfg: Any) -> int:
+    """Training processes this job starts on each node (``trainer.devices`` under a DDP strategy, else 1)."""
+    strategy, devices = trainer_cfg.get("strategy"), trainer_cfg.get("devices", 1)
+    if not strategy or str(strategy) in ("auto", "single_device") or not str(devices).isdigit():
+        return 1
+    return max(1, int(devices))
+
+
+def job_threads(config: Any, launcher_cfg: Any) -> int:
+    """Threads of each training process of a job: its ``threads`` budget (:func:`resolve_threads`) shared
+    among the DDP ranks it starts on this node (each rank runs this too).
+
+    Raises:
+        ConfigError: ``threads`` is not auto or an integer >= 1.
+    """
+    return max(1, resolve_threads(config.get("threads", "auto"), launcher_cfg)
+               // processes_per_node(config.get("trainer") or {}))
 
 
 def launch_env(threads: int, concurrent: int) -> dict[str, str]:
@@ -157,12 +177,3 @@ def export_thread_budget(config: Any, batch_size: int) -> None:
 
     gpus.export_pool()  # jobs see the node's GPUs as this process does (submitit_local hides them)
 
-
-def launcher_config() -> Any:
-    """``hydra.launcher`` inside a job of a multirun, else None (a single run: one job on this node)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return HydraConfig.get().launcher
-    return None

@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from visionsweep import gpus, ledger, outcome, parallel, runinfo
+from visionsweep import gpus, ledger, outcome, runinfo
 from visionsweep.runinfo import Status
 from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.cli import guarded, precheck
@@ -32,6 +32,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # torch, Lightning, timm (~7 s on 2 cores): imported here, after main() checked the command line,
     # so that a typo is reported in under a second
     import pytorch_lightning as pl
+    import torch
 
     from visionsweep import builders, config_checks, distributed, run_config
     from visionsweep.optim import lr_find
@@ -42,8 +43,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         lease = gpus.current()  # taken by the GpuLease Hydra callback before this job's CUDA started
         started = round(lease.started, 3) if lease else started
-        threads = parallel.apply_threads(max(1, parallel.resolve_threads(
-            cfg.get("threads"), parallel.launcher_config()) // distributed.processes_per_node(cfg.trainer)))
+        threads = torch.get_num_threads()  # set by the ThreadBudget Hydra callback (parallel.job_threads)
         if (devices := gpus.trainer_devices(lease)) is not None:  # a worker whose CUDA started earlier
             with open_dict(cfg):
                 cfg.trainer.devices = devices

@@ -36,10 +36,12 @@ class SavedConfigDefaults(Callback):
 
 
 class ThreadBudget(Callback):
-    """Give each job its thread budget (``threads``: auto or an integer) in the process that runs it.
+    """Give each job its thread budget (``threads``: auto or an integer; shared by its DDP ranks) in the
+    process that runs it: the one place threads are set.
 
     Runs in the job's own process (in-process for the basic launcher, in the worker for joblib,
-    submitit or Ray) before the task function, whichever launcher started it.
+    submitit or Ray; in each DDP rank, which Lightning starts as the same command) before the task
+    function, whichever launcher started it.
     """
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -50,7 +52,7 @@ class ThreadBudget(Callback):
         multirun = str(config.hydra.mode).endswith("MULTIRUN")
         launcher = config.hydra.launcher if multirun else None  # HydraConfig is not set yet here
         try:
-            n = parallel.resolve_threads(config.get("threads", "auto"), launcher)
+            n = parallel.job_threads(config, launcher)
         except ConfigError as e:
             if not multirun:
                 fail(str(e))
