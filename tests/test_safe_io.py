@@ -39,3 +39,19 @@ def test_a_fresh_run_in_a_used_dir_starts_over(tmp_path):
     new.log_metrics({"val/acc": 0.9, "epoch": 0}, step=5)
     new.save()
     assert [r["val/acc"] for r in _rows(tmp_path / "metrics.csv") if r["val/acc"]] == ["0.9"]
+
+
+def test_a_config_naming_lightnings_csv_logger_gets_the_atomic_one_with_its_arguments(tmp_path):
+    from conftest import compose_cfg
+
+    from visionsweep import builders
+    from visionsweep.utils.safe_io import AtomicCSVLogger
+
+    # e.g. the saved config.yaml of a run from before conf/logger/csv.yaml named ours
+    cfg = compose_cfg(tmp_path, ["logger=csv", "logger.csv._target_=pytorch_lightning.loggers.CSVLogger",
+                                 "logger.csv.name=mine"])
+    (logger,) = builders.build_loggers(cfg, tmp_path)
+    assert type(logger) is AtomicCSVLogger and logger.name == "mine" and logger.save_dir == str(tmp_path)
+    logger.log_metrics({"val/acc": 0.5}, step=0)
+    logger.save()
+    assert _rows(tmp_path / "mine" / "metrics.csv")[0]["val/acc"] == "0.5"

@@ -175,10 +175,13 @@ def build_loggers(cfg: DictConfig, output_dir: str | Path) -> list[Logger]:
     os.environ.setdefault("WANDB_MODE", "offline")  # never hang or ask for an API key
     # the run dir already holds .hydra/: Lightning's "not empty, logs will be deleted" is noise here
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-    from visionsweep.utils.safe_io import AtomicCSVLogger, make_csv_atomic
+    from visionsweep.utils.safe_io import CSV_TARGETS, AtomicCSVLogger
 
-    # metrics.csv is written whole under a temporary name, then renamed: never a torn row
-    loggers = [make_csv_atomic(instantiate(node)) for node in (cfg.get("logger") or {}).values() if node]
+    # metrics.csv is written whole under a temporary name, then renamed: never a torn row (a config that
+    # names Lightning's own CSVLogger, e.g. a run's saved config.yaml from before, gets ours with its arguments)
+    atomic = f"{AtomicCSVLogger.__module__}.{AtomicCSVLogger.__name__}"
+    loggers = [instantiate(node, **({"_target_": atomic} if node.get("_target_") in CSV_TARGETS else {}))
+               for node in (cfg.get("logger") or {}).values() if node]
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, AtomicCSVLogger(save_dir=str(output_dir), name="", version=""))
     for lg in loggers:  # Lightning passes anonymous=None, and wandb warns that it "has no effect" every run

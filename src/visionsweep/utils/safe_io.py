@@ -164,9 +164,6 @@ class AtomicCSVLogger(CSVLogger):
             log.warning("metrics.csv not updated after the failure: %s", e)
 
 
-def make_csv_atomic(logger: Any) -> Any:
-    """A plain Lightning ``CSVLogger`` (``conf/logger/csv.yaml``) becomes an :class:`AtomicCSVLogger` in
-    place (its state is the same; only the writer differs); other loggers are returned as they are."""
-    if type(logger) is CSVLogger and logger._experiment is None:
-        logger.__class__ = AtomicCSVLogger
-    return logger
+# Lightning's CSVLogger, as a config may name it: built as an AtomicCSVLogger (same arguments)
+CSV_TARGETS = ("pytorch_lightning.loggers.CSVLogger", "pytorch_lightning.loggers.csv_logs.CSVLogger",
+               "lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
