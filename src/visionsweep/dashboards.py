@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import time
 import weakref
 from argparse import Namespace
@@ -313,11 +312,12 @@ def _store_lock(tracking_uri: str | None) -> Iterator[None]:
     if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
         yield
         return
+    from filelock import FileLock
+
     db = Path(tracking_uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield  # the lock goes with the file's close
+    with FileLock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def _ensure_experiment(client: Any, tracking_uri: str, name: str, artifact_location: str | None) -> str:

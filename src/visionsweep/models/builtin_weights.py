@@ -58,18 +58,6 @@ def recipe(path: str | Path) -> list[str] | None:
             "test=false", "logger=csv", "seed=0"]
 
 
-def _lock(path: Path):
-    """An exclusive lock on ``<path>.lock`` (blocks until free); a no-op where fcntl is missing."""
-    fh = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115 - held until released
-    try:
-        import fcntl
-
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-    except ImportError:  # not POSIX: no lock, the atomic rename still keeps the file whole
-        pass
-    return fh
-
-
 def _run(cmd: list[str], log_file: Path, what: str) -> None:
     with log_file.open("a") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
@@ -99,8 +87,9 @@ def ensure_weights(path: str | Path) -> bool:
     if overrides is None:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = _lock(path)
-    try:
+    from filelock import FileLock
+
+    with FileLock(path.with_name(path.name + ".lock")):  # one job of a sweep builds it, the others wait
         if path.is_file():  # another job built it while this one waited
             return True
         run, log_file = path.with_name(path.stem + ".run"), path.with_name(path.stem + ".log")
@@ -131,8 +120,6 @@ def ensure_weights(path: str | Path) -> bool:
         log.info("pre-trained %s in %.0f s (val/acc_best %s on its own classes)", path,
                  time.perf_counter() - start, acc)
         return True
-    finally:
-        lock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
