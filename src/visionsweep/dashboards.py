@@ -189,22 +189,15 @@ class SweepTensorBoardLogger(TensorBoardLogger):
         # metrics) and its hparam columns from all the sessions together.
         if self._session_started:
             return
-        from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+        from tensorboard.plugins.hparams.summary_v2 import hparams_pb  # (no TensorFlow needed)
 
-        start = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
-        for key, value in self.job.items():
-            if isinstance(value, bool):
-                start.hparams[key].bool_value = value
-            elif isinstance(value, (int, float)):
-                start.hparams[key].number_value = value
-            elif value is not None:
-                start.hparams[key].string_value = str(value)
-        self._write_plugin_data(metadata.SESSION_START_INFO_TAG,
-                                plugin_data_pb2.HParamsPluginData(session_start_info=start))
+        values = {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in self.job.items() if v is not None}
+        self.experiment._get_file_writer().add_summary(hparams_pb(values, start_time_secs=time.time()))
         self._session_started = True
 
     def _write_plugin_data(self, tag: str, data: Any) -> None:
-        """One HParams plugin summary into the scalars' event file (no TensorFlow needed)."""
+        """One HParams plugin summary into the scalars' event file (the session's end: tensorboard's own
+        ``session_end_pb`` needs TensorFlow)."""
         from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
         from tensorboard.plugins.hparams import metadata
 
