@@ -14,6 +14,8 @@ figures) and the lines are also written to ``--out`` (default ``runs/bench/<time
    the same generated JPEG folder (500x375), same transforms, workers and batch. Goal >= 1.0.
 3. ``cache_memory_ratio`` / ``cache_disk_ratio``: cached loader (epochs after the first) vs uncached. Goal >= 3.
    Loaders (2., 3.) use batch 128 and are timed in interleaved passes; each side's median pass counts.
+   ``cv2_jpeg_ratio``: the same loader without our OpenCV JPEG path (goal >= 1.3, or the part goes). In
+   ``bench_earn.py``.
 4. ``startup``: ``python -m visionsweep.train`` start -> first training step, seconds; ``ratio`` is that
    over a bare ``import torch, pytorch_lightning, timm, albumentations, hydra`` (what any run pays).
 6. ``sweep_joblib_ratio``: the same 4 small jobs (digits, ``threads=1``) as one sweep run sequentially vs
@@ -51,7 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("step", "accuracy", "loader", "cache", "startup", "sweep", "ddp", "optuna", "e2e")
+SECTIONS = ("step", "accuracy", "loader", "cache", "earn", "startup", "sweep", "ddp", "optuna", "e2e")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -232,12 +234,12 @@ class RawDataset:
         return torch.from_numpy(img.transpose(2, 0, 1).copy()), label
 
 
-def _datamodule(root: Path, a, cache: str, cache_dir: Path | None = None):
+def _datamodule(root: Path, a, cache: str, cache_dir: Path | None = None, cls: type | None = None):
     from visionsweep.augment import build_pipelines
     from visionsweep.data.folder import FolderDataModule
 
     train_tf, eval_tf = build_pipelines(train_preset(a.loader_size), a.loader_size, 0.95, "bilinear", seed=0)
-    dm = FolderDataModule(str(root), image_size=a.loader_size, crop_pct=0.95, interpolation="bilinear",
+    dm = (cls or FolderDataModule)(str(root), image_size=a.loader_size, crop_pct=0.95, interpolation="bilinear",
                           val_fraction=0.1, batch_size=a.loader_batch_size, num_workers=a.workers,
                           persistent_workers=True, verify_images=False, cache=cache,
                           cache_dir=str(cache_dir) if cache_dir else None, decode_reduce=True,
@@ -453,10 +455,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         records.append(bench_time_to_accuracy(a, out, emit, REPO))
     with tempfile.TemporaryDirectory() as tmp:
-        need = {"loader", "cache", "startup"} - skip
+        need = {"loader", "cache", "earn", "startup"} - skip
         root = make_jpeg_folder(Path(tmp) / "jpegs", a.n_images, a.jpeg_wh) if need else None
         if "loader" not in skip or "cache" not in skip:
             records += bench_loaders(a, root, out, loader="loader" not in skip, cache="cache" not in skip)
+        if "earn" not in skip:
+            from bench_earn import bench_earn  # beside this file
+
+            records += bench_earn(a, root, out, emit, _datamodule, epoch_rates)
         if "startup" not in skip:
             records.append(bench_startup(a, root, out))
     from bench_scaling import bench_ddp, bench_sweep  # beside this file

@@ -24,7 +24,7 @@ from visionsweep.data.cache import (
     eval_short_side,
     train_short_side,
 )
-from visionsweep.data.dataset import ImageFolderDataset
+from visionsweep.data.dataset import ImageFolderDataset, collate_images
 from visionsweep.data.folds import check_fold, kfold_split
 from visionsweep.data.split_files import SplitRow, csv_path
 from visionsweep.data.splits import (
@@ -37,7 +37,6 @@ from visionsweep.data.splits import (
     select_classes,
     stratified_split,
 )
-from visionsweep.data.transport import SlotDataLoader
 from visionsweep.errors import ConfigError, DataError
 from visionsweep.utils.checks import flag, number, whole
 
@@ -88,7 +87,6 @@ class FolderDataModule(SplitDataModule):
 
     csv_header = ("path", "label", "class")
     csv_path_columns = ("path",)
-    loader_class = SlotDataLoader  # fixed-size uint8 batches: the slot transport pays off
 
     def __init__(
         self,
@@ -371,8 +369,7 @@ class FolderDataModule(SplitDataModule):
             decode_short_side=rule.short_side if rule is not None and self.decode_reduce else None)
 
     def _loader_options(self, split: str, transform: Callable | None) -> dict[str, Any]:
-        size = int(self.image_size) if self.image_size and transform is not None else 0
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 and self.prefetch_factor else {}
         if split == "train" and self.balance == "sampler":
             extra["sampler"] = weighted_sampler([y for _, y in self.train_samples], self.num_classes)
-        return {"sample_shape": (3, size, size) if size else None, **extra}
+        return {"collate_fn": collate_images, **extra}  # one copy per sample into a channels-last batch

@@ -5,8 +5,7 @@ Each epoch, before any index reaches a worker, :class:`SeededDataLoader` draws t
 epoch, index) alone, not on the number of workers or the batch size. It also makes every epoch take the
 same count of numbers from the generator whether its workers are fresh or persistent, which is what a
 resumed run needs to shuffle and augment like the uninterrupted one
-(:mod:`visionsweep.callbacks.run_state`). How batches travel from the workers is another layer
-(:mod:`visionsweep.data.transport`).
+(:mod:`visionsweep.callbacks.run_state`).
 """
 
 from __future__ import annotations
