@@ -80,7 +80,7 @@ test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores)
 test-scaling: $(RAY_STAMP)  ## end to end (minutes): launcher (joblib, submitit, ray), resume and DDP sweeps, kill/resume, dashboard servers, the wheel
 	$(PY) -m pytest -m "scaling or package" $(ARGS)
 
-test-all: $(STAMP)  ## run every test, slow ones included
+test-all: $(RAY_STAMP)  ## run every test, slow ones included
 	$(PY) -m pytest -m "" $(ARGS)
 
 gpu-wheels: $(STAMP)  ## where the package index is reachable: the wheels a bare PyTorch GPU image lacks → .whl/ (GPU_PYTHON=3.12)

@@ -234,12 +234,12 @@ class RawDataset:
         return torch.from_numpy(img.transpose(2, 0, 1).copy()), label
 
 
-def _datamodule(root: Path, a, cache: str, cache_dir: Path | None = None, cls: type | None = None):
+def _datamodule(root: Path, a, cache: str, cache_dir: Path | None = None):
     from visionsweep.augment import build_pipelines
     from visionsweep.data.folder import FolderDataModule
 
     train_tf, eval_tf = build_pipelines(train_preset(a.loader_size), a.loader_size, 0.95, "bilinear", seed=0)
-    dm = (cls or FolderDataModule)(str(root), image_size=a.loader_size, crop_pct=0.95, interpolation="bilinear",
+    dm = FolderDataModule(str(root), image_size=a.loader_size, crop_pct=0.95, interpolation="bilinear",
                           val_fraction=0.1, batch_size=a.loader_batch_size, num_workers=a.workers,
                           persistent_workers=True, verify_images=False, cache=cache,
                           cache_dir=str(cache_dir) if cache_dir else None, decode_reduce=True,

@@ -23,7 +23,7 @@ from typing import Callable
 
 def _hand_written_epochs(run: Path, cfg: dict, epochs: int) -> list[float]:
     """Seconds of each epoch (train + val) of a plain PyTorch loop over what the run trained on (every
-    train image each epoch, the last batch partial, as the job's loader does)."""
+    train image each epoch, the last batch partial, as the job's loader does unless it holds one image)."""
     import albumentations as A
     import cv2
     import numpy as np

@@ -60,8 +60,9 @@ def digits_run(tmp_path_factory, digits_root) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for a module's tests (2 on 2 shared cores measured ~15x slower): the budget
-    ``threads=auto`` of an in-process train() respects, via OMP_NUM_THREADS."""
+    """One torch thread for a module's tests (2 on 2 shared cores measured ~15x slower): an in-process
+    train() sets no threads itself (the ThreadBudget Hydra callback does, for the CLI), and a CLI run started
+    from these tests inherits OMP_NUM_THREADS."""
     import torch
 
     threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,20 @@ def test_timm_is_imported_without_wandb_and_wandb_still_imports_after():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[:2] == ["[]", "True True"], proc.stdout
+
+
+def test_a_sigterm_inside_any_command_exits_143_not_0():
+    # Lightning turns a SIGTERM into SIGTERMException, a SystemExit without a code (exit status 0)
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from visionsweep.utils.cli import guarded
+
+    def evaluating(cfg):
+        raise SIGTERMException
+
+    with pytest.raises(SystemExit) as info:
+        guarded(evaluating)(None)
+    assert info.value.code == 143
+    with pytest.raises(SystemExit) as info:  # any other exit passes through as it is
+        guarded(lambda cfg: sys.exit(3))(None)
+    assert info.value.code == 3

@@ -56,7 +56,7 @@ def test_ddp_two_cpu_processes_one_run_dir_and_a_checkpoint_eval_reads(digits_ro
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]  # no per-rank dirs
     assert (run / "train_rank1.log").is_file() and not (tmp_path / "outputs").exists()
     record = json.loads((run / "run.json").read_text())
-    # the documented rule (train.py, parallel.resolve_threads): a single run's budget -- the cores this process
+    # the documented rule (parallel.job_threads, applied by the ThreadBudget Hydra callback): a single run's budget -- the cores this process
     # may use, at most OMP_NUM_THREADS when the environment sets it -- shared by the 2 ranks, at least 1 each
     budget = _cores()
     pinned = os.environ.get("OMP_NUM_THREADS", "")

@@ -47,9 +47,8 @@ def test_a_config_naming_lightnings_csv_logger_gets_the_atomic_one_with_its_argu
     from visionsweep import builders
     from visionsweep.utils.safe_io import AtomicCSVLogger
 
-    # e.g. the saved config.yaml of a run from before conf/logger/csv.yaml named ours
-    cfg = compose_cfg(tmp_path, ["logger=csv", "logger.csv._target_=pytorch_lightning.loggers.CSVLogger",
-                                 "logger.csv.name=mine"])
+    cfg = compose_cfg(tmp_path, ["logger=csv", "logger.csv.name=mine"])
+    assert cfg.logger.csv._target_ == "pytorch_lightning.loggers.CSVLogger"  # as conf/logger/csv.yaml names it
     (logger,) = builders.build_loggers(cfg, tmp_path)
     assert type(logger) is AtomicCSVLogger and logger.name == "mine" and logger.save_dir == str(tmp_path)
     logger.log_metrics({"val/acc": 0.5}, step=0)

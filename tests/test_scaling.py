@@ -99,7 +99,9 @@ def test_the_ledger_reads_each_job_dir_of_a_sweep(tmp_path):
     # the status says what happened: a failure whose text names an interrupt is not guessed to be one
     runs = {"0": {"status": "ok", "config_hash": "abc"}, "1": {"status": "running"},
             "2": {"status": "interrupted", "error": "SIGTERMException: stopped by a SIGTERM (preempted or cancelled)"},
-            "3": {"status": "failed", "error": "KeyboardInterrupt: raised by the user's own code"}}
+            "3": {"status": "failed", "error": "KeyboardInterrupt: raised by the user's own code", "error_type": "X"},
+            # a SIGTERM recorded before the interrupted status existed: still resumed
+            "5": {"status": "failed", "error": "SIGTERMException: ", "error_type": "SIGTERMException"}}
     for num, run in runs.items():
         (tmp_path / num / "checkpoints").mkdir(parents=True)
         (tmp_path / num / "run.json").write_text(json.dumps(run))
@@ -107,10 +109,10 @@ def test_the_ledger_reads_each_job_dir_of_a_sweep(tmp_path):
     (tmp_path / "4").mkdir()  # started, no run.json yet
     (tmp_path / ".submitit").mkdir()
     entries = ledger.read(tmp_path)
-    assert sorted(entries) == [0, 1, 2, 3, 4]
+    assert sorted(entries) == [0, 1, 2, 3, 4, 5]
     assert entries[0].status == "ok" and entries[0].config_hash == "abc" and entries[4].status == "missing"
     assert entries[1].last_ckpt == tmp_path / "1" / "checkpoints" / "last.ckpt" and entries[0].last_ckpt is None
-    assert [entries[n].interrupted for n in range(5)] == [False, True, True, False, False]
+    assert [entries[n].interrupted for n in range(6)] == [False, True, True, False, False, True]
     view = json.loads(ledger.write(tmp_path, {0: "skip", 1: "resume"}).read_text())
     assert view["0"] == {"status": "ok", "config_hash": "abc", "action": "skip"} and view["3"]["action"] is None
 

@@ -177,8 +177,9 @@ def build_loggers(cfg: DictConfig, output_dir: str | Path) -> list[Logger]:
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     from visionsweep.utils.safe_io import CSV_TARGETS, AtomicCSVLogger
 
-    # metrics.csv is written whole under a temporary name, then renamed: never a torn row (a config that
-    # names Lightning's own CSVLogger, e.g. a run's saved config.yaml from before, gets ours with its arguments)
+    # metrics.csv is written whole under a temporary name, then renamed: never a torn row. A config naming
+    # Lightning's CSVLogger (conf/logger/csv.yaml: its name stays, so the config hashes of existing sweeps
+    # do too) gets ours, with the same arguments
     atomic = f"{AtomicCSVLogger.__module__}.{AtomicCSVLogger.__name__}"
     loggers = [instantiate(node, **({"_target_": atomic} if node.get("_target_") in CSV_TARGETS else {}))
                for node in (cfg.get("logger") or {}).values() if node]

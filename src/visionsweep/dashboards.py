@@ -192,7 +192,9 @@ class SweepTensorBoardLogger(TensorBoardLogger):
         from tensorboard.plugins.hparams.summary_v2 import hparams_pb  # (no TensorFlow needed)
 
         values = {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in self.job.items() if v is not None}
-        self.experiment._get_file_writer().add_summary(hparams_pb(values, start_time_secs=time.time()))
+        # trial_id: each run its own session group (without it, runs of equal hparams would share one row)
+        writer = self.experiment._get_file_writer()
+        writer.add_summary(hparams_pb(values, trial_id=str(self.log_dir), start_time_secs=time.time()))
         self._session_started = True
 
     def _write_plugin_data(self, tag: str, data: Any) -> None:

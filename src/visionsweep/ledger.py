@@ -141,6 +141,7 @@ class JobEntry:
         config_hash: the hash its run.json recorded (None for runs from before hashes).
         last_ckpt: its checkpoints/last.ckpt when there is one.
         error: the error its run.json recorded, if any.
+        error_type: its ``error_type``, if any.
         problem: what is wrong with a ``damaged`` job's run.json (names the file).
     """
 
@@ -150,11 +151,14 @@ class JobEntry:
     last_ckpt: Path | None
     error: str | None = None
     problem: str | None = None
+    error_type: str | None = None
 
     @property
     def interrupted(self) -> bool:
-        """The job was stopped from outside: killed (still ``running``), Ctrl-C or SIGTERM (``interrupted``)."""
-        return self.status in (Status.RUNNING, Status.INTERRUPTED)
+        """The job was stopped from outside: killed (still ``running``), Ctrl-C or SIGTERM (``interrupted``; a
+        run.json from before ``interrupted`` existed recorded a SIGTERM as ``failed`` with that error type)."""
+        return self.status in (Status.RUNNING, Status.INTERRUPTED) or (
+            self.status == Status.FAILED and self.error_type == "SIGTERMException")
 
 
 def job_entry(job_dir: Path, num: int) -> JobEntry:
@@ -168,7 +172,8 @@ def job_entry(job_dir: Path, num: int) -> JobEntry:
     if problem is not None or run is None:
         return JobEntry(num, "damaged", None, last_ckpt, problem=problem)
     error = run.get("error")
-    return JobEntry(num, Status(run["status"]), run.get("config_hash"), last_ckpt, None if error is None else str(error))
+    return JobEntry(num, Status(run["status"]), run.get("config_hash"), last_ckpt, None if error is None else str(error),
+                    error_type=str(run.get("error_type")) if run.get("error_type") else None)
 
 
 def _entry_problem(path: Path, run: dict[str, Any]) -> str | None:

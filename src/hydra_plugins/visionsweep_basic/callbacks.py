@@ -40,8 +40,8 @@ class ThreadBudget(Callback):
     process that runs it: the one place threads are set.
 
     Runs in the job's own process (in-process for the basic launcher, in the worker for joblib,
-    submitit or Ray; in each DDP rank, which Lightning starts as the same command) before the task
-    function, whichever launcher started it.
+    submitit or Ray) before the task function, whichever launcher started it. The DDP ranks that rank 0
+    starts inherit its thread environment (``OMP_NUM_THREADS``, already divided) and run without it.
     """
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:

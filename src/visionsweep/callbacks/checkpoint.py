@@ -79,6 +79,9 @@ class RunCheckpoint(ModelCheckpoint):
     def drop_last(self, trainer: pl.Trainer, multirun: bool) -> Path | None:
         """Remove ``last.ckpt`` of a finished job when the policy says so; returns what was removed.
 
+        Called by the training script once the job is finished (run.json says so), not at the end of fit:
+        until then (calibration, test, cost) a stopped job is still resumed from last.ckpt.
+
         Args:
             trainer: The trainer whose fit has ended normally.
             multirun: True inside a sweep job (what ``auto`` decides on).
@@ -92,12 +95,6 @@ class RunCheckpoint(ModelCheckpoint):
         log.info("finished: dropped %s (best kept as weights only; keep it with "
                  "callbacks.model_checkpoint.keep_last=true)", last)
         return last
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # (only a fit that ended normally gets here: Ctrl-C, SIGTERM and errors keep last.ckpt to resume from)
-        from visionsweep.utils.cli import is_multirun
-
-        self.drop_last(trainer, is_multirun())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

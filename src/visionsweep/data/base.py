@@ -174,7 +174,7 @@ class SplitDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def _loader_options(self, split: str, transform: Callable | None) -> dict[str, Any]:
-        """Extra keyword arguments of :attr:`loader_class` (collate, slots ...)."""
+        """Extra keyword arguments of :attr:`loader_class` (collate, sampler ...)."""
         return {}
 
     # ------------------------------------------------------------------ setup

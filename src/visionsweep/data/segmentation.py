@@ -252,5 +252,5 @@ class SegmentationDataModule(SplitDataModule):
         return SegmentationDataset(self._state()[split], transform, self.binary)
 
     def _loader_options(self, split: str, transform: Callable | None) -> dict[str, Any]:
-        # the seeded loader without slots: padded batches vary in size
+        # padded batches vary in size
         return {"collate_fn": functools.partial(pad_collate, ignore_index=self.ignore_index)}

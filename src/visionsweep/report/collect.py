@@ -284,7 +284,7 @@ def load_job(job_dir: Path) -> Job:
 
     A failed job's run.json says so (``status: failed`` with ``error`` and ``error_type``, written by the
     job itself: :func:`visionsweep.outcome.failure`); a dir without run.json (a job killed before it
-    could write one) is ``unknown``.
+    could write one) is ``failed``, its error saying so.
 
     Raises:
         DataError: the run dir is too damaged to report (see :func:`read_run`); the message names the file.

@@ -54,13 +54,18 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
-        from visionsweep.outcome import failure, remove_if_only_hydra_files
+        from visionsweep.outcome import failure, interrupted, remove_if_only_hydra_files
 
         try:
             return task(cfg)
         except KeyboardInterrupt:  # (train records its own interrupt and exits 130 itself)
             print("\ninterrupted", file=sys.stderr, flush=True)
             sys.exit(130)
+        except SystemExit as e:  # Lightning's SIGTERMException (exit code None: 0) in eval & co: 128 + SIGTERM
+            if "pytorch_lightning" in sys.modules and interrupted(e) == "SIGTERM":
+                print("\ninterrupted (SIGTERM)", file=sys.stderr, flush=True)
+                sys.exit(143)
+            raise
         except Exception as e:
             err, recorded = user_error(e), failure(e)
             if is_multirun():
