@@ -49,6 +49,15 @@ BAD = [  # (overrides, the key named)
 ]
 
 
+def test_a_callback_switch_that_is_not_true_or_false_is_one_line(tmp_path):
+    from conftest import compose_cfg
+
+    from visionsweep import builders
+
+    with pytest.raises(ConfigError, match=r"^callbacks\.compile\.enabled=maybe"):  # not silently "on"
+        builders.build_callbacks(compose_cfg(tmp_path, ["callbacks.compile.enabled=maybe"]))
+
+
 def _checked(tmp_path: Path, overrides: list[str]) -> None:
     """What train.py does with the config before writing anything (run_config.complete, then the checks)."""
     from conftest import compose_cfg
@@ -106,7 +115,7 @@ def test_checks_accept_what_works_and_name_the_key():
 
 # one case end to end (a Python process each, ~9 s): the in-process tests above cover every key's message
 @pytest.mark.scaling  # CLI end to end, same path as a case kept in make test (test_cli.py's data.root case): make test-scaling
-@pytest.mark.parametrize(("override", "key"), [("data.image_size=100000", "data.image_size")])
+@pytest.mark.parametrize(("override", "key"), [("data.image_size=100000", "data.image_size"), ("threads=0", "threads")])
 def test_cli_bad_value_is_one_line_and_leaves_no_run_dir(tmp_path, override, key):
     run = tmp_path / "r"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"}

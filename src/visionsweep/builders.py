@@ -199,9 +199,14 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     (``debug=fast`` turns off the ``model_checkpoint`` of ``callbacks=default``, also under ``callbacks=null``).
     So is one with ``enabled: false`` (``callbacks.compile``): a job does not import what it does not use.
     """
-    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values()
-            if node and (not isinstance(node, (dict, DictConfig)) or ("_target_" in node and node.get("enabled", True)
-                                                                       is not False))]
+    built = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if not node or (isinstance(node, (dict, DictConfig)) and "_target_" not in node):
+            continue
+        if isinstance(node, (dict, DictConfig)) and not checks.flag(node.get("enabled", True), f"callbacks.{name}.enabled"):
+            continue
+        built.append(instantiate(node))
+    return built
 
 
 def build_trainer(cfg: DictConfig, output_dir: str | Path,

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from visionsweep import gpus, ledger, outcome, runinfo
 from visionsweep.runinfo import Status
 from visionsweep.utils.atomic import atomic_write
-from visionsweep.utils.cli import guarded, is_multirun, precheck
+from visionsweep.utils.cli import guarded, precheck
 from visionsweep.utils.config import print_config_tree
 
 log = logging.getLogger("visionsweep.train")
@@ -35,7 +35,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from visionsweep import builders, config_checks, distributed, run_config
-    from visionsweep.callbacks.checkpoint import RunCheckpoint
+    from visionsweep.callbacks.checkpoint import drop_finished_last
     from visionsweep.optim import lr_find
 
     out, lead = Path(cfg.paths.output_dir), distributed.is_rank_zero()
@@ -107,8 +107,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if state == Status.OK and (cfg.get("cost") or {}).get("enabled", True):  # after the test: the best weights
             record.update(cost=runinfo.measure_cost(cfg, model, trainer, fit_s, img_s))
         record.finish(state)
-        if isinstance(trainer.checkpoint_callback, RunCheckpoint):  # finished: last.ckpt goes by its policy
-            trainer.checkpoint_callback.drop_last(trainer, is_multirun())
+        drop_finished_last(trainer)  # finished (run.json says so): last.ckpt goes by its keep_last policy
         outcome.print_summary(metrics, fit_s, out, state, floor)
         return metrics
     except BaseException as e:

@@ -55,6 +55,9 @@ class ThreadBudget(Callback):
             n = parallel.job_threads(config, launcher)
         except ConfigError as e:
             if not multirun:
+                from visionsweep.outcome import remove_if_only_hydra_files
+
+                remove_if_only_hydra_files(Path(config.hydra.runtime.output_dir))  # a mistake leaves no run dir
                 fail(str(e))
             log.error("%s", e)  # the job fails on the same value and records it; the sweep goes on
             return

@@ -177,3 +177,12 @@ class RunCheckpoint(ModelCheckpoint):
             with atomic_open(dst, "wb") as out, src.open("rb") as f:
                 shutil.copyfileobj(f, out, 1 << 22)
         return str(dst)
+
+
+def drop_finished_last(trainer: pl.Trainer) -> Path | None:
+    """A finished job's ``last.ckpt`` by its :class:`RunCheckpoint`'s ``keep_last`` policy (a sweep job drops
+    it under ``auto``); called once run.json says finished, so a job stopped before that still resumes."""
+    from visionsweep.utils.cli import is_multirun
+
+    callback = trainer.checkpoint_callback
+    return callback.drop_last(trainer, is_multirun()) if isinstance(callback, RunCheckpoint) else None
