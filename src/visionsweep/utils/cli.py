@@ -54,7 +54,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
-        from visionsweep.outcome import failure, interrupted, remove_if_only_hydra_files
+        from visionsweep.outcome import failure, remove_if_only_hydra_files
 
         try:
             return task(cfg)
@@ -62,7 +62,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             print("\ninterrupted", file=sys.stderr, flush=True)
             sys.exit(130)
         except SystemExit as e:  # Lightning's SIGTERMException (exit code None: 0) in eval & co: 128 + SIGTERM
-            if "pytorch_lightning" in sys.modules and interrupted(e) == "SIGTERM":
+            if type(e).__name__ == "SIGTERMException":  # (itself: train's own exit 143 chains to one)
                 print("\ninterrupted (SIGTERM)", file=sys.stderr, flush=True)
                 sys.exit(143)
             raise
