@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 .PHONY: help install install-ray train eval calibrate predict export pretrain sweep report see bench bench-fastai cache test test-scaling test-all gpu-wheels gpu-check clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (once; ~2-3 min: torch, lightning, timm, hydra + launchers, albumentations, wandb, mlflow)"
