@@ -46,6 +46,7 @@ BAD = [  # (overrides, the key named)
     ("tune.lr_find=true tune.min_lr=-1", "tune.min_lr"), ("tune.lr_find=true tune.num_training=0", "tune.num_training"),
     ("tune.lr_find=true tune.max_lr=1e-9", "tune.max_lr"), ("seed=1e30", "seed"),
     ("threads=0", "threads"), ("threads=many", "threads"),  # (a sweep job's ThreadBudget only logs it)
+    ("callbacks.compile.enabled=maybe", "callbacks.compile.enabled"),  # not silently "on"
 ]
 
 

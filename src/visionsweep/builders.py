@@ -203,7 +203,8 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     for name, node in (cfg.get("callbacks") or {}).items():
         if not node or (isinstance(node, (dict, DictConfig)) and "_target_" not in node):
             continue
-        if isinstance(node, (dict, DictConfig)) and not checks.flag(node.get("enabled", True), f"callbacks.{name}.enabled"):
+        enabled = node.get("enabled", True) if isinstance(node, (dict, DictConfig)) else True
+        if not checks.flag(enabled, f"callbacks.{name}.enabled"):  # (check_config has named a bad one already)
             continue
         built.append(instantiate(node))
     return built

@@ -27,6 +27,9 @@ def check_config(cfg: DictConfig) -> None:
     from visionsweep.optim.optimization import check_scheduler
 
     parallel.resolve_threads(cfg.get("threads", "auto"), None)  # (a sweep job gets here despite a bad one)
+    for name, node in (cfg.get("callbacks") or {}).items():  # switches: builders.build_callbacks reads them
+        if isinstance(node, (dict, DictConfig)) and "enabled" in node:
+            checks.flag(node.get("enabled"), f"callbacks.{name}.enabled")
     data = cfg.get("data") or {}
     if "batch_size" in data:
         checks.whole(data.batch_size, "data.batch_size", 1, None, 32)
