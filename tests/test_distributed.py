@@ -81,7 +81,7 @@ def test_global_batch_is_split_among_the_ranks_and_an_uneven_one_stops_in_one_li
     from torch.utils.data import DistributedSampler
 
     from visionsweep.data.folder import FolderDataModule
-    from visionsweep.data.loader import NoSingleBatchSampler
+    from visionsweep.data.seeding import NoSingleBatchSampler
 
     assert rank_batch_size(64) == 64 and rank_batch_size(64, 2) == 32 and rank_batch_size(64, 4, 2) == 8
     with pytest.raises(ConfigError) as e:

@@ -199,7 +199,7 @@ def test_a_last_batch_of_one_image_trains_to_the_end(tmp_path, caplog):
 
 
 def test_a_train_set_smaller_than_one_batch_trains_and_one_image_is_refused(tmp_path):
-    from visionsweep.data.loader import NoSingleBatchSampler, SeededDataLoader
+    from visionsweep.data.seeding import NoSingleBatchSampler, SeededDataLoader
     from visionsweep.errors import DataError
 
     one = torch.zeros(3, 4, 4, dtype=torch.uint8)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from visionsweep.data.folds import check_fold, kfold_split
+from visionsweep.data.splits import check_fold, kfold_split
 from visionsweep.errors import ConfigError, DataError
 
 

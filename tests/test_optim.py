@@ -92,7 +92,7 @@ def test_one_cycle_end_is_not_announced_on_a_normal_run():
 def test_lr_finder_reads_train_bn_from_the_config():
     from omegaconf import OmegaConf
 
-    from visionsweep.optim.lr_find import finetune_train_bn
+    from visionsweep.lr_find import finetune_train_bn
 
     node = {"_target_": "visionsweep.callbacks.finetune.FineTune", "freeze_epochs": 1}
     assert finetune_train_bn(OmegaConf.create({"callbacks": {"ckpt": None}})) is None
@@ -128,7 +128,7 @@ def test_ema_foreach_update_equals_a_plain_per_tensor_update():
 
 def test_fused_from_the_defaults_is_dropped_for_optimizers_without_fused_kernels():
     """optimizer._target_=torch.optim.RMSprop with adamw.yaml's fused: true still builds (RMSprop has no fused)."""
-    from visionsweep.optim.optimization import build_optimizer
+    from visionsweep.optim import build_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert isinstance(build_optimizer({"_target_": "torch.optim.RMSprop", "lr": 0.01, "fused": True}, params),

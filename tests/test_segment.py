@@ -213,7 +213,7 @@ def test_joint_augmentation_does_not_depend_on_the_worker_count(tmp_path):
     import albumentations as A
 
     from visionsweep.data.segmentation import SegmentationDataset, pad_collate
-    from visionsweep.data.loader import SeededDataLoader
+    from visionsweep.data.seeding import SeededDataLoader
 
     img = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
     mask = (np.arange(144).reshape(12, 12) % 3).astype(np.uint8)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST, compose_cfg
-from visionsweep.optim.lr_find import valley
+from visionsweep.lr_find import valley
 
 
 def test_valley_lands_on_the_slope_not_on_the_plateau():

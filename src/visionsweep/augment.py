@@ -37,8 +37,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from visionsweep.errors import ConfigError  # noqa: E402
-from visionsweep.utils.atomic import atomic_write  # noqa: E402
-from visionsweep.utils.jsonsafe import json_default  # noqa: E402
+from visionsweep.utils.atomic import atomic_write, json_default  # noqa: E402
 
 __all__ = ["INTERPOLATIONS", "build_pipelines", "pipeline_to_dict", "reseed_in_worker", "save_pipelines"]
 

@@ -22,9 +22,7 @@ def check_config(cfg: DictConfig) -> None:
     """
     import torch
 
-    from visionsweep.optim import build_optimizer
-    from visionsweep.optim.lr_find import check_tune
-    from visionsweep.optim.optimization import check_scheduler
+    from visionsweep.optim import build_optimizer, check_scheduler, check_tune
 
     parallel.resolve_threads(cfg.get("threads", "auto"), None)  # (a sweep job gets here despite a bad one)
     for name, node in (cfg.get("callbacks") or {}).items():  # switches: builders.build_callbacks reads them

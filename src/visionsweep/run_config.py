@@ -4,7 +4,7 @@
 config is written into it here, once, at the start: the seed as an int, the checkpoint it resumes from
 (and with it the split and the wandb run id of that run), the backbone's input size / crop / resize
 method, and the wandb run's tags, group and name. Only the learning-rate finder
-(:mod:`visionsweep.optim.lr_find`, ``tune.use_suggestion=true``) sets ``optimizer.lr`` later, and
+(:mod:`visionsweep.lr_find`, ``tune.use_suggestion=true``) sets ``optimizer.lr`` later, and
 still before ``config.yaml`` is written.
 """
 
@@ -54,8 +54,6 @@ def complete(cfg: DictConfig) -> Resolved:
     Raises:
         ConfigError: A bad seed, checkpoint or input size, in one line naming the key.
     """
-    from visionsweep.utils.config import resume_checkpoint
-
     resume = resume_checkpoint(cfg)  # data.split_dir and logger.wandb.id/resume of the resumed run
     if resume is not None:
         adopt_resumed_run(cfg, resume, _command_line())
@@ -167,3 +165,25 @@ def label_wandb_run(cfg: DictConfig) -> None:
         group, name = sweep_names(cfg.get("task_name", "train"), arch, aug, cfg.seed)
         node.group = node.get("group") or group
         node.name = node.get("name") or name
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint of ``ckpt_path`` (a path or ``latest``); points data and wandb at its run.
+
+    The file is checked weights-only (:func:`visionsweep.checkpoints.check_resumable`) before
+    Lightning reads it: a pickle with code, a truncated file or the other model kind stop here in one line.
+    """
+    if not cfg.get("ckpt_path"):
+        return None
+    from visionsweep import checkpoints, runinfo
+
+    kind = checkpoints.kind_of_target(cfg.model.get("_target_"))
+    ckpt = checkpoints.check_resumable(cfg.ckpt_path, cfg.paths.log_dir, cfg.task_name, kind)
+    old_run = checkpoints.run_dir_of(ckpt)
+    if not cfg.data.get("split_dir") and (old_run / "splits").is_dir():
+        cfg.data.split_dir = str(old_run / "splits")  # same split as the run being resumed
+    wandb_id = runinfo.load(old_run).get("wandb_id")
+    if wandb_id and cfg.get("logger") and cfg.logger.get("wandb"):
+        cfg.logger.wandb.id, cfg.logger.wandb.resume = wandb_id, "allow"
+    log.info("resuming from %s", ckpt)
+    return ckpt

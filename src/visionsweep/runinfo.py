@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from visionsweep.errors import DiskFullError
-from visionsweep.utils.atomic import atomic_write, remove_tmp_files
-from visionsweep.utils.jsonsafe import json_default
+from visionsweep.utils.atomic import atomic_write, json_default, remove_tmp_files
 
 log = logging.getLogger("visionsweep.runinfo")
 

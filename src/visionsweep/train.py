@@ -18,17 +18,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from visionsweep import gpus, ledger, outcome, runinfo
 from visionsweep.runinfo import Status
 from visionsweep.utils.atomic import atomic_write
-from visionsweep.utils.cli import guarded, precheck
-from visionsweep.utils.config import print_config_tree
+from visionsweep.utils.cli import guarded, precheck, print_config_tree
 
 log = logging.getLogger("visionsweep.train")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job as configured; returns its final metrics.
-
-    Under DDP every rank runs this; only rank 0 (``lead``) writes the run dir's own files.
-    """
+    """Run one training job as configured; returns its final metrics. Under DDP every rank runs this;
+    only rank 0 (``lead``) writes the run dir's own files."""
     # torch, Lightning, timm (~7 s on 2 cores): imported here, after main() checked the command line,
     # so that a typo is reported in under a second
     import pytorch_lightning as pl
@@ -36,11 +33,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from visionsweep import builders, config_checks, distributed, run_config
     from visionsweep.callbacks.checkpoint import drop_finished_last
-    from visionsweep.optim import lr_find
+    from visionsweep.optim import tune_settings
 
     out, lead = Path(cfg.paths.output_dir), distributed.is_rank_zero()
     config_hash = ledger.config_hash(cfg)  # of the config as composed, before anything fills it in
-    started, record, trainer = round(time.time(), 3), None, None
+    started, record, trainer, lr_found = round(time.time(), 3), None, None, None
     try:
         lease = gpus.current()  # taken by the GpuLease Hydra callback before this job's CUDA started
         started = round(lease.started, 3) if lease else started
@@ -60,7 +57,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("data: %s", dm.describe())
         builders.report_classes(cfg, dm)
         model = builders.build_model(cfg, dm, inp)
-        model, lr_found = lr_find.lr_find(cfg, model, dm, out, rebuild=lambda: builders.build_model(cfg, dm, inp))
+        if tune_settings(cfg)["lr_find"]:  # the LR finder's module is imported only when it runs
+            from visionsweep.lr_find import lr_find
+            model, lr_found = lr_find(cfg, model, dm, out, rebuild=lambda: builders.build_model(cfg, dm, inp))
         if lead:
             atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             record = runinfo.RunRecord(
@@ -88,7 +87,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         calibration = None
         if cfg.get("calibrate") and state == Status.OK:  # T fitted on val, written into the best checkpoint
             from visionsweep.models.calibration import calibrate_checkpoint
-
             calibration = calibrate_checkpoint(model, dm, best, trainer.strategy.root_device)
         if cfg.get("test") and dm.has_test and state == Status.OK:
             distributed.tester(trainer).test(model, datamodule=dm, ckpt_path=best or None, verbose=False,

@@ -21,8 +21,7 @@ matplotlib.use("Agg")  # never open a window, also on machines with a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from visionsweep.utils.atomic import atomic_write, save_figure  # noqa: E402
-from visionsweep.utils.jsonsafe import json_default  # noqa: E402
+from visionsweep.utils.atomic import atomic_write, json_default, save_figure  # noqa: E402
 from visionsweep.utils.text import md_escape  # noqa: E402
 
 def save_plot(fig: Any, path: str | Path, dpi: int = 110, **savefig_kwargs: Any) -> Path:

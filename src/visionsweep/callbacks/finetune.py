@@ -35,8 +35,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from visionsweep.errors import ConfigError
 from visionsweep.models.backbones import head_parameter_names
-from visionsweep.optim.optimization import Optimization
-from visionsweep.optim.param_groups import GroupInfo, discriminative_lrs
+from visionsweep.optim import GroupInfo, Optimization, discriminative_lrs
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 generators. Everything random in the data pipeline is drawn from torch's global generator: each epoch
 the loader draws the epoch's augmentation seed (per-sample seeds are ``(epoch seed, index)``,
 :mod:`visionsweep.data.seeding`), the worker base seed and the sampler's shuffling seed
-(:class:`~visionsweep.data.loader.SeededDataLoader` draws the same count whether its workers are
+(:class:`~visionsweep.data.seeding.SeededDataLoader` draws the same count whether its workers are
 fresh or persistent). Dropout, stochastic depth and timm's Mixup draw from the torch / numpy / python
 generators. So the checkpoint stores all of them (CUDA's too) as tensors and plain numbers (loadable
 with ``torch.load(weights_only=True)``), and a resume restores them before Lightning builds the first

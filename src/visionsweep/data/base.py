@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from visionsweep.data import scan
-from visionsweep.data.loader import SeededDataLoader
+from visionsweep.data.seeding import SeededDataLoader
 from visionsweep.data.split_files import (
     SplitRow,
     atomic_write_text,

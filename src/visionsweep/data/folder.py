@@ -25,7 +25,7 @@ from visionsweep.data.cache import (
     train_short_side,
 )
 from visionsweep.data.dataset import ImageFolderDataset, collate_images
-from visionsweep.data.folds import check_fold, kfold_split
+from visionsweep.data.splits import check_fold, kfold_split
 from visionsweep.data.split_files import SplitRow, csv_path
 from visionsweep.data.splits import (
     SPLITS,
@@ -57,7 +57,7 @@ class FolderDataModule(SplitDataModule):
         split_seed: Seed of the split (independent of the training seed).
         split_dir: Folder with ``train.csv``/``val.csv``/``test.csv`` to re-use instead of splitting.
         folds: k-fold cross-validation: K folds of the non-test images (null: the plain split);
-            see :mod:`visionsweep.data.folds`.
+            see :mod:`visionsweep.data.splits`.
         fold: The validation fold (0..K-1) of this job; sweep it: ``data.fold=0,1,2``.
         classes: Class folder names to use (e.g. ``[7, 8, 9]``); the others are ignored. None: all.
         train_per_class: Keep this many training images per class (drawn with ``split_seed``, so the

@@ -1,4 +1,5 @@
-"""Per-sample augmentation seeds: what sample ``i`` gets in an epoch depends on (epoch seed, i) alone.
+"""Per-sample augmentation seeds, and the DataLoader that draws them: what sample ``i`` gets in an epoch
+depends on (epoch seed, i) alone.
 
 Without this, each DataLoader worker draws from its own copy of the pipeline's generators, so the
 augmentation a sample gets depends on which worker loads it: changing ``data.num_workers`` (or the batch
@@ -10,15 +11,22 @@ whose state is set directly.
 
 Nothing here needs saving for a resume: the epoch seed comes from torch's global generator, whose state
 every checkpoint stores (:mod:`visionsweep.callbacks.run_state`), and the per-sample seeds follow from it.
+
+:class:`SeededDataLoader` (the loader of both data modules) draws the dataset's epoch seed each epoch,
+before any index reaches a worker, and takes the same count of numbers from the generator whether its
+workers are fresh or persistent, which is what a resumed run needs to shuffle and augment like the
+uninterrupted one. :class:`NoSingleBatchSampler` leaves out a training batch of one.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 _MASK64 = (1 << 64) - 1
 _INC = 0xDA3E39CB94B95BDB_D7C6C3C0E8F8E2C9 | 1  # any odd PCG64 increment; fixed, so streams are fixed
@@ -98,3 +106,62 @@ class SampleSeeder:
         bits = self._np.bit_generator
         bits.state = {"bit_generator": "PCG64", "state": {"state": (a << 64) | b, "inc": _INC},
                       "has_uint32": 0, "uinteger": 0}
+
+
+class NoSingleBatchSampler(BatchSampler):
+    """``BatchSampler`` that leaves out a trailing partial batch of exactly one sample.
+
+    BatchNorm cannot train on one sample when a layer's map is 1 x 1 ("Expected more than 1 value per
+    channel when training"), which a last batch of one (161 images in batches of 32) hits after a whole
+    epoch. Shuffled, the image left out differs each epoch. Every other batch is as BatchSampler makes it.
+    """
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pending = None
+        for batch in super().__iter__():
+            if pending is not None:
+                yield pending
+            pending = batch
+        if pending is not None and (len(pending) != 1 or self.batch_size == 1 or self.drop_last):
+            yield pending  # (drop_last: BatchSampler already left out any partial batch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else n // self.batch_size + (n % self.batch_size > 1)
+
+
+class SeededDataLoader(DataLoader):
+    """A DataLoader that seeds its dataset's augmentation per epoch (see the module docs).
+
+    A shuffled (training) loader leaves out a last batch of one sample (:class:`NoSingleBatchSampler`):
+    BatchNorm cannot train on it.
+
+    Args:
+        *args: DataLoader arguments (``dataset`` first).
+        drop_single: Leave out a trailing batch of one sample; None: when ``shuffle`` is set.
+        **kwargs: DataLoader keyword arguments.
+    """
+
+    def __init__(self, *args: Any, drop_single: bool | None = None, **kwargs: Any) -> None:
+        if drop_single is None:
+            drop_single = bool(kwargs.get("shuffle"))
+        if kwargs.get("sampler") is not None:  # a sampler that draws (data.balance=sampler) replaces shuffling
+            kwargs.pop("shuffle", None)
+        if drop_single and kwargs.get("batch_sampler") is None and kwargs.get("batch_size", 1) is not None:
+            dataset = args[0] if args else kwargs["dataset"]
+            sampler = kwargs.pop("sampler", None) or (
+                RandomSampler(dataset, generator=kwargs.get("generator")) if kwargs.pop("shuffle", False)
+                else SequentialSampler(dataset))
+            kwargs["batch_sampler"] = NoSingleBatchSampler(sampler, int(kwargs.pop("batch_size", 1)),
+                                                           bool(kwargs.pop("drop_last", False)))
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self) -> Iterator:
+        if hasattr(self.dataset, "start_epoch"):  # before any index of the epoch reaches a worker
+            self.dataset.start_epoch(self.generator)
+        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
+            # a fresh iterator draws its workers' base seed from the generator, a reused one does not:
+            # draw it anyway, so that every epoch takes the same count of numbers (a resumed run starts
+            # with fresh workers where the uninterrupted one reused them, and must shuffle the same)
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return super().__iter__()

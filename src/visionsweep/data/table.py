@@ -11,7 +11,7 @@ The split comes from ``split_col`` (train / val / test) when given, else from th
 (or k-fold) of :class:`~visionsweep.data.folder.FolderDataModule`. A multi-label image is stratified by its
 rarest positive label (fewest images in the table; ties: the lowest class index), an image without labels
 by the group ``none``; the per-group split is :func:`~visionsweep.data.splits.stratified_split` /
-:func:`~visionsweep.data.folds.kfold_split`.
+:func:`~visionsweep.data.splits.kfold_split`.
 
 Multi-label split files hold, per image, the positive class indices joined by a space (``label``) and
 their names joined by ``|`` (``class``), so ``data.split_dir`` rebuilds exactly the same samples.
@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from visionsweep.data.folder import FolderDataModule
-from visionsweep.data.folds import kfold_split
+from visionsweep.data.splits import kfold_split
 from visionsweep.data.split_files import SplitRow, csv_path
 from visionsweep.data.splits import SPLITS, check_holdouts, stratified_split
 from visionsweep.errors import ConfigError, DataError

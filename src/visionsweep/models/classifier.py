@@ -27,8 +27,8 @@ from visionsweep.errors import ConfigError
 from visionsweep.models import calibration as cal
 from visionsweep.models import multilabel as ml
 from visionsweep.models.backbones import create_backbone
-from visionsweep.models.normalize import PixelNormalize
-from visionsweep.optim.optimization import Optimization
+from visionsweep.models import PixelNormalize
+from visionsweep.optim import Optimization
 
 
 def _build_mixup(cfg: dict | None, label_smoothing: float, num_classes: int) -> Mixup | None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from visionsweep.checkpoints import is_segmenter
-from visionsweep.models.normalize import PixelNormalize
+from visionsweep.models import PixelNormalize
 
 
 class Deployable(nn.Module):

@@ -23,8 +23,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from visionsweep.errors import ConfigError
 from visionsweep.models.backbones import check_backbone, hub_reachable
-from visionsweep.models.normalize import PixelNormalize
-from visionsweep.optim.optimization import Optimization
+from visionsweep.models import PixelNormalize
+from visionsweep.optim import Optimization
 from visionsweep.utils.atomic import atomic_open, save_figure
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,7 @@ from urllib.parse import quote
 
 from visionsweep.errors import ConfigError
 from visionsweep.report import calibration, collect, cost, render, study
-from visionsweep.utils.atomic import atomic_write
-from visionsweep.utils.jsonsafe import json_default
+from visionsweep.utils.atomic import atomic_write, json_default
 from visionsweep.utils.text import md_escape
 from visionsweep.runinfo import Status
 

@@ -4,7 +4,7 @@ A kill, a crash or a full disk then never leaves a truncated file under a valid 
 old content or the new one. A full disk (``ENOSPC``/``EDQUOT``) becomes :class:`DiskFullError` naming the
 target, after our partial temporary file is removed (which also gives the space back, so the run can
 still record that it failed). Used for run.json, config.yaml and perf.json; :mod:`visionsweep.utils.safe_io`
-applies it to every checkpoint and to metrics.csv.
+applies it to every checkpoint and to metrics.csv. :func:`json_default` is the one ``default=`` of our JSON writes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from visionsweep.errors import DiskFullError, exception_chain
 
@@ -103,3 +105,14 @@ def remove_tmp_files(folder: str | Path) -> list[Path]:
             _remove(p)
             removed.append(p)
     return removed
+
+
+def json_default(obj: Any) -> Any:
+    """numpy scalars → Python numbers, arrays → lists, paths → strings, anything else → ``str(obj)``."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -196,8 +197,6 @@ def precheck(config_name: str, argv: list[str] | None = None) -> None:
         sys.argv[1:] = expand_home(sys.argv[1:])
     else:
         argv[:] = expand_home(argv)
-    from visionsweep.utils.console import quiet_libraries
-
     quiet_libraries()
     args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if any([args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.experimental_rerun]):
@@ -310,3 +309,54 @@ def _describe_compose_error(e: Exception, overrides: list[str]) -> str:
         name = key.group(1) if key else "?"
         return f"bad override '{name}': no such key in the config (add it with +{name}=... if intended)"
     return f"bad override ({' '.join(overrides)}): {_first_line(e)}"
+
+
+# What a run prints: our config tree, Lightning's progress bar and our summary line, not library chatter.
+# Only messages known to be noise are silenced, each by its text, so a real warning still shows:
+# Lightning's litlogger advert, the LeafSpec deprecation Lightning triggers inside torch (not ours to
+# fix), wandb's offline hints, and onnxscript's INFO lines during export.
+NOISE = ("💡 Tip: For seamless cloud logging",)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(NOISE)
+
+
+def quiet_libraries() -> None:
+    """Silence the known noise (idempotent); called by every entry point before Hydra starts."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+    for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("WANDB_SILENT", "true")  # offline runs: no "anonymous"/sync hints per job
+
+
+PRINT_ORDER = ("data", "augmentation", "model", "optimizer", "scheduler", "trainer", "logger",
+               "callbacks", "paths")
+
+
+def print_config_tree(cfg: DictConfig, resolve: bool = True) -> None:
+    """Print the composed config as a rich tree, main groups first.
+
+    Args:
+        cfg: the composed config.
+        resolve: resolve interpolations before printing.
+    """
+    import rich
+    import rich.syntax
+    import rich.tree
+    from omegaconf import OmegaConf
+
+    tree = rich.tree.Tree("CONFIG", style="bold")
+    keys = [k for k in PRINT_ORDER if k in cfg] + [k for k in cfg if k not in PRINT_ORDER]
+    for key in keys:
+        branch = tree.add(str(key), style="bold cyan")
+        node = cfg[key]
+        text = OmegaConf.to_yaml(node, resolve=resolve) if isinstance(node, DictConfig) or \
+            OmegaConf.is_list(node) else str(node)
+        branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    rich.print(tree)

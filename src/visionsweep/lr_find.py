@@ -24,14 +24,11 @@ from omegaconf import DictConfig
 from pytorch_lightning.tuner import Tuner
 
 from visionsweep.errors import ConfigError
-from visionsweep.utils import checks
+from visionsweep.optim import TUNE_RULES as RULES, tune_settings
 from visionsweep.utils.atomic import atomic_write, save_figure
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"lr_find": False, "use_suggestion": False, "min_lr": 1e-7, "max_lr": 1.0, "num_training": 100,
-            "mode": "exponential", "early_stop_threshold": 4.0, "suggest": "valley"}
-RULES = ("valley", "steepest")
 
 
 def valley(losses: list[float]) -> int:
@@ -55,37 +52,6 @@ def valley(losses: list[float]) -> int:
                 end, start = i, i - longest[i]
     third = (end - start) / 3
     return start + int(third) + int(third / 2)
-
-
-def tune_settings(cfg: DictConfig) -> dict[str, Any]:
-    """``cfg.tune`` over the defaults (the ``tune`` node may be absent from older configs), checked."""
-    return check_tune(dict(cfg.get("tune") or {}))
-
-
-def check_tune(given: dict[str, Any]) -> dict[str, Any]:
-    """The ``tune`` values over the defaults; the finder's own values only matter when ``lr_find`` is on.
-
-    Raises:
-        ConfigError: An unknown key or a bad value, named (``tune.min_lr=-1: give a number > 0, e.g. 1e-07``).
-    """
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"tune.{unknown[0]}: unknown key (known: {', '.join(DEFAULTS)})")
-    opts = {**DEFAULTS, **given}
-    opts["lr_find"] = checks.flag(opts["lr_find"], "tune.lr_find")
-    opts["use_suggestion"] = checks.flag(opts["use_suggestion"], "tune.use_suggestion")
-    if not opts["lr_find"]:
-        return opts
-    low = checks.number(opts["min_lr"], "tune.min_lr", 0, None, 1e-7, low_open=True)
-    checks.number(opts["max_lr"], "tune.max_lr", low, None, 1.0, low_open=True)
-    checks.whole(opts["num_training"], "tune.num_training", 20, 100000, 100,
-                 also=" (the suggestion skips the first 10 steps)")
-    if opts["early_stop_threshold"] is not None:
-        checks.number(opts["early_stop_threshold"], "tune.early_stop_threshold", 1, None, 4.0, low_open=True,
-                      also=" or null (never stop early)")
-    checks.choice(opts["mode"], "tune.mode", ("exponential", "linear"))
-    checks.choice(opts["suggest"], "tune.suggest", RULES)
-    return opts
 
 
 def lr_find(cfg: DictConfig, model: pl.LightningModule, dm: pl.LightningDataModule, out: Path,

@@ -1,26 +1,124 @@
-"""Optimizer and per-step scheduler from the ``optimizer`` / ``scheduler`` configs, for any LightningModule.
+"""The optimizer side of training, shared by every LightningModule of ours.
 
-Both of our LightningModules hold an :class:`Optimization` and delegate ``configure_optimizers`` and
-``lr_scheduler_step`` to it, so they build and step their schedules the same way.
+- Parameter groups: norm weights and biases get no weight decay (as timm and fastai do) unless asked.
+  With layer-wise groups (asked for by a callback, see :func:`wants_layer_groups`) each of timm's coarse
+  layer groups (stem, stages..., then the classifier) becomes its own pair of groups, so that learning
+  rates can differ by depth (:func:`discriminative_lrs`); :class:`GroupInfo` is what a callback reads.
+- The optimizer and per-step scheduler from the ``optimizer`` / ``scheduler`` configs: both of our
+  LightningModules hold an :class:`Optimization` and delegate ``configure_optimizers`` and
+  ``lr_scheduler_step`` to it, so they build and step their schedules the same way.
+- The ``tune`` values (:func:`check_tune`); the LR finder itself is :mod:`visionsweep.lr_find`,
+  imported only when ``tune.lr_find=true``.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import hydra.utils
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_warn
 
 from visionsweep.errors import ConfigError
-from visionsweep.optim.param_groups import GroupInfo, param_groups, wants_layer_groups
 from visionsweep.utils import checks
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One optimizer parameter group, in the order of ``optimizer.param_groups``.
+
+    Attributes:
+        name: ``decay`` / ``no_decay``; with layer-wise groups the layer's label (``bn1+conv1``,
+            ``layer1``... ``head``), ``<label>/no_decay`` for its undecayed part.
+        layer: layer-group index, 0 = stem ... ``n_layers - 1`` = head (0 without layer-wise groups).
+        n_layers: number of layer groups (1 without layer-wise groups).
+        lr: the configured learning rate of the group (None until the optimizer is built).
+    """
+
+    name: str
+    layer: int = 0
+    n_layers: int = 1
+    lr: float | None = None
+
+    @property
+    def depth(self) -> float:
+        """Distance from the head: 0 for the head ... 1 for the stem."""
+        return (self.n_layers - 1 - self.layer) / (self.n_layers - 1) if self.n_layers > 1 else 0.0
+
+
+def wants_layer_groups(callbacks: Sequence[Any]) -> bool:
+    """Whether a callback declares ``needs_layer_groups = True`` (it sets per-depth learning rates)."""
+    return any(getattr(cb, "needs_layer_groups", False) for cb in callbacks)
+
+
+def discriminative_lrs(groups: Sequence[GroupInfo], lr_mult: float) -> list[float]:
+    """fastai's ``slice(lr / lr_mult, lr)``: each group's lr divided geometrically by depth.
+
+    Args:
+        groups: The optimizer's groups (their ``lr`` set).
+        lr_mult: Head lr / stem lr.
+
+    Returns:
+        One lr per group: ``lr`` for the head, ``lr / lr_mult`` for the stem, geometric in between.
+    """
+    return [float(g.lr) / lr_mult ** g.depth for g in groups]
+
+
+def _group_label(names: list[str]) -> str:
+    """A short name for a layer group: the common first part of its parameter names (``layer3``)."""
+    first = {n.split(".")[0] for n in names}
+    if len(first) == 1:
+        parts = {".".join(n.split(".")[:2]) for n in names}
+        return parts.pop() if len(parts) == 1 else first.pop()
+    return "+".join(sorted(first))
+
+
+def param_groups(net: nn.Module, weight_decay_norm_bias: bool = False,
+                 layerwise: bool = False) -> tuple[list[dict[str, Any]], list[GroupInfo]]:
+    """Parameter groups of ``net`` for a ``torch.optim`` optimizer, and their descriptions.
+
+    Args:
+        net: The network (a timm model when ``layerwise``).
+        weight_decay_norm_bias: Also decay norm weights, biases and the model's ``no_weight_decay()``
+            names; off: those get ``weight_decay=0``.
+        layerwise: One pair of groups per layer group (stem → head) instead of one pair in all.
+
+    Returns:
+        ``(groups, infos)``: torch groups (``params``, ``name`` unless there is one group only, and
+        ``weight_decay=0`` for undecayed ones; decaying groups leave ``weight_decay`` to the optimizer's
+        config) and a :class:`GroupInfo` for each, in the same order. Empty groups are left out.
+    """
+    # imported here: visionsweep.models imports the classifier, which imports this package
+    from visionsweep.models.backbones import layer_groups
+
+    params = dict(net.named_parameters())
+    names = layer_groups(net) if layerwise else [list(params)]
+    skip = set(getattr(net, "no_weight_decay", lambda: set())())
+    groups: list[dict[str, Any]] = []
+    infos: list[GroupInfo] = []
+    for i, group in enumerate(names):
+        label = ("head" if i == len(names) - 1 else _group_label(group)) if layerwise else ""
+        no_decay = {n for n in group if not weight_decay_norm_bias and (
+            params[n].ndim <= 1 or n.endswith(".bias") or n in skip)}
+        for kind, members in (("decay", [n for n in group if n not in no_decay]),
+                              ("no_decay", [n for n in group if n in no_decay])):
+            if not members:
+                continue
+            name = f"{label}/{kind}" if label and kind == "no_decay" else (label or kind)
+            groups.append({"params": [params[n] for n in members], "name": name,
+                           **({"weight_decay": 0.0} if kind == "no_decay" else {})})
+            infos.append(GroupInfo(name, layer=i, n_layers=len(names)))
+    if len(groups) == 1:  # nothing to tell apart: LearningRateMonitor then logs a plain lr-<Optimizer>
+        del groups[0]["name"]
+    return groups, infos
+
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
 
@@ -136,7 +234,7 @@ class Optimization:
     The module calls :meth:`configure` from ``configure_optimizers`` and :meth:`step_scheduler` from
     ``lr_scheduler_step``. Callbacks that set learning rates themselves read :attr:`groups`; one that
     declares ``needs_layer_groups = True`` gets one pair of groups per layer group (see
-    :func:`~visionsweep.optim.param_groups.param_groups`).
+    :func:`param_groups`).
 
     Args:
         optimizer: ``_target_`` config of a ``torch.optim`` optimizer (None: AdamW, lr 1e-3).
@@ -183,3 +281,39 @@ class Optimization:
                                "the extra steps use its final learning rate")
             return
         scheduler.step() if metric is None else scheduler.step(metric)
+
+
+TUNE_DEFAULTS = {"lr_find": False, "use_suggestion": False, "min_lr": 1e-7, "max_lr": 1.0, "num_training": 100,
+                 "mode": "exponential", "early_stop_threshold": 4.0, "suggest": "valley"}
+TUNE_RULES = ("valley", "steepest")
+
+
+def check_tune(given: dict[str, Any]) -> dict[str, Any]:
+    """The ``tune`` values over the defaults; the finder's own values only matter when ``lr_find`` is on.
+
+    Raises:
+        ConfigError: An unknown key or a bad value, named (``tune.min_lr=-1: give a number > 0, e.g. 1e-07``).
+    """
+    unknown = sorted(set(given) - set(TUNE_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"tune.{unknown[0]}: unknown key (known: {', '.join(TUNE_DEFAULTS)})")
+    opts = {**TUNE_DEFAULTS, **given}
+    opts["lr_find"] = checks.flag(opts["lr_find"], "tune.lr_find")
+    opts["use_suggestion"] = checks.flag(opts["use_suggestion"], "tune.use_suggestion")
+    if not opts["lr_find"]:
+        return opts
+    low = checks.number(opts["min_lr"], "tune.min_lr", 0, None, 1e-7, low_open=True)
+    checks.number(opts["max_lr"], "tune.max_lr", low, None, 1.0, low_open=True)
+    checks.whole(opts["num_training"], "tune.num_training", 20, 100000, 100,
+                 also=" (the suggestion skips the first 10 steps)")
+    if opts["early_stop_threshold"] is not None:
+        checks.number(opts["early_stop_threshold"], "tune.early_stop_threshold", 1, None, 4.0, low_open=True,
+                      also=" or null (never stop early)")
+    checks.choice(opts["mode"], "tune.mode", ("exponential", "linear"))
+    checks.choice(opts["suggest"], "tune.suggest", TUNE_RULES)
+    return opts
+
+
+def tune_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.tune`` over the defaults (the ``tune`` node may be absent from older configs), checked."""
+    return check_tune(dict(cfg.get("tune") or {}))
