@@ -259,7 +259,7 @@ def test_cost_is_recorded_and_logged_and_val_metrics_have_a_wall_clock(calibrate
 
 
 def test_calibrate_refuses_a_multilabel_run_in_one_line(tmp_path):
-    from visionsweep.config_checks import check_config
+    from visionsweep.run_config import check_config
     from visionsweep.errors import ConfigError
 
     cfg = compose_cfg(tmp_path, ["task=multilabel", "calibrate=true"])

@@ -249,7 +249,7 @@ def test_random_states_round_trip_weights_only(tmp_path):
 
     import numpy as np
 
-    from visionsweep.callbacks.run_state import capture_rng, restore_rng
+    from visionsweep.callbacks.checkpoint import capture_rng, restore_rng
 
     state = capture_rng()
     path = tmp_path / "s.pt"

@@ -214,14 +214,14 @@ def build_trainer(cfg: DictConfig, output_dir: str | Path,
                   extra_callbacks: list[pl.Callback] | None = None, **kwargs: Any) -> pl.Trainer:
     """The Lightning Trainer of ``cfg.trainer`` with loggers and callbacks.
 
-    Always added: :class:`~visionsweep.callbacks.run_state.RunState` (random states and the run's plan
+    Always added: :class:`~visionsweep.callbacks.checkpoint.RunState` (random states and the run's plan
     in every checkpoint, so a resume equals the uninterrupted run) and
     :class:`~visionsweep.utils.safe_io.AtomicCheckpointIO` (checkpoints written whole or not at all),
     unless ``trainer.plugins`` already brings a CheckpointIO.
     """
     from pytorch_lightning.plugins.io import CheckpointIO
 
-    from visionsweep.callbacks.run_state import RunState
+    from visionsweep.callbacks.checkpoint import RunState
     from visionsweep.utils.safe_io import AtomicCheckpointIO
 
     callbacks = build_callbacks(cfg) + list(extra_callbacks or [])

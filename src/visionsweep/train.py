@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from visionsweep import gpus, ledger, outcome, runinfo
+from visionsweep import gpus, ledger, runinfo
 from visionsweep.runinfo import Status
 from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.cli import guarded, precheck, print_config_tree
@@ -31,7 +31,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import pytorch_lightning as pl
     import torch
 
-    from visionsweep import builders, config_checks, distributed, run_config
+    from visionsweep import builders, distributed, run_config
     from visionsweep.callbacks.checkpoint import drop_finished_last
     from visionsweep.optim import tune_settings
 
@@ -49,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if lead:
             print_config_tree(cfg)  # what runs: data.image_size=auto, timm's mean/std, ... filled in
         resume, inp = resolved.resume, resolved.inputs
-        config_checks.check_config(cfg)  # optimizer.lr=-1: one line, before anything is written
+        run_config.check_config(cfg)  # optimizer.lr=-1: one line, before anything is written
         distributed.check_batch_size(cfg)  # DDP: the global data.batch_size must divide among the ranks
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d, %d threads", cfg.seed, threads)
@@ -79,11 +79,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         start = time.perf_counter()
         trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
         fit_s = time.perf_counter() - start
-        metrics = outcome.scalars(trainer.callback_metrics)
+        metrics = runinfo.scalars(trainer.callback_metrics)
         if not distributed.end_of_fit(trainer):
             return metrics  # ranks > 0 are done: rank 0 tests alone and writes run.json
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        state = outcome.status(trainer)
+        state = runinfo.status(trainer)
         calibration = None
         if cfg.get("calibrate") and state == Status.OK:  # T fitted on val, written into the best checkpoint
             from visionsweep.models.calibration import calibrate_checkpoint
@@ -91,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("test") and dm.has_test and state == Status.OK:
             distributed.tester(trainer).test(model, datamodule=dm, ckpt_path=best or None, verbose=False,
                                              weights_only=True)
-            metrics.update(outcome.scalars(model.trainer.callback_metrics))
+            metrics.update(runinfo.scalars(model.trainer.callback_metrics))
         epochs = trainer.current_epoch - (record.data.get("start_epoch") or 0)
         floor = builders.baselines(dm) if getattr(model, "multilabel", False) else None  # what "learnt" must beat
         img_s = runinfo.images_per_s(metrics, trainer, dm, epochs, fit_s)
@@ -106,18 +106,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             record.update(cost=runinfo.measure_cost(cfg, model, trainer, fit_s, img_s))
         record.finish(state)
         drop_finished_last(trainer)  # finished (run.json says so): last.ckpt goes by its keep_last policy
-        outcome.print_summary(metrics, fit_s, out, state, floor)
+        runinfo.print_summary(metrics, fit_s, out, state, floor)
         return metrics
     except BaseException as e:
-        if how := outcome.interrupted(e):  # Ctrl-C or SIGTERM: resumable, exit 130 / 143 (128 + the signal)
+        if how := runinfo.interrupted(e):  # Ctrl-C or SIGTERM: resumable, exit 130 / 143 (128 + the signal)
             if lead:
-                outcome.record_interrupt(record, trainer, out, how)
+                runinfo.record_interrupt(record, trainer, out, how)
             raise SystemExit(130 if how == "Ctrl-C" else 143) from None
-        full = outcome.disk_full(e, out)
+        full = runinfo.disk_full(e, out)
         if lead and (record is not None or full is not None):  # a full disk: "failed" even without run.json
             record = record or runinfo.RunRecord.unsaved(out, task=cfg.get("task_name"), overrides=_overrides(),
                                                          started=started)
-            record.fail(**outcome.failure(full or e))
+            record.fail(**runinfo.failure(full or e))
         if full is not None and full is not e:
             raise full  # (its __cause__ is the OSError's chain; Python keeps the context chain acyclic)
         raise

@@ -55,7 +55,7 @@ class ThreadBudget(Callback):
             n = parallel.job_threads(config, launcher)
         except ConfigError as e:
             if not multirun:
-                from visionsweep.outcome import remove_if_only_hydra_files
+                from visionsweep.runinfo import remove_if_only_hydra_files
 
                 remove_if_only_hydra_files(Path(config.hydra.runtime.output_dir))  # a mistake leaves no run dir
                 fail(str(e))
@@ -83,7 +83,7 @@ class GpuLease(Callback):
                              label=str(config.hydra.runtime.output_dir))
         except ConfigError as e:
             if not multirun:
-                from visionsweep.outcome import remove_if_only_hydra_files
+                from visionsweep.runinfo import remove_if_only_hydra_files
 
                 remove_if_only_hydra_files(Path(config.hydra.runtime.output_dir))  # a mistake leaves no run dir
                 fail(str(e))

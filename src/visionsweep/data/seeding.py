@@ -10,7 +10,7 @@ albumentations' own ``set_random_seed``, by pointing every transform at one shar
 whose state is set directly.
 
 Nothing here needs saving for a resume: the epoch seed comes from torch's global generator, whose state
-every checkpoint stores (:mod:`visionsweep.callbacks.run_state`), and the per-sample seeds follow from it.
+every checkpoint stores (:mod:`visionsweep.callbacks.checkpoint`), and the per-sample seeds follow from it.
 
 :class:`SeededDataLoader` (the loader of both data modules) draws the dataset's epoch seed each epoch,
 before any index reaches a worker, and takes the same count of numbers from the generator whether its

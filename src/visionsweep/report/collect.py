@@ -283,7 +283,7 @@ def load_job(job_dir: Path) -> Job:
     """Read one run dir.
 
     A failed job's run.json says so (``status: failed`` with ``error`` and ``error_type``, written by the
-    job itself: :func:`visionsweep.outcome.failure`); a dir without run.json (a job killed before it
+    job itself: :func:`visionsweep.runinfo.failure`); a dir without run.json (a job killed before it
     could write one) is ``failed``, its error saying so.
 
     Raises:

@@ -55,7 +55,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
-        from visionsweep.outcome import failure, remove_if_only_hydra_files
+        from visionsweep.runinfo import failure, remove_if_only_hydra_files
 
         try:
             return task(cfg)
