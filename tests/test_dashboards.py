@@ -60,7 +60,7 @@ def multirun_job(tmp_path) -> Iterator[Path]:
 
 
 def test_a_sweep_job_is_labelled_by_what_varies(multirun_job):
-    from visionsweep.dashboards import job_params, sweep_names, varying_keys
+    from visionsweep.callbacks.hparams import job_params, sweep_names, varying_keys
 
     assert varying_keys() == ["model", "seed", "data.val_fraction"]
     # model=resnet18 says what arch=resnet18 says: one column; the constant overrides are no column
@@ -78,7 +78,7 @@ def test_a_single_run_is_labelled_by_all_its_overrides(tmp_path):
     import yaml
 
     from visionsweep.callbacks.hparams import JobHParams
-    from visionsweep.dashboards import job_params, sweep_names
+    from visionsweep.callbacks.hparams import job_params, sweep_names
 
     compose_cfg(tmp_path, ["model=resnet10t", "seed=3", "optimizer.lr=0.01"])
     assert job_params("resnet10t", "light", 3) == {"arch": "resnet10t", "aug": "light", "seed": 3,

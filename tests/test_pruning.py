@@ -152,3 +152,27 @@ def test_each_named_pruner_is_built_with_the_arguments_it_takes():
     assert type(make_pruner(None)) is optuna.pruners.NopPruner
     with pytest.raises(ValueError, match="pruner.name=asha: choose from median, successive_halving"):
         make_pruner({"name": "asha"})
+
+
+def test_pruning_callback_is_built_only_for_a_job_of_an_optuna_sweep(tmp_path):
+    """Outside an Optuna sweep the callback has no trial to report to: the job neither builds nor imports it.
+    With the sweeper's variable set (what the sweeper hands a job) it is built from callbacks=default."""
+    import subprocess
+    import sys
+
+    from visionsweep.callbacks.optuna_pruning import ENV
+
+    code = ("import sys; from hydra import compose, initialize_config_dir; from visionsweep.utils.cli import CONF_DIR\n"
+            "from visionsweep.builders import build_callbacks\n"
+            "with initialize_config_dir(str(CONF_DIR), version_base='1.3'):\n"
+            f"    cfg = compose('train', overrides=['optimized_metric=val/acc', 'paths.output_dir={tmp_path}'])\n"
+            "names = sorted(type(cb).__name__ for cb in build_callbacks(cfg))\n"
+            "print(names, 'visionsweep.callbacks.optuna_pruning' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    outside = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert outside.returncode == 0, outside.stderr[-2000:]
+    assert "OptunaPruning" not in outside.stdout and outside.stdout.strip().endswith("False"), outside.stdout
+    env[ENV] = json.dumps({"storage": "sqlite://", "study": "s", "number": 0, "pruner": {"name": "median"}})
+    inside = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert inside.returncode == 0, inside.stderr[-2000:]
+    assert "'OptunaPruning'" in inside.stdout and inside.stdout.strip().endswith("True"), inside.stdout

@@ -23,6 +23,8 @@ from visionsweep.errors import ConfigError, VisionSweepError
 from visionsweep.models.backbones import InputConfig, resolve_input_config
 from visionsweep.utils import checks
 
+# the trial the Optuna sweeper hands a job (callbacks.optuna_pruning.ENV; not imported outside such a sweep)
+OPTUNA_TRIAL_ENV = "VISIONSWEEP_OPTUNA_TRIAL"
 log = logging.getLogger(__name__)
 
 
@@ -197,11 +199,14 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 
     A node without ``_target_`` is skipped: it only adjusts a callback this config does not have
     (``debug=fast`` turns off the ``model_checkpoint`` of ``callbacks=default``, also under ``callbacks=null``).
-    So is one with ``enabled: false`` (``callbacks.compile``): a job does not import what it does not use.
+    So is one with ``enabled: false`` (``callbacks.compile``), and Optuna pruning outside an Optuna sweep
+    (no trial to report to): a job does not import what it does not use.
     """
     built = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if not node or (isinstance(node, (dict, DictConfig)) and "_target_" not in node):
+            continue
+        if str(node.get("_target_")).endswith(".OptunaPruning") and not os.environ.get(OPTUNA_TRIAL_ENV):
             continue
         enabled = node.get("enabled", True) if isinstance(node, (dict, DictConfig)) else True
         if not checks.flag(enabled, f"callbacks.{name}.enabled"):  # (check_config has named a bad one already)

@@ -29,7 +29,7 @@ from visionsweep.errors import ConfigError
 from visionsweep.utils import checks
 from visionsweep.utils.atomic import atomic_write, tmp_path
 from visionsweep.utils.cli import guarded, precheck
-from visionsweep.utils.outputs import check_output_file
+from visionsweep.utils.atomic import check_output_file
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "state_dict": ".safetensors"}
 

@@ -157,10 +157,10 @@ def label_wandb_run(cfg: DictConfig) -> None:
     """Tag the wandb run by arch, augmentation and seed; in a sweep, group its jobs and name each one.
 
     wandb's grouping and parallel-coordinates views then compare the configurations directly. The
-    group and name are MLflow's experiment and run names (:func:`visionsweep.dashboards.sweep_names`);
+    group and name are MLflow's experiment and run names (:func:`visionsweep.callbacks.hparams.sweep_names`);
     values set in the config win.
     """
-    from visionsweep.dashboards import sweep_names
+    from visionsweep.callbacks.hparams import sweep_names
     from visionsweep.utils.cli import is_multirun
 
     node = cfg.logger.wandb

@@ -260,9 +260,9 @@ def scalars(metrics: dict) -> dict[str, float]:
 
 def status(trainer: pl.Trainer) -> Status:
     """``pruned`` when an Optuna pruner stopped the job (callbacks/optuna_pruning.py), else ``ok``."""
-    from visionsweep.callbacks.optuna_pruning import OptunaPruning
-
-    pruned = any(isinstance(cb, OptunaPruning) and cb.pruned_at is not None for cb in trainer.callbacks)
+    pruning = sys.modules.get("visionsweep.callbacks.optuna_pruning")  # not imported: no job of an Optuna sweep
+    pruned = pruning is not None and any(isinstance(cb, pruning.OptunaPruning) and cb.pruned_at is not None
+                                         for cb in trainer.callbacks)
     return Status.PRUNED if pruned else Status.OK
 
 

@@ -22,7 +22,7 @@ from visionsweep.data.images import bad_image_advice
 from visionsweep.errors import ConfigError
 from visionsweep.utils import checks
 from visionsweep.utils.cli import guarded, precheck
-from visionsweep.utils.outputs import check_out_dir, made_dir
+from visionsweep.utils.atomic import check_out_dir, made_dir
 
 log = logging.getLogger("visionsweep.see")
 

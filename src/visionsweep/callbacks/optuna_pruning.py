@@ -16,7 +16,9 @@ from typing import Any
 import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
-ENV = "VISIONSWEEP_OPTUNA_TRIAL"  # JSON: {"storage", "study", "number", "pruner": {"name", ...}}
+# JSON: {"storage", "study", "number", "pruner": {"name", ...}}; builders.OPTUNA_TRIAL_ENV is the same name
+# (without it, builders does not build this callback)
+ENV = "VISIONSWEEP_OPTUNA_TRIAL"
 
 
 def make_pruner(spec: dict[str, Any] | None) -> Any:

@@ -229,7 +229,7 @@ def _check_run_dir(config_name: str, parsed: list[Any]) -> None:
 
     Allowed with ``overwrite=true``, and for a training run that resumes a checkpoint of that dir.
     """
-    from visionsweep.utils.outputs import check_run_dir
+    from visionsweep.utils.atomic import check_run_dir
 
     given = {o.key_or_group: o.value() for o in parsed if not o.is_delete()}
     run_dir = given.get("hydra.run.dir")
