@@ -128,7 +128,7 @@ def report_classes(cfg: DictConfig, dm: Any) -> None:
         return
     for line in dm.class_count_lines():
         log.info("class counts, %s", line)
-    from visionsweep.data.balance import IMBALANCE_RATIO
+    from visionsweep.data.splits import IMBALANCE_RATIO
 
     ratio = dm.train_imbalance()
     monitor = ((cfg.get("callbacks") or {}).get("model_checkpoint") or {}).get("monitor")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from visionsweep.data import scan
 from visionsweep.data.seeding import SeededDataLoader
-from visionsweep.data.split_files import (
+from visionsweep.data.scan import (
     SplitRow,
     atomic_write_text,
     read_split_files,

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from visionsweep.data import scan
-from visionsweep.data.balance import check_balance, class_counts, count_lines, imbalance, loss_weights, weighted_sampler
 from visionsweep.data.base import SplitDataModule
 from visionsweep.data.builtin import BUILTIN, ensure_builtin
 from visionsweep.data.cache import (
@@ -25,18 +24,10 @@ from visionsweep.data.cache import (
     train_short_side,
 )
 from visionsweep.data.dataset import ImageFolderDataset, collate_images
-from visionsweep.data.splits import check_fold, kfold_split
-from visionsweep.data.split_files import SplitRow, csv_path
-from visionsweep.data.splits import (
-    SPLITS,
-    Sample,
-    check_class_subset,
-    check_holdouts,
-    check_train_per_class,
-    keep_per_class,
-    select_classes,
-    stratified_split,
-)
+from visionsweep.data.scan import SplitRow, csv_path
+from visionsweep.data.splits import (SPLITS, Sample, check_balance, check_class_subset, check_fold, check_holdouts,
+                                     check_train_per_class, class_counts, count_lines, imbalance, keep_per_class,
+                                     kfold_split, loss_weights, select_classes, stratified_split, weighted_sampler)
 from visionsweep.errors import ConfigError, DataError
 from visionsweep.utils.checks import flag, number, whole
 
@@ -81,7 +72,7 @@ class FolderDataModule(SplitDataModule):
         decode_reduce: Decode JPEGs much larger than needed at 1/2, 1/4 or 1/8 scale inside the decoder.
         prefetch_factor: Batches each worker loads ahead (None: PyTorch's default, 2).
         balance: Imbalanced classes: ``none``, ``weights`` (inverse-frequency loss weights, :meth:`loss_weights`)
-            or ``sampler`` (a seeded weighted sampler draws the training samples); see :mod:`visionsweep.data.balance`.
+            or ``sampler`` (a seeded weighted sampler draws the training samples); see :mod:`visionsweep.data.splits`.
         multilabel: Must stay false: a class folder gives one label per image (``data=table`` reads several).
     """
 

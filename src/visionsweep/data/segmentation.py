@@ -32,7 +32,7 @@ from visionsweep.data.seeding import SampleSeeder, seed_sample
 from visionsweep.data.seg_files import (  # noqa: F401 - re-exported
     Pair, _check_pair, _refuse_gaps, builtin_mismatch, find_pairs, load_class_names, read_mask,
 )
-from visionsweep.data.split_files import SplitRow, csv_path
+from visionsweep.data.scan import SplitRow, csv_path
 from visionsweep.data.splits import SPLITS, partition
 from visionsweep.errors import ConfigError, DataError
 

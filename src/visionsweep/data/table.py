@@ -27,9 +27,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from visionsweep.data.folder import FolderDataModule
-from visionsweep.data.splits import kfold_split
-from visionsweep.data.split_files import SplitRow, csv_path
-from visionsweep.data.splits import SPLITS, check_holdouts, stratified_split
+from visionsweep.data.scan import SplitRow, csv_path
+from visionsweep.data.splits import SPLITS, check_holdouts, kfold_split, stratified_split
 from visionsweep.errors import ConfigError, DataError
 from visionsweep.utils.checks import flag
 

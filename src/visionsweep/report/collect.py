@@ -22,7 +22,7 @@ from visionsweep.errors import ConfigError, DataError
 from visionsweep.ledger import read_json_object, read_yaml
 from visionsweep.runinfo import STATUSES, Status
 from visionsweep.report.stats import mean_ci
-from visionsweep.utils.metrics_csv import intact_rows
+from visionsweep.utils.atomic import intact_rows
 
 log = logging.getLogger(__name__)
 

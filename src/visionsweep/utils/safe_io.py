@@ -20,8 +20,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from visionsweep.errors import DiskFullError
-from visionsweep.utils.atomic import atomic_open, atomic_write, disk_full_cause, tmp_path
-from visionsweep.utils.metrics_csv import intact_rows
+from visionsweep.utils.atomic import atomic_open, atomic_write, disk_full_cause, intact_rows, tmp_path
 
 log = logging.getLogger(__name__)
 
