@@ -6,8 +6,9 @@ figures) and the lines are also written to ``--out`` (default ``runs/bench/<time
 
 0. ``time_to_accuracy``: seconds of the default job (``python -m visionsweep.train``) until val/acc >= 0.99,
    and its fit time per epoch vs a hand-written loop on the same model, data and recipe (``ratio``: loop s
-   / ours s per epoch; goal >= 0.9), and ``ratio_epoch``: the same for a recurring epoch (median of each side,
-   the job's one-off set-up and final last.ckpt left out). In ``bench_accuracy.py``.
+   / ours s per epoch), and ``ratio_epoch`` (goal >= 0.9): the same for a recurring epoch (the job's one-off
+   set-up and final last.ckpt left out), each side measured next to the other in time, over 3 rounds (a
+   drifting machine otherwise decides the ratio). In ``bench_accuracy.py``.
 1. ``step_ratio``: framework train step rate (Trainer + ClassifierModule, metrics and logging on) vs a
    hand-written PyTorch loop; same timm model, same in-memory uint8 batches, same optimizer. Goal >= 0.95.
 2. ``loader_ratio``: FolderDataModule loader img/s vs a raw cv2 + albumentations + DataLoader loop on
