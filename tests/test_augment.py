@@ -204,27 +204,27 @@ def test_save_pipelines_writes_json(tmp_path):
 
 
 class _Noise:
-    """Tiny dataset: the same image through the train pipeline, reseeded per worker."""
+    """Tiny dataset seeded as the project's datasets are, but read through a plain DataLoader (no epoch seed)."""
 
     def __init__(self, pipeline):
-        self.pipeline = pipeline
+        from visionsweep.data.seeding import SampleSeeder
+
+        self.pipeline, self.seeder = pipeline, SampleSeeder()
 
     def __len__(self) -> int:
         return 4
 
     def __getitem__(self, index: int):
-        from visionsweep.augment import reseed_in_worker
+        from visionsweep.data.seeding import seed_sample
 
-        reseed_in_worker(self.pipeline)
+        seed_sample(self.seeder, self.pipeline, index)
         return self.pipeline(image=np.full((40, 57, 3), 128, np.uint8))["image"]
 
 
-def test_reseed_in_worker_gives_workers_different_streams():
+def test_plain_dataloader_workers_draw_different_augmentations():
     torch = pytest.importorskip("torch")
-    from visionsweep.augment import reseed_in_worker
 
     train, _ = build_pipelines(load_preset("strong"), SIZE, seed=0)
-    assert reseed_in_worker(train) is False  # main process: no-op
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(_Noise(train), batch_size=1, num_workers=2)
     first, second = [b[0].numpy() for b in loader][:2]  # item 0 from worker 0, item 1 from worker 1

@@ -9,11 +9,8 @@ Randomness (albumentations 2.0.8): ``A.Compose`` owns private ``numpy``/``random
 ``seed`` argument; global seeding (``np.random.seed``, ``seed_everything``) does not reach them, and
 ``seed=None`` means fresh OS entropy. :func:`build_pipelines` therefore always passes a seed, taken from
 ``torch.initial_seed()`` when none is given, so runs with the same global seed augment identically.
-DataLoader workers each receive a pickled *copy* of the pipeline, generator state included, and albumentations
-2.0.8 has no worker hook: without reseeding, every worker (and, with non-persistent workers, every epoch)
-replays the same random sequence. Call :func:`reseed_in_worker` on the train pipeline inside each worker
-(from a ``worker_init_fn`` or lazily in ``Dataset.__getitem__``); it reseeds from the worker's torch seed,
-which differs per worker and per epoch and is itself derived from the global seed.
+Per-sample seeding inside DataLoader workers is :mod:`visionsweep.data.seeding`'s job (the one mechanism
+for samples); the seed here only makes the pipeline reproducible where it is called directly.
 """
 
 from __future__ import annotations
@@ -39,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from visionsweep.errors import ConfigError  # noqa: E402
 from visionsweep.utils.atomic import atomic_write, json_default  # noqa: E402
 
-__all__ = ["INTERPOLATIONS", "build_pipelines", "pipeline_to_dict", "reseed_in_worker", "save_pipelines"]
+__all__ = ["INTERPOLATIONS", "build_pipelines", "pipeline_to_dict", "save_pipelines"]
 
 INTERPOLATIONS: dict[str, int] = {
     "nearest": cv2.INTER_NEAREST,
@@ -215,7 +212,7 @@ def build_pipelines(
             "lanczos" (timm gives "bilinear"/"bicubic") or a cv2 flag.
         seed: Seed of the pipelines' private generators. None takes ``torch.initial_seed()`` (set by
             ``seed_everything``) so identical global seeds give identical augmentations in the main process;
-            see the module docstring and :func:`reseed_in_worker` for DataLoader workers.
+            DataLoader workers reseed per sample (:func:`visionsweep.data.seeding.seed_sample`).
 
     Returns:
         The train and eval ``A.Compose`` pipelines (picklable).
@@ -274,32 +271,6 @@ def build_pipelines(
     _check_output(train, "train", preset, image_size)
     train.set_random_seed(seed)  # the check consumed random draws: restart the stream
     return train, evaluate
-
-
-def reseed_in_worker(*pipelines: A.Compose) -> bool:
-    """Reseed pipelines from the current DataLoader worker's seed; no-op in the main process.
-
-    Each worker holds a pickled copy of the pipelines with identical generator state, so without this call
-    all workers (and all epochs, with non-persistent workers) draw the same augmentation parameters.
-    ``torch.utils.data.get_worker_info().seed`` is distinct per worker and per epoch and follows the
-    global torch seed, so augmentation stays reproducible. Safe to call more than once per worker.
-
-    Args:
-        *pipelines: The Compose pipelines held by the dataset (typically only the train one).
-
-    Returns:
-        True when running in a worker and the pipelines were (re)seeded, else False.
-    """
-    from torch.utils.data import get_worker_info
-
-    info = get_worker_info()
-    if info is None:
-        return False
-    for pipeline in pipelines:
-        if getattr(pipeline, "_visionsweep_worker_seed", None) != info.seed:  # once per worker (and epoch)
-            pipeline.set_random_seed(info.seed % 2**32)
-            pipeline._visionsweep_worker_seed = info.seed
-    return True
 
 
 def pipeline_to_dict(pipeline: A.BasicTransform | A.BaseCompose) -> dict[str, Any]:

@@ -85,21 +85,6 @@ def device_info() -> dict[str, Any]:
     return info
 
 
-def to_jsonable(value: Any) -> Any:
-    """Tensors and numpy scalars → plain Python numbers, recursively."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 class RunRecord:
     """The run.json of one run dir, rewritten atomically whenever it changes; ``status: running`` until
     :meth:`finish` (or :meth:`fail`) ends it.
@@ -146,7 +131,7 @@ class RunRecord:
         self._write(self.data)
 
     def _write(self, data: dict[str, Any]) -> None:
-        atomic_write(self.path, json.dumps(to_jsonable(data), indent=2, default=json_default))
+        atomic_write(self.path, json.dumps(data, indent=2, default=json_default))
 
     def fail(self, error: str, error_type: str | None = None) -> None:
         """Record ``status: failed`` with ``error`` (one line) and ``error_type``, even on a full disk.

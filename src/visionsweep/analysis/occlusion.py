@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from visionsweep.analysis import plots
 from visionsweep.analysis.common import checkpoint_and_images, image_probs, image_title, predicted, uint8_hwc
 from visionsweep.errors import ConfigError
+from visionsweep.utils.atomic import atomic_open
 
 
 def baseline_value(spec: Any, mean: tuple[float, ...], x: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,5 +159,6 @@ def run(cfg: DictConfig, index: plots.Index) -> None:
                         "max_drop": round(float(heat.max()), 4)})
     index.save(fig, "occlusion", f"occlusion: drop in p(class) under a {w}px block, stride {s}, baseline "
                f"{opts.get('baseline', 'background')}", window=w, stride=s)
-    np.save(index.out_dir / "occlusion_maps.npy", maps)
+    with atomic_open(index.out_dir / "occlusion_maps.npy", "wb", fsync=False) as fh:
+        np.save(fh, maps)
     index.data.update(results=results, checkpoint=str(ck.path), maps="occlusion_maps.npy")

@@ -24,7 +24,6 @@ from visionsweep.data import scan
 from visionsweep.data.seeding import SeededDataLoader
 from visionsweep.data.scan import (
     SplitRow,
-    atomic_write_text,
     read_split_files,
     relative_posix,
     write_split_files,
@@ -32,6 +31,7 @@ from visionsweep.data.scan import (
 from visionsweep.data.splits import SPLITS, validate_fractions
 from visionsweep.errors import ConfigError, DataError
 from visionsweep.parallel import node_cores
+from visionsweep.utils.atomic import atomic_write
 from visionsweep.utils.checks import check_image_size, flag, whole
 
 log = logging.getLogger("visionsweep.data")
@@ -111,7 +111,7 @@ class SplitDataModule(pl.LightningDataModule):
     split_folders: bool = True
 
     def __init__(
-        self, root: str | os.PathLike = ".", builtin: str | None = None, image_size: int | None = None,
+        self, root: str | os.PathLike = ".", *, builtin: str | None = None, image_size: int | None = None,
         crop_pct: float | None = None, interpolation: str | None = None, val_fraction: float = 0.2,
         test_fraction: float = 0.0, split_seed: int = 0, split_dir: str | None = None, batch_size: int = 32,
         num_workers: int | str = 0, pin_memory: bool | None = None, persistent_workers: bool = True,
@@ -211,7 +211,7 @@ class SplitDataModule(pl.LightningDataModule):
                           {s: [self._csv_row(x) for x in splits[s]] for s in SPLITS})
         if self.bad_images:
             lines = "".join(f"{path}\t{reason}\n" for path, reason in self.bad_images)
-            atomic_write_text(self.output_dir / "bad_images.txt", lines)
+            atomic_write(self.output_dir / "bad_images.txt", lines)
 
     # ------------------------------------------------------------------ results
     def _state(self) -> Splits:

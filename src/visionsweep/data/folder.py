@@ -82,6 +82,7 @@ class FolderDataModule(SplitDataModule):
     def __init__(
         self,
         root: str,
+        *,
         builtin: str | None = None,
         image_size: int | None = None,
         crop_pct: float | None = None,

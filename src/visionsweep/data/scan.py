@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from visionsweep.data.images import IMAGE_EXTENSIONS, bad_image_message, check_image, is_image_file
 from visionsweep.data.splits import SPLITS
 from visionsweep.errors import DataError
-from visionsweep.utils.atomic import atomic_open  # <name>.tmp + rename, and the one-line full-disk error
+from visionsweep.utils.atomic import atomic_write  # <name>.tmp + rename, and the one-line full-disk error
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
 log = logging.getLogger(__name__)
@@ -275,18 +275,6 @@ def relative_posix(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temp file + rename, so readers never see half a file.
-
-    Args:
-        path: Destination (parent folders are created).
-        text: Content.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "w", fsync=False, newline="", encoding="utf-8") as fh:
-        fh.write(text)
-
-
 def csv_path(path: Path, root: Path) -> str:
     """``path`` as a split-file cell: relative to ``root``, ``/`` separators.
 
@@ -318,7 +306,7 @@ def write_split_files(folder: Path, header: Sequence[str], rows: dict[str, Itera
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(lines)
-        atomic_write_text(folder / f"{split}.csv", buf.getvalue())
+        atomic_write(folder / f"{split}.csv", buf.getvalue())
 
 
 def inside_root(rel: str, csv_file: Path, line: int, column: str = "path") -> str:

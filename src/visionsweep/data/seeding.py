@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, get_worker_info
 
 _MASK64 = (1 << 64) - 1
 _INC = 0xDA3E39CB94B95BDB_D7C6C3C0E8F8E2C9 | 1  # any odd PCG64 increment; fixed, so streams are fixed
@@ -57,10 +57,13 @@ def seed_sample(seeder: SampleSeeder, pipeline: Any, index: int) -> None:
         return
     if seeder.active:
         seeder.seed(pipeline, index)
-    else:
-        from visionsweep.augment import reseed_in_worker
-
-        reseed_in_worker(pipeline)  # no-op in the main process
+        return
+    info = get_worker_info()  # None in the main process: the pipeline keeps its own seeded stream
+    if info is not None and getattr(pipeline, "_visionsweep_worker_seed", None) != info.seed:
+        # each worker holds a pickled copy with identical generator state: without this, all workers (and
+        # all epochs, with fresh workers) draw the same parameters. info.seed differs per worker and epoch.
+        pipeline.set_random_seed(info.seed % 2**32)
+        pipeline._visionsweep_worker_seed = info.seed
 
 
 class SampleSeeder:

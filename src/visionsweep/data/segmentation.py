@@ -119,7 +119,7 @@ class SegmentationDataModule(SplitDataModule):
     csv_header = csv_path_columns = ("image", "mask")
 
     def __init__(
-        self, root: str | None, builtin: str | None = None, builtin_options: dict | None = None,
+        self, root: str | None, *, builtin: str | None = None, builtin_options: dict | None = None,
         image_size: int | None = None, crop_pct: float | None = None, interpolation: str | None = None,
         classes: Sequence[str] | None = None, mask_mode: str = "auto", ignore_index: int = 255,
         eval_resize: str = "short_side", val_fraction: float = 0.2, test_fraction: float = 0.0,

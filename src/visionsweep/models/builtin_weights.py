@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from visionsweep.errors import ConfigError
+from visionsweep.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,7 @@ def ensure_weights(path: str | Path) -> bool:
                   f"output={tmp}", f"hydra.run.dir={run / 'export'}"], log_file, "exporting")
             meta = json.loads(tmp.with_suffix(".json").read_text())  # names the temporary file: point it at the final
             meta.update(path=str(path), use=str(meta.get("use", "")).replace(str(tmp), str(path)))
-            tmp.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-            os.replace(tmp.with_suffix(".json"), path.with_suffix(".json"))
+            atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2))
             os.replace(tmp, path)  # last: the file's existence means "complete"
         finally:
             tmp.unlink(missing_ok=True)

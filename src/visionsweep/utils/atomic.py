@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 
 from visionsweep.errors import ConfigError, DiskFullError, exception_chain
 
@@ -121,10 +120,9 @@ def remove_tmp_files(folder: str | Path) -> list[Path]:
 
 
 def json_default(obj: Any) -> Any:
-    """numpy scalars → Python numbers, arrays → lists, paths → strings, anything else → ``str(obj)``."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
+    """numpy/torch scalars → Python numbers, arrays and tensors → lists, paths → strings, anything else →
+    ``str(obj)``: the one ``default=`` of every JSON file the project writes."""
+    if hasattr(obj, "tolist"):  # np.generic, np.ndarray, torch.Tensor (0-d gives a plain number)
         return obj.tolist()
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
