@@ -139,11 +139,11 @@ def check_holdouts(per_class: dict[str, int], splits: dict[str, list], val_fract
         DataError: Naming the class counts and the minimum a class needs.
     """
     counts = ", ".join(f"{c}: {n}" for c, n in sorted(per_class.items()))
-    for split, fraction, key, minimum in (("val", val_fraction, "data.val_fraction", 2),
-                                          ("test", test_fraction, "data.test_fraction", 3)):
-        if fraction > 0 and not splits[split]:
+    for split, share, key, minimum in (("val", val_fraction, "data.val_fraction", 2),
+                                       ("test", test_fraction, "data.test_fraction", 3)):
+        if share > 0 and not splits[split]:
             raise DataError(
-                f"{key}={fraction:g} but the split leaves no {split} images (images per class: {counts}): "
+                f"{key}={share:g} but the split leaves no {split} images (images per class: {counts}): "
                 f"a class needs at least {minimum} images to give one to {split}; add images"
                 + (f", or set {key}=0" if split == "test" else "")
             )
