@@ -18,7 +18,8 @@ figures) and the lines are also written to ``--out`` (default ``runs/bench/<time
    ``cv2_jpeg_ratio``: the same loader without our OpenCV JPEG path (goal >= 1.3, or the part goes). In
    ``bench_earn.py``.
 4. ``startup``: ``python -m visionsweep.train`` start -> first training step, seconds; ``ratio`` is that
-   over a bare ``import torch, pytorch_lightning, timm, albumentations, hydra`` (what any run pays).
+   over a bare ``import torch, pytorch_lightning, timm, albumentations, hydra`` (what any run pays; wandb kept
+   out of timm's import, as a job does).
 6. ``sweep_joblib_ratio``: the same 4 small jobs (digits, ``threads=1``) as one sweep run sequentially vs
    ``hydra/launcher=joblib hydra.launcher.n_jobs=2``: wall-clock ratio of the two commands (goal >= 1.5 on
    2 cores) and ``identical``: whether every job's metrics match. Job size: ``--sweep-*`` flags.
@@ -293,8 +294,9 @@ def bench_loaders(a, root: Path, out: Path | None, loader: bool = True, cache: b
 def bench_startup(a, root: Path, out: Path | None) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     start = time.time()
-    subprocess.run([sys.executable, "-c", "import torch, pytorch_lightning, timm, albumentations, hydra"],
-                   check=True, env=env)
+    # the stack a job imports, and as a job imports it: timm without wandb (models.import_timm blocks it)
+    subprocess.run([sys.executable, "-c", "import sys; sys.modules['wandb'] = None\n"
+                    "import torch, pytorch_lightning, timm, albumentations, hydra"], check=True, env=env)
     imports = time.time() - start
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
