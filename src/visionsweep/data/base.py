@@ -211,7 +211,7 @@ class SplitDataModule(pl.LightningDataModule):
                           {s: [self._csv_row(x) for x in splits[s]] for s in SPLITS})
         if self.bad_images:
             lines = "".join(f"{path}\t{reason}\n" for path, reason in self.bad_images)
-            atomic_write(self.output_dir / "bad_images.txt", lines)
+            atomic_write(self.output_dir / "bad_images.txt", lines.encode("utf-8"))
 
     # ------------------------------------------------------------------ results
     def _state(self) -> Splits:

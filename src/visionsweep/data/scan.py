@@ -306,7 +306,7 @@ def write_split_files(folder: Path, header: Sequence[str], rows: dict[str, Itera
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(lines)
-        atomic_write(folder / f"{split}.csv", buf.getvalue())
+        atomic_write(folder / f"{split}.csv", buf.getvalue().encode("utf-8"))  # bytes: "\n" on every OS
 
 
 def inside_root(rel: str, csv_file: Path, line: int, column: str = "path") -> str:
