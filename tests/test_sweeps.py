@@ -232,18 +232,23 @@ def _as_sweep_job(cfg_dir: Path, monkeypatch) -> None:
     HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_cfg}))
 
 
-def test_wandb_runs_of_a_sweep_share_a_group_and_carry_tags(tmp_path, monkeypatch):
+def test_dashboard_runs_of_a_sweep_share_a_group_and_are_named_alike(tmp_path, monkeypatch):
+    """wandb and MLflow are labelled one way (run_config.label_loggers): the same group / experiment per
+    sweep and the same run name per job; wandb also carries arch/aug/seed tags."""
+    pytest.importorskip("mlflow")
     from conftest import compose_cfg
     from visionsweep import builders, run_config
 
-    cfg = compose_cfg(tmp_path, ["logger=wandb", "model=resnet18", "augmentation=basic", "seed=7"])
+    cfg = compose_cfg(tmp_path, ["logger=[wandb,mlflow]", "model=resnet18", "augmentation=basic", "seed=7",
+                                 f"paths.log_dir={tmp_path}"])
     _as_sweep_job(tmp_path, monkeypatch)
-    run_config.label_wandb_run(cfg)
-    [wandb_logger] = [lg for lg in builders.build_loggers(cfg, tmp_path) if type(lg).__name__ == "WandbLogger"]
-    init = wandb_logger._wandb_init
-    assert init["group"] == "train-2026-01-01_00-00-00"
+    run_config.label_loggers(cfg)
+    loggers = {type(lg).__name__: lg for lg in builders.build_loggers(cfg, tmp_path)}
+    init, mlflow = loggers["WandbLogger"]._wandb_init, loggers["SweepMLFlowLogger"]
+    assert init["group"] == mlflow._experiment_name == "train-2026-01-01_00-00-00"
+    assert init["name"] == mlflow._run_name == "resnet18-basic-seed7-job0"
     assert {"arch=resnet18", "aug=basic", "seed=7"} <= set(init["tags"])
-    assert init["name"].startswith("resnet18-basic-seed7")
+    assert (mlflow.tags["arch"], mlflow.tags["aug"], mlflow.tags["seed"]) == ("resnet18", "basic", "7")
 
 
 def test_saved_config_is_the_config_the_job_ran_with(tmp_path, shapes_root, monkeypatch, one_thread):

@@ -7,9 +7,10 @@ interpolates them) and its overrides from Hydra, so nothing else has to call the
   override that varies in the sweep) into the same event file as the scalars, and keeps that one file
   open across ``trainer.fit`` and ``trainer.test`` (Lightning's logger closes its writer at the end of
   fit, and the test metrics then start a second event file).
-* :class:`SweepMLFlowLogger` puts the jobs of a sweep in one experiment (``<task>-<sweep stamp>``),
-  names each run ``<arch>-<aug>-seed<seed>[-job<n>]``, logs the job's overrides as params next to the
-  model's arguments and tags it ``arch``/``aug``/``seed``/``run_dir``.
+* :class:`SweepMLFlowLogger` runs in the experiment and under the run name the job's config gives
+  (:func:`visionsweep.run_config.label_loggers`: one experiment ``<task>-<sweep stamp>`` per sweep, runs
+  ``<arch>-<aug>-seed<seed>[-job<n>]``, as wandb's groups and names), logs the job's overrides as params
+  next to the model's arguments and tags it ``arch``/``aug``/``seed``/``run_dir``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
-from visionsweep.callbacks.hparams import job_params, sweep_names
+from visionsweep.callbacks.hparams import job_params
 from visionsweep.errors import ConfigError
 
 MLFLOW_MISSING = "logger=mlflow needs mlflow: pip install -e '.[dashboards]'"
@@ -143,8 +144,9 @@ class SweepMLFlowLogger(MLFlowLogger):
         run_dir: The job's run dir (tag ``run_dir`` and the run's description).
         task: The task name, first part of the experiment name.
         labels: Free-form tags of the run (``tags`` of the config), joined in tag ``tags``.
-        experiment_name: None: ``<task>-<sweep stamp>`` in a sweep, ``<task>`` for a single run.
-        run_name: None: ``<arch>-<aug>-seed<seed>[-job<n>]``.
+        experiment_name: A training job's config names it (:func:`visionsweep.run_config.label_loggers`:
+            ``<task>-<sweep stamp>`` in a sweep, ``<task>`` for a single run); None: ``task``.
+        run_name: A training job's config names it ``<arch>-<aug>-seed<seed>[-job<n>]``; None: MLflow's.
         **kwargs: Passed to :class:`~pytorch_lightning.loggers.MLFlowLogger`.
 
     Raises:
@@ -155,14 +157,13 @@ class SweepMLFlowLogger(MLFlowLogger):
                  task: str = "train", labels: Any = None, experiment_name: str | None = None,
                  run_name: str | None = None, **kwargs: Any) -> None:
         _require_mlflow()
-        experiment, run = sweep_names(task, arch, aug, seed)
         tags = {"arch": str(arch), "aug": str(aug), "seed": str(seed), **dict(kwargs.pop("tags", None) or {})}
         if run_dir:
             tags.update({"run_dir": str(run_dir), "mlflow.note.content": f"Run dir: `{run_dir}`"})
         if labels:
             tags["tags"] = ",".join(str(t) for t in labels)
         with _store_lock(kwargs.get("tracking_uri")):  # MlflowClient may create the store's tables
-            super().__init__(experiment_name=experiment_name or experiment, run_name=run_name or run,
+            super().__init__(experiment_name=experiment_name or task, run_name=run_name,
                              tags=tags, **kwargs)
         self.job = job_params(arch, aug, seed, all_overrides=True)
         self._logged: dict[str, str] = {}

@@ -3,7 +3,7 @@
 ``config.yaml`` in the run dir must be what the job ran with, so everything the job derives from its
 config is written into it here, once, at the start: the seed as an int, the checkpoint it resumes from
 (and with it the split and the wandb run id of that run), the backbone's input size / crop / resize
-method, and the wandb run's tags, group and name. Only the learning-rate finder
+method, and the dashboards' run names (wandb's tags, group and name; MLflow's experiment and run). Only the learning-rate finder
 (:mod:`visionsweep.lr_find`, ``tune.use_suggestion=true``) sets ``optimizer.lr`` later, and
 still before ``config.yaml`` is written.
 
@@ -65,8 +65,7 @@ def complete(cfg: DictConfig) -> Resolved:
         adopt_resumed_run(cfg, resume, _command_line())
     cfg.seed = checks.whole(cfg.seed, "seed", 0, 2**32 - 1, 42)  # numpy's seed range
     inputs = resolve_inputs(cfg)  # data.image_size / crop_pct / interpolation from timm
-    if cfg.get("logger") and cfg.logger.get("wandb"):
-        label_wandb_run(cfg)
+    label_loggers(cfg)
     return Resolved(inputs, resume)
 
 
@@ -153,24 +152,32 @@ def _command_line() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def label_wandb_run(cfg: DictConfig) -> None:
-    """Tag the wandb run by arch, augmentation and seed; in a sweep, group its jobs and name each one.
+def label_loggers(cfg: DictConfig) -> None:
+    """Name this job's wandb and MLflow runs in its config, so ``config.yaml`` records what the dashboards show.
 
-    wandb's grouping and parallel-coordinates views then compare the configurations directly. The
-    group and name are MLflow's experiment and run names (:func:`visionsweep.callbacks.hparams.sweep_names`);
-    values set in the config win.
+    One wandb group / MLflow experiment per sweep and one run per job, named by what it compares
+    (:func:`visionsweep.callbacks.hparams.sweep_names`); wandb also gets ``arch=``/``aug=``/``seed=`` tags
+    (MLflow and TensorBoard take arch, aug and seed as arguments of their own, interpolated in
+    ``conf/logger``). Values set in the config win. A single wandb run keeps wandb's own name.
     """
+    loggers = cfg.get("logger") or {}
+    wandb, mlflow = loggers.get("wandb"), loggers.get("mlflow")
+    if not (wandb or mlflow):
+        return
     from visionsweep.callbacks.hparams import sweep_names
     from visionsweep.utils.cli import is_multirun
 
-    node = cfg.logger.wandb
     arch, aug = cfg.model.get("backbone", "?"), cfg.augmentation.get("name", "?")
-    tags = [str(t) for t in (node.get("tags") or [])]
-    node.tags = list(dict.fromkeys(tags + [f"arch={arch}", f"aug={aug}", f"seed={cfg.seed}"]))
-    if is_multirun():
-        group, name = sweep_names(cfg.get("task_name", "train"), arch, aug, cfg.seed)
-        node.group = node.get("group") or group
-        node.name = node.get("name") or name
+    experiment, run = sweep_names(cfg.get("task_name", "train"), arch, aug, cfg.seed)
+    if wandb:
+        tags = [str(t) for t in (wandb.get("tags") or [])]
+        wandb.tags = list(dict.fromkeys(tags + [f"arch={arch}", f"aug={aug}", f"seed={cfg.seed}"]))
+        if is_multirun():
+            wandb.group = wandb.get("group") or experiment
+            wandb.name = wandb.get("name") or run
+    if mlflow:
+        mlflow.experiment_name = mlflow.get("experiment_name") or experiment
+        mlflow.run_name = mlflow.get("run_name") or run
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path | None:
