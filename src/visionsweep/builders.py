@@ -171,7 +171,7 @@ def build_model(cfg: DictConfig, dm: Any, inp: InputConfig) -> pl.LightningModul
 def build_loggers(cfg: DictConfig, output_dir: str | Path) -> list[Logger]:
     """Loggers of ``cfg.logger``; a CSV logger is always there (reports read metrics.csv back).
 
-    The config is used as it is: a training job's wandb labels are in it already
+    The config is used as it is: a training job's wandb and MLflow run names are in it already
     (:func:`visionsweep.run_config.complete`), so the saved config.yaml holds them too.
     """
     os.environ.setdefault("WANDB_MODE", "offline")  # never hang or ask for an API key

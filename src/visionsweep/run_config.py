@@ -3,7 +3,8 @@
 ``config.yaml`` in the run dir must be what the job ran with, so everything the job derives from its
 config is written into it here, once, at the start: the seed as an int, the checkpoint it resumes from
 (and with it the split and the wandb run id of that run), the backbone's input size / crop / resize
-method, and the dashboards' run names (wandb's tags, group and name; MLflow's experiment and run). Only the learning-rate finder
+method, and the dashboards' run names (wandb's tags, group and name; MLflow's experiment and run).
+Only the learning-rate finder
 (:mod:`visionsweep.lr_find`, ``tune.use_suggestion=true``) sets ``optimizer.lr`` later, and
 still before ``config.yaml`` is written.
 

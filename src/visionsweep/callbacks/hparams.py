@@ -1,7 +1,8 @@
 """A job's labels (arch, aug, seed and the overrides that vary in its sweep), for every logger.
 
-:func:`job_params` and :func:`sweep_names` make them; TensorBoard and MLflow label themselves with
-them (:mod:`visionsweep.dashboards`, imported only for those loggers); :class:`JobHParams` gives the same
+:func:`job_params` and :func:`sweep_names` make them: :func:`visionsweep.run_config.label_loggers` names the
+wandb and MLflow runs with :func:`sweep_names`, TensorBoard and MLflow log :func:`job_params`
+(:mod:`visionsweep.dashboards`, imported only for those loggers); :class:`JobHParams` gives the same
 hyper-parameters to the others: the CSV logger's ``hparams.yaml`` in the run dir and the wandb run's
 config, whose parallel-coordinates view reads config keys, not tags.
 """

@@ -4,7 +4,8 @@ A kill, a crash or a full disk then never leaves a truncated file under a valid 
 old content or the new one. A full disk (``ENOSPC``/``EDQUOT``) becomes :class:`DiskFullError` naming the
 target, after our partial temporary file is removed (which also gives the space back, so the run can
 still record that it failed). Used for run.json, config.yaml and perf.json; :mod:`visionsweep.utils.safe_io`
-applies it to every checkpoint and to metrics.csv. :func:`json_default` is the one ``default=`` of our JSON writes.
+applies it to every checkpoint and to metrics.csv. :func:`json_default` is the one converter of values JSON does
+not take (numpy, torch, paths) in the files we write.
 
 What a command may write: never over its own input, never over a file it did not write, unless asked.
 Every command that takes an output location from the user (``export output=``, ``see out_dir=``,
@@ -29,7 +30,6 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
-
 
 from visionsweep.errors import ConfigError, DiskFullError, exception_chain
 
@@ -121,8 +121,8 @@ def remove_tmp_files(folder: str | Path) -> list[Path]:
 
 def json_default(obj: Any) -> Any:
     """numpy/torch scalars → Python numbers, arrays and tensors → lists, paths → strings, anything else →
-    ``str(obj)``: the one ``default=`` of every JSON file the project writes."""
-    if hasattr(obj, "tolist"):  # np.generic, np.ndarray, torch.Tensor (0-d gives a plain number)
+    ``str(obj)``: the one converter of values JSON does not take, for every file that may hold them."""
+    if hasattr(obj, "tolist") and not isinstance(obj, type):  # np.generic, np.ndarray, torch.Tensor (not classes)
         return obj.tolist()
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
