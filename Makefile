@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.installed-ray
 ARGS ?=
 GPU_PYTHON ?= 3.12
+# `make test` workers (pytest-xdist): one per core, at most 4 (each imports torch and builds its own fixtures);
+# 0 runs the tests in make's own process (for --pdb, -x)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 GPU_WHEELS ?= .whl
 GPU_CHECK_OUT ?= runs/gpu-check
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -74,8 +77,8 @@ bench-fastai: $(STAMP) .venv-fastai/.installed  ## the default job vs fastai's v
 cache: $(STAMP)  ## pre-fill the decoded-sample cache: make cache ARGS="data=folder data.root=/photos model=resnet34"
 	$(PY) -m visionsweep.cache $(ARGS)
 
-test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores)
-	$(PY) -m pytest $(ARGS)
+test: $(STAMP)  ## run the test suite (fast tests, a few minutes on 2 cores; a worker per core, TEST_WORKERS=0: none)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 test-scaling: $(RAY_STAMP)  ## end to end (minutes): launcher (joblib, submitit, ray), resume and DDP sweeps, kill/resume, dashboard servers, the wheel
 	$(PY) -m pytest -m "scaling or package" $(ARGS)

@@ -15,6 +15,12 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# `make test` runs the tests in parallel (pytest-xdist, one worker per core): each worker takes its share of
+# the cores before torch is imported, as two torch processes with every core's threads slow each other 5-30x
+if "OMP_NUM_THREADS" not in os.environ and (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+
 REPO = Path(__file__).resolve().parents[1]
 
 
