@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.installed-ray
 ARGS ?=
-GPU_PYTHON ?= 3.12
 # `make test` workers (pytest-xdist): one per core, at most 4 (each imports torch and builds its own fixtures);
 # 0 runs the tests in make's own process (for --pdb, -x)
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+GPU_PYTHON ?= 3.12
 GPU_WHEELS ?= .whl
 GPU_CHECK_OUT ?= runs/gpu-check
 export NO_ALBUMENTATIONS_UPDATE := 1
