@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.installed-ray
 ARGS ?=
-# `make test` workers (pytest-xdist): one per core, at most 4 (each imports torch and builds its own fixtures);
-# 0 runs the tests in make's own process (for --pdb, -x)
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+# `make test` workers (pytest-xdist): one per core this process may use, at most 4 (each imports torch and builds
+# its own fixtures); 0 runs the tests in make's own process (for --pdb, -x). nproc would count OMP_NUM_THREADS
+# (threads per process), which the workers honour instead.
+TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 GPU_PYTHON ?= 3.12
 GPU_WHEELS ?= .whl
 GPU_CHECK_OUT ?= runs/gpu-check
