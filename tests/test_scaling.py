@@ -25,10 +25,10 @@ METRICS = ("train/loss", "val/loss", "val/acc", "val/acc_best", "test/acc")
 
 # ---------------------------------------------------------------------------- thread budget
 def test_auto_threads_share_the_node_among_the_jobs_running_at_once(monkeypatch):
-    from visionsweep.parallel import JOBS_PER_NODE_VAR, launch_env, resolve_threads
+    from visionsweep.parallel import JOBS_PER_NODE_VAR, OUTSIDE_THREADS_VAR, launch_env, resolve_threads
 
-    monkeypatch.delenv(JOBS_PER_NODE_VAR, raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for var in (JOBS_PER_NODE_VAR, "OMP_NUM_THREADS", OUTSIDE_THREADS_VAR):
+        monkeypatch.delenv(var, raising=False)
     joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}
     assert resolve_threads("auto", joblib, cores=2) == 1
     assert resolve_threads("auto", {**joblib, "n_jobs": -1}, cores=8) == 1  # -1: one job per core
@@ -41,13 +41,33 @@ def test_auto_threads_share_the_node_among_the_jobs_running_at_once(monkeypatch)
            "ray": {"init": {}, "remote": {"num_cpus": 4}}}
     assert resolve_threads("auto", ray, cores=16) == 4
     assert resolve_threads(3, joblib, cores=2) == 3 and resolve_threads("2", None, cores=2) == 2
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a budget set outside (SLURM, a test runner) bounds a single run
-    assert resolve_threads("auto", None, cores=8) == 3 and resolve_threads("auto", joblib, cores=8) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a budget set outside (the shell, SLURM) bounds every job
+    assert resolve_threads("auto", None, cores=8) == 3 and resolve_threads("auto", joblib, cores=8) == 3
+    assert resolve_threads("auto", {**joblib, "n_jobs": 4}, cores=8) == 2 and resolve_threads(5, None, cores=8) == 5
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv(JOBS_PER_NODE_VAR, "4")  # what a sweeper says about the batch it launches
     assert resolve_threads("auto", None, cores=8) == 2
     assert launch_env(1, 2)["OMP_WAIT_POLICY"] == "PASSIVE" and "OMP_WAIT_POLICY" not in launch_env(4, 1)
     assert launch_env(3, 1)["OMP_NUM_THREADS"] == "3"
+
+
+def test_the_outside_thread_budget_outlives_the_value_a_sweep_writes(monkeypatch):
+    """A sweep writes OMP_NUM_THREADS for the jobs it starts (and the basic launcher's jobs share its process):
+    what the user's shell had set still bounds the next job, and our own value is never taken for it."""
+    from visionsweep.parallel import OUTSIDE_THREADS_VAR, launch_env, outside_threads, resolve_threads, set_thread_env
+
+    joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", OUTSIDE_THREADS_VAR):
+        monkeypatch.delenv(var, raising=False)
+    set_thread_env(launch_env(1, 2))  # nothing set outside: a job of 1 thread does not cap the next one
+    assert os.environ["OMP_NUM_THREADS"] == "1" and outside_threads() is None
+    assert resolve_threads("auto", None, cores=8) == 8 and resolve_threads("auto", joblib, cores=8) == 4
+    monkeypatch.delenv(OUTSIDE_THREADS_VAR)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's shell
+    set_thread_env(launch_env(4, 1))  # a job above the budget (threads=4): it does not raise the budget
+    set_thread_env(launch_env(2, 1))
+    assert os.environ["OMP_NUM_THREADS"] == "2" and outside_threads() == 3
+    assert resolve_threads("auto", None, cores=8) == 3 and resolve_threads("auto", joblib, cores=8) == 3
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "many", 1.5])
@@ -64,7 +84,8 @@ def test_apply_threads_sets_torch_and_the_children_environment(monkeypatch):
 
     from visionsweep.parallel import apply_threads
 
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY",
+                "VISIONSWEEP_OUTSIDE_THREADS"):
         monkeypatch.delenv(var, raising=False)
     before = torch.get_num_threads()
     try:

@@ -7,7 +7,9 @@ ranks). The ThreadBudget Hydra callback applies it, ``apply_threads(job_threads(
 in each job's process before the task runs: the one place threads are set. OpenMP reads its
 environment once, when torch loads it, so the sweeper also exports ``launch_env`` to the processes
 a launcher starts (joblib's loky workers inherit the parent's environment; joblib keeps a
-variable that is already set).
+variable that is already set). An ``OMP_NUM_THREADS`` set outside (the shell, SLURM, a test runner)
+caps ``auto`` for every job, single or in a sweep: :func:`outside_threads` keeps it apart from the
+value we write.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # set by our sweepers for the jobs they launch: how many run at once on a node (the sweeper knows the
 # batch, e.g. submitit's local executor starts a whole batch at once); a job's own config cannot say
 JOBS_PER_NODE_VAR = "VISIONSWEEP_JOBS_PER_NODE"
+# OMP_NUM_THREADS as it was before we first set it ("" for unset), inherited by every process we start
+OUTSIDE_THREADS_VAR = "VISIONSWEEP_OUTSIDE_THREADS"
 
 
 def node_cores() -> int:
@@ -93,10 +97,7 @@ def resolve_threads(value: Any, launcher_cfg: Mapping[str, Any] | Any = None, co
         if per_task:
             return max(1, min(int(per_task), cores))
         n = max(1, cores // concurrent_jobs(launcher_cfg, cores))
-        pinned = os.environ.get("OMP_NUM_THREADS", "")
-        if launcher_cfg is None and pinned.isdigit() and int(pinned) > 0:
-            n = min(n, int(pinned))  # a single run inside a budget someone set (SLURM, a test runner)
-        return n
+        return min(n, outside_threads() or n)  # a budget someone set (the shell, SLURM, a test runner)
     try:
         n = int(str(value))
     except ValueError:
@@ -104,6 +105,20 @@ def resolve_threads(value: Any, launcher_cfg: Mapping[str, Any] | Any = None, co
     if n < 1:
         raise ConfigError(f"threads={value}: give auto or an integer >= 1")
     return n
+
+
+def outside_threads() -> int | None:
+    """The thread budget set outside visionsweep: ``OMP_NUM_THREADS`` as it was before :func:`set_thread_env`
+    first wrote it, in this process or the one that started it (None: not set)."""
+    value = os.environ.get(OUTSIDE_THREADS_VAR, os.environ.get("OMP_NUM_THREADS", "")).strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def set_thread_env(env: Mapping[str, str]) -> None:
+    """Write ``env`` (from :func:`launch_env`) into this process's environment, first keeping the outside
+    budget (:func:`outside_threads`) apart, so that our own value is never taken for it."""
+    os.environ.setdefault(OUTSIDE_THREADS_VAR, os.environ.get("OMP_NUM_THREADS", ""))
+    os.environ.update(env)
 
 
 def processes_per_node(trainer_cfg: Any) -> int:
@@ -156,7 +171,7 @@ def apply_threads(n: int, concurrent: int = 1) -> int:
         torch.set_num_interop_threads(n)
     except RuntimeError:  # only possible before the first inter-op work; keep what torch has
         pass
-    os.environ.update(launch_env(n, concurrent))
+    set_thread_env(launch_env(n, concurrent))
     return n
 
 
@@ -172,7 +187,7 @@ def export_thread_budget(config: Any, batch_size: int) -> None:
     concurrent = launcher_concurrency(launcher_cfg, node_cores(), batch_size)
     os.environ[JOBS_PER_NODE_VAR] = str(concurrent)
     threads = resolve_threads(config.get("threads", "auto"), launcher_cfg)
-    os.environ.update(launch_env(threads, concurrent))
+    set_thread_env(launch_env(threads, concurrent))
     from visionsweep import gpus
 
     gpus.export_pool()  # jobs see the node's GPUs as this process does (submitit_local hides them)
