@@ -12,7 +12,9 @@ import re
 from typing import Any
 
 # backslash-escaped wherever they occur: emphasis, code, links/images, tables, headings, extensions
-_MD_INLINE = re.compile(r"([\\`*\[\]()#|!{}~])")
+# (not parentheses: a link's destination needs a "]" before them, and "[" "]" are escaped; a terminal
+# showing summary.md reads "(mean ± 95% CI)", not "\(mean ± 95% CI\)")
+_MD_INLINE = re.compile(r"([\\`*\[\]#|!{}~])")
 # `_` between two letters/digits cannot start or end emphasis (CommonMark): left as is, so config keys
 # (data.val_fraction, acc_best) stay readable in the raw file
 _MD_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
