@@ -265,3 +265,20 @@ def test_paired_p_is_undefined_when_every_seed_differs_by_the_same_amount():
     assert same.wins == 3 and math.isnan(same.p_value)
     varied = paired({1: 0.9, 2: 0.85, 3: 0.7}, {1: 0.8, 2: 0.7, 3: 0.65}, "other")
     assert 0 < varied.p_value < 1
+
+
+def test_summary_csv_numbers_read_as_their_value_without_float_noise(tmp_path):
+    """A mean of throughputs is 3320.3999999999996 in binary: the CSV says 3320.4 (12 significant digits, the
+    value to 1e-12), flags read true/false and a label that starts like a formula is quoted."""
+    import csv
+
+    from visionsweep.report.render import write_csv
+
+    noisy = sum([3320.1, 3320.7, 3320.4]) / 3  # the mean of three jobs' img/s
+    assert str(noisy) != "3320.4"  # the noise this test is about
+    path = write_csv([{"configuration": "=cmd", "throughput_img_s": noisy, "acc": 0.1 + 0.2, "pareto": True,
+                       "seeds": 3, "best epoch": 1.5}], tmp_path / "summary.csv")
+    row = next(csv.DictReader(path.open()))
+    assert row == {"configuration": "'=cmd", "throughput_img_s": "3320.4", "acc": "0.3", "pareto": "true",
+                   "seeds": "3", "best epoch": "1.5"}
+    assert float(row["throughput_img_s"]) == pytest.approx(noisy, rel=1e-12)

@@ -61,12 +61,17 @@ def unit(configs: list[Configuration]) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Write rows as CSV (full precision; a label a spreadsheet would run as a formula gets a ``'``)."""
+    """Write rows as CSV (numbers to 12 significant digits, so a mean reads 3320.4, not 3320.3999999999996;
+    a label a spreadsheet would run as a formula gets a ``'``)."""
+    def cell(v: Any) -> Any:
+        if isinstance(v, bool):
+            return str(v).lower()
+        return float(f"{v:.12g}") if isinstance(v, float) else csv_cell(v)
+
     with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["configuration"])
         writer.writeheader()
-        writer.writerows({k: str(v).lower() if isinstance(v, bool) else csv_cell(v) for k, v in r.items()}
-                         for r in rows)
+        writer.writerows({k: cell(v) for k, v in r.items()} for r in rows)
     return path
 
 
