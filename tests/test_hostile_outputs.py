@@ -220,7 +220,7 @@ def test_report_summary_md_escapes_labels(tmp_path):
     md = (sweep / "summary.md").read_text()
     rendered = _render(md)
     assert "<img" not in md and "<b>" not in rendered and "<em>" not in rendered
-    assert re.findall(r"<img[^>]*>", rendered) == [f'<img src="{n}.png" alt="{n}" />' for n in ("bars", "heatmap")]
+    assert re.findall(r"<img[^>]*>", rendered) == [f'<img src="{n}.png" alt="{n}" />' for n in ("means", "heatmap")]
     tables = re.findall(r"<table>.*?</table>", rendered, flags=re.S)
     summary = _cells(tables[0])
     assert len({len(r) for r in summary}) == 1 and len(summary) == 3  # header + 2 configurations, same width

@@ -118,8 +118,8 @@ def test_report_table_statistics_and_failures(sweep):
     # the best configuration (vgg19 + none) beats every other one on all three seeds
     assert len(result["paired"]) == 3 and all(p["wins"] == 3 for p in result["paired"])
     _check_curves(sweep / "curves.png", n_configs=4)
-    _check_bars(sweep / "bars.png", [mean_ci(list(RESULTS[r["arch"]][r["augmentation"]].values()))[0]
-                                     for r in rows])
+    _check_means(sweep / "means.png", [mean_ci(list(RESULTS[r["arch"]][r["augmentation"]].values()))[0]
+                                       for r in rows])
     _check_heatmap(sweep / "heatmap.png")
 
 
@@ -150,15 +150,32 @@ def _check_curves(path: Path, n_configs: int) -> None:
     assert min(drawn[:n_configs]) >= 200 and max(drawn[n_configs:]) < 20, drawn
 
 
-def _check_bars(path: Path, means_ranked: list[float]) -> None:
-    """One bar per configuration, best first: bar tops descend from left to right."""
+def _check_means(path: Path, means_ranked: list[float]) -> None:
+    """One diamond per configuration, best first (they sink from left to right), each with its whole CI:
+    two caps per configuration, none cut off by the axes."""
+    from visionsweep.report.render import CI_COLOUR, MEAN_COLOUR
+
     img = _rgb(path)
-    bar = _near(img, (112, 142, 191), 4)  # #4C72B0 at alpha 0.8 on white
-    row = int(np.argmax(bar.sum(axis=1)))  # a row through every bar, just above the axis
-    runs = _runs(bar[row])
-    assert len(runs) == len(means_ranked), runs
-    tops = [int(np.argmax(bar[:, a + (b - a) // 4])) for a, b in runs]  # left quarter: clear of the error bar
-    assert means_ranked == sorted(means_ranked, reverse=True) and tops == sorted(tops) and len(set(tops)) == len(tops)
+    blue = _near(img, _hex(MEAN_COLOUR), 8)
+    centres = []  # (row, column) of each diamond: the columns it spans (a seed's dot may split it in two)
+    for a, b in _runs(blue.any(axis=0), min_len=5):
+        rows, _ = np.nonzero(blue[:, a:b])
+        centres.append((rows.mean(), (a + b) / 2))
+    assert len(centres) == len(means_ranked), centres
+    ys = [y for y, _ in centres]
+    assert means_ranked == sorted(means_ranked, reverse=True)
+    assert ys == sorted(ys) and len(set(np.round(ys))) == len(ys), centres
+    # a cap: a horizontal run of the CI colour about as wide as the diamond, at a column through a diamond
+    ci = _near(img, _hex(CI_COLOUR), 30)
+    caps = 0
+    for _, x in centres:
+        rows = ci[:, int(x) - 12:int(x) + 13].sum(axis=1)
+        caps += len(_runs(rows >= 15, min_len=1))
+    assert caps == 2 * len(centres), caps
+
+
+def _hex(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
 
 
 def _check_heatmap(path: Path) -> None:
@@ -180,6 +197,17 @@ def _check_heatmap(path: Path) -> None:
         assert centre[(arch, augs[0])][1] < centre[(arch, augs[1])][1] - 50, centre
     for aug in augs:
         assert centre[(archs[0], aug)][0] < centre[(archs[1], aug)][0] - 50, centre
+
+
+def test_means_plot_shows_each_ci_whole_where_it_reaches_past_the_seeds(tmp_path):
+    """Two seeds far apart: the t-interval (±2.5) reaches past every seed and past 1; the axis holds it, drawn
+    to the metric's bound, caps and all."""
+    sweep = tmp_path / "sweep"
+    for n, (arch, seed, acc) in enumerate([("resnet18", 1, 0.95), ("resnet18", 2, 0.97), ("vgg19", 1, 0.55),
+                                           ("vgg19", 2, 0.90)]):
+        _write_job(sweep / str(n), arch, "none", seed, acc)
+    build_report([sweep])
+    _check_means(sweep / "means.png", [0.96, 0.725])
 
 
 def test_report_cli_and_bad_path(sweep, tmp_path, capsys):

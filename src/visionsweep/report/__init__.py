@@ -74,7 +74,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
         return [line for line in lines if line] or ["no job recorded its cost, epoch times or calibration."]
 
     images = [p for p in (render.plot_curves(configs, metric, out / "curves.png"),
-                          render.plot_bars(configs, metric, out / "bars.png"),
+                          render.plot_means(configs, metric, out / "means.png"),
                           render.plot_heatmap(configs, metric, out / "heatmap.png"),
                           *(cost.plot_pareto(rows, metric, flag, out / png) for flag, (_, png) in cost.FRONTS.items()),
                           cost.plot_time_to_target(configs, target, out / "time_to_target.png"),

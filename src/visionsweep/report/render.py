@@ -30,6 +30,8 @@ from visionsweep.utils.atomic import atomic_open  # noqa: E402
 from visionsweep.utils.text import csv_cell, md_escape, plain  # noqa: E402
 from visionsweep.runinfo import Status  # noqa: E402
 
+MEAN_COLOUR, CI_COLOUR = "#4C72B0", "#555555"  # means.png: each configuration's mean, its CI
+
 EXTRA_METRICS = ("val/acc_best", "test/acc", "val/loss", "test/f1_macro", "test/acc_balanced", "val/miou", "test/miou",
                  "val/map_best", "test/map", "test/ece", "test/nll")
 
@@ -149,29 +151,36 @@ def plot_curves(configs: list[Configuration], metric: str, path: Path) -> Path |
     return save_plot(fig, path)
 
 
-def plot_bars(configs: list[Configuration], metric: str, path: Path) -> Path | None:
-    """Final metric per configuration with 95 % CI error bars and the per-seed points."""
+def plot_means(configs: list[Configuration], metric: str, path: Path) -> Path | None:
+    """Final metric per configuration, best first: the mean (diamond), its 95 % CI and each seed (dots).
+
+    Points rather than bars: the axis zooms to where the values are (0.91..0.99, say), which would make bars
+    that start at 0.91 look many times apart. The axis holds every CI whole; a bounded metric's CI (a
+    t-interval from few seeds can pass 1) is drawn to its bound.
+    """
     sign = 1 if higher_is_better(metric) else -1
     ranked = sorted((c for c in configs if c.values(metric)), key=lambda c: -sign * c.stat(metric)[0])
     if not ranked:
         return None
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ranked) + 2), 5))
     x = np.arange(len(ranked))
-    stats = [c.stat(metric) for c in ranked]
-    ax.bar(x, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], capsize=4,
-           color="#4C72B0", alpha=0.8)
-    for i, c in enumerate(ranked):
-        vals = list(c.values(metric).values())
-        ax.scatter(np.full(len(vals), i), vals, color="black", s=10, zorder=3)
-    lo = min(min(c.values(metric).values()) for c in ranked)
-    hi = max(max(c.values(metric).values()) for c in ranked)
-    pad = max((hi - lo) * 0.5, 0.01)
-    top = hi + pad
-    if 0 <= lo and hi <= 1:  # accuracies, IoU, F1: a bound metric, no axis beyond 1
-        lo, top = max(lo - pad, 0.0), min(top, 1.05)
-        ax.set_ylim(lo, top)
-    else:
-        ax.set_ylim(lo - pad, top)
+    means = np.array([c.stat(metric)[0] for c in ranked])
+    half = np.array([0.0 if math.isnan(h) else h for _, h in (c.stat(metric) for c in ranked)])
+    seeds = [list(c.values(metric).values()) for c in ranked]
+    values = [v for vals in seeds for v in vals]
+    bounded = 0 <= min(values) and max(values) <= 1  # accuracies, IoU, F1: nothing below 0 or above 1
+    low, high = means - half, means + half
+    if bounded:
+        low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
+    ax.errorbar(x, means, yerr=[means - low, high - means], fmt="none", ecolor=CI_COLOUR, elinewidth=1.5,
+                capsize=6, capthick=1.5, zorder=2)
+    ax.scatter(x, means, marker="D", s=70, color=MEAN_COLOUR, zorder=3)
+    for i, vals in enumerate(seeds):
+        ax.scatter(np.full(len(vals), i), vals, color="black", s=12, zorder=4)
+    lo, hi = min(low.min(), min(values)), max(high.max(), max(values))
+    pad = max((hi - lo) * 0.1, 0.005)
+    ax.set_ylim(lo - pad, hi + pad)  # (a CI drawn to its bound keeps its cap clear of the frame)
+    ax.set_xlim(-0.6, len(ranked) - 0.4)
     ax.set_xticks(x, [plain(c.label) for c in ranked], rotation=30, ha="right", fontsize=8)
     ax.set(ylabel=plain(metric), title=plain(f"{metric}: mean ± 95% CI over {unit(configs)} (dots: {unit(configs)})"))
     ax.grid(axis="y", alpha=0.3)
