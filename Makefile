@@ -22,7 +22,7 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
-	@echo "setting up $(VENV) (once; ~2-3 min: torch, lightning, timm, hydra + launchers, albumentations, wandb, mlflow)"
+	@echo "setting up $(VENV) (once; ~3-4 min: torch, lightning, timm, hydra + launchers, albumentations, wandb, mlflow)"
 	$(PYTHON) -m venv $(VENV)
 	set -o pipefail; $(PY) -m pip install --quiet -e '.[dev,dashboards]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	touch $(STAMP)
