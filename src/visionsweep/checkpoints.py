@@ -155,6 +155,8 @@ def _why_unreadable(e: BaseException) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("Check the doc", "Please file"))]
     if "Weights only load failed" in text:
         detail = lines[-1] if lines and "Weights only load failed" not in lines[-1] else "not a tensor file"
+        if re.match(r"Unsupported operand \d+", detail):  # the unpickler's view of a text or foreign file
+            return "not a PyTorch file: neither a zip archive nor a pickle"
         return f"not a weights-only PyTorch file: {detail.rstrip('.')}"
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
