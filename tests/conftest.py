@@ -55,12 +55,13 @@ def digits_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory, digits_root) -> tuple[Path, dict]:
     """One short classifier run shared by the modules that need a trained checkpoint and do not change it
-    (train, predict/export): resnet10t on the digits at 32 px, 2 epochs, seed 1. Returns (run dir, metrics)."""
+    (train, predict/export): resnet10t on the digits at 32 px, 2 epochs, seed 1, its plots drawn as a single
+    run's are. Returns (run dir, metrics)."""
     from visionsweep.train import train
 
     out = tmp_path_factory.mktemp("digits_run")
     metrics = train(compose_cfg(out, [*FAST, "data=digits", f"data.root={digits_root}", "trainer.max_epochs=2",
-                                      "seed=1"]))
+                                      "seed=1", "plots=auto"]))
     return out, metrics
 
 
@@ -112,4 +113,4 @@ def run_cli(module: str, *args: str, cwd: Path = REPO, timeout: int = 300) -> su
 # tiny and fast: resnet10t (timm's smallest ResNet, 5 M parameters) at 32 px, a few epochs, no wandb unless a
 # test asks for it; on the digits it trains in ~60 % of resnet18's time and reaches a higher accuracy
 FAST = ["model=resnet10t", "data=shapes", "data.image_size=32", "augmentation=none",
-        "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+        "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "plots=false"]

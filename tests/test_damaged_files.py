@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from visionsweep import ledger, runinfo
 from visionsweep.report import build_report, collect
+from visionsweep.runinfo import read_curves
 
 # job number → (augmentation, seed, val/acc_best in run.json, val/acc per epoch in metrics.csv)
 JOBS = {
@@ -90,7 +91,7 @@ def test_an_edited_row_in_the_middle_is_dropped(sweep, caplog):
     lines = path.read_bytes().split(b"\r\n")
     lines[4] = b"3,30,0.9\xff9,0.01"  # epoch 3 (the best): a stray byte in its value
     path.write_bytes(b"\r\n".join(lines))
-    curves = collect.read_curves(path)
+    curves = read_curves(path)
     assert curves["val/acc"] == [(0, 0.50), (1, 0.90), (2, 0.70)]
     assert curves["val/loss"] == [(0, 0.50), (1, 0.10), (2, 0.30)]
     assert _warnings(caplog) == [f"{path} line 5 has bytes that are not text in val/acc: ignored that row"]

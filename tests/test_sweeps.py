@@ -232,6 +232,20 @@ def _as_sweep_job(cfg_dir: Path, monkeypatch) -> None:
     HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_cfg}))
 
 
+def test_plots_auto_draws_a_single_runs_plots_and_leaves_a_sweeps_jobs_to_the_report(tmp_path, monkeypatch):
+    from conftest import compose_cfg
+    from visionsweep.errors import ConfigError
+    from visionsweep.run_config import check_config, plots_wanted
+
+    bad, always = compose_cfg(tmp_path, ["plots=maybe"]), compose_cfg(tmp_path, ["plots=true"])
+    auto = compose_cfg(tmp_path, [])  # (the default; compose_cfg makes it a single run's config)
+    assert plots_wanted(auto) is True
+    with pytest.raises(ConfigError, match=r"^plots=maybe: give auto"):
+        check_config(bad)
+    _as_sweep_job(tmp_path, monkeypatch)
+    assert plots_wanted(auto) is False and plots_wanted(always) is True
+
+
 def test_dashboard_runs_of_a_sweep_share_a_group_and_are_named_alike(tmp_path, monkeypatch):
     """wandb and MLflow are labelled one way (run_config.label_loggers): the same group / experiment per
     sweep and the same run name per job; wandb also carries arch/aug/seed tags."""

@@ -55,6 +55,25 @@ def test_run_dir_has_config_metrics_checkpoints_and_run_json(trained):
     assert run["best_checkpoint"].endswith(".ckpt") and run["train_images_per_s"] > 0
 
 
+def test_a_single_run_draws_its_curves_and_its_test_confusion(trained):
+    """plots=auto in a single run: plots/curves.png, loss | accuracy side by side, each with the train (C0,
+    dashed) and val (C1) curves; plots/confusion.png of the test split."""
+    import numpy as np
+    from PIL import Image
+
+    out, _ = trained
+    with Image.open(out / "plots" / "curves.png") as img:
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+    height, width, _ = rgb.shape
+    assert width > 1.8 * height  # two panels
+    for panel in (rgb[:, : width // 2], rgb[:, width // 2:]):
+        for colour in ((31, 119, 180), (255, 127, 14)):  # matplotlib's C0 (train) and C1 (val)
+            assert (np.abs(panel - colour).max(axis=2) <= 10).sum() > 30, colour
+    with Image.open(out / "plots" / "confusion.png") as img:
+        img.verify()
+        assert img.size[0] > 300
+
+
 def test_checkpoint_carries_what_predict_needs(trained):
     out, _ = trained
     hp = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]

@@ -26,8 +26,8 @@ from visionsweep.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
-# keys that never change what a job computes: where it writes, which launcher, its threads and GPUs
-EXCLUDED = ("hydra", "paths", "ckpt_path", "threads", "gpus", "overwrite")
+# keys that never change what a job computes: where it writes, which launcher, its threads and GPUs, its PNGs
+EXCLUDED = ("hydra", "paths", "ckpt_path", "threads", "gpus", "overwrite", "plots")
 LEDGER_FILE = "ledger.json"
 _JSON_KINDS = {list: "a JSON list", str: "a JSON string", int: "a number", float: "a number",
                bool: "true/false", type(None): "null"}

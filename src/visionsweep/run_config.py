@@ -203,6 +203,25 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
     return ckpt
 
 
+def plots_wanted(cfg: DictConfig) -> bool:
+    """Whether this job draws ``<run>/plots`` (:mod:`visionsweep.analysis.run_plots`): ``plots`` is ``auto``
+    (a single run does, a sweep's job does not: the report plots its jobs), true or false.
+
+    Raises:
+        ConfigError: ``plots`` is none of these (one line).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = cfg.get("plots")
+    word = "auto" if choice is None else str(choice).strip().lower()
+    if word not in ("auto", "true", "false"):
+        raise ConfigError(f"plots={choice}: give auto (a single run draws its plots, a sweep's jobs do not), "
+                          "true or false")
+    if word != "auto":
+        return word == "true"
+    return not (HydraConfig.initialized() and str(HydraConfig.get().mode).endswith("MULTIRUN"))
+
+
 def check_config(cfg: DictConfig) -> None:
     """One pass over the numeric keys of the data, model, optimizer, scheduler, trainer, callbacks and
     tune groups: a bad value stops the run in one line naming the key and a value that works.
@@ -215,6 +234,7 @@ def check_config(cfg: DictConfig) -> None:
     from visionsweep.optim import build_optimizer, check_scheduler, check_tune
 
     parallel.resolve_threads(cfg.get("threads", "auto"), None)  # (a sweep job gets here despite a bad one)
+    plots_wanted(cfg)
     for name, node in (cfg.get("callbacks") or {}).items():  # switches: builders.build_callbacks reads them
         if isinstance(node, (dict, DictConfig)) and "enabled" in node:
             checks.flag(node.get("enabled"), f"callbacks.{name}.enabled")

@@ -12,13 +12,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from visionsweep.errors import DiskFullError, exception_chain
-from visionsweep.utils.atomic import atomic_write, disk_full_cause, json_default, remove_tmp_files
+from visionsweep.utils.atomic import atomic_write, disk_full_cause, intact_rows, json_default, remove_tmp_files
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -232,6 +233,32 @@ def measure_cost(cfg: Any, model: Any, trainer: Any, fit_s: float, train_img_s: 
              record["params"] / 1e6, record["macs"] / 1e9, size, record["latency_ms"], record["device"],
              record["throughput_img_s"], record["throughput_batch"])
     return record
+
+
+def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch series of every ``val/*`` and ``train/*`` metric in a Lightning metrics.csv.
+
+    Damaged rows (cut off, wrong column count, a cell that is not a number) are left out; a file damaged
+    throughout gives no curves. Either way one warning names the file and what was left out.
+    """
+    try:
+        raw = metrics_csv.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        log.warning("%s cannot be read (%s): left out the job's curves", metrics_csv, e.strerror or e)
+        return {}
+    rows, _, problem = intact_rows(raw, metrics_csv, "left out the job's curves")
+    if problem:
+        log.warning("%s", problem)
+    curves: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        if not row["epoch"]:  # learning-rate rows have no epoch
+            continue
+        for key, value in row.items():
+            if key.startswith(("val/", "train/")) and value != "":
+                curves[key][int(float(row["epoch"]))] = float(value)
+    return {k: sorted(v.items()) for k, v in curves.items()}
 
 
 SUMMARY_KEYS = ("val/acc_best", "val/acc", "test/acc", "val/miou_best", "val/miou", "test/miou", "val/map_best", "test/map",

@@ -105,6 +105,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if state == Status.OK and (cfg.get("cost") or {}).get("enabled", True):  # after the test: the best weights
             record.update(cost=runinfo.measure_cost(cfg, model, trainer, fit_s, img_s))
         record.finish(state)
+        if run_config.plots_wanted(cfg):  # plots/curves.png, plots/confusion.png (matplotlib only when drawn)
+            from visionsweep.analysis.run_plots import write_run_plots
+            write_run_plots(out, dm.classes, (test_report or {}).get("confusion_matrix"))
         drop_finished_last(trainer)  # finished (run.json says so): last.ckpt goes by its keep_last policy
         runinfo.print_summary(metrics, fit_s, out, state, floor)
         return metrics

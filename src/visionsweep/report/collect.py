@@ -13,16 +13,14 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from visionsweep.errors import ConfigError, DataError
 from visionsweep.ledger import read_json_object, read_yaml
-from visionsweep.runinfo import STATUSES, Status
+from visionsweep.runinfo import STATUSES, Status, read_curves
 from visionsweep.report.stats import mean_ci
-from visionsweep.utils.atomic import intact_rows
 
 log = logging.getLogger(__name__)
 
@@ -118,32 +116,6 @@ def find_job_dirs(paths: list[Path]) -> list[Path]:
 
 def _job_sort_key(path: Path) -> tuple:
     return (str(path.parent), int(path.name) if path.name.isdigit() else math.inf, path.name)
-
-
-def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-epoch series of every ``val/*`` and ``train/*`` metric in a Lightning metrics.csv.
-
-    Damaged rows (cut off, wrong column count, a cell that is not a number) are left out; a file damaged
-    throughout gives no curves. Either way one warning names the file and what was left out.
-    """
-    try:
-        raw = metrics_csv.read_bytes()
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        log.warning("%s cannot be read (%s): left out the job's curves", metrics_csv, e.strerror or e)
-        return {}
-    rows, _, problem = intact_rows(raw, metrics_csv, "left out the job's curves")
-    if problem:
-        log.warning("%s", problem)
-    curves: dict[str, dict[int, float]] = defaultdict(dict)
-    for row in rows:
-        if not row["epoch"]:  # learning-rate rows have no epoch
-            continue
-        for key, value in row.items():
-            if key.startswith(("val/", "train/")) and value != "":
-                curves[key][int(float(row["epoch"]))] = float(value)
-    return {k: sorted(v.items()) for k, v in curves.items()}
 
 
 def _short(value: Any) -> str:
