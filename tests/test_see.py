@@ -166,7 +166,8 @@ def test_default_images_are_the_surest_correct_val_images(trained, tmp_path):
     from visionsweep.checkpoints import load
 
     result = _see(tmp_path, "see=occlusion", f"ckpt_path={trained['ckpt']}", "see.max_images=3")
-    assert any("classifies correctly with the highest probability" in n for n in result["notes"])
+    assert any(n.startswith("no image= given: 3 val images (see.max_images), each of another class")
+               and "classifies correctly with the highest probability" in n for n in result["notes"]), result["notes"]
     val = [ln.split(",") for ln in (trained["run"] / "splits" / "val.csv").read_text().strip().splitlines()[1:]]
     loaded = load(trained["ckpt"])
     ck = Checkpoint(loaded.model, loaded.path, loaded.run_dir, None)

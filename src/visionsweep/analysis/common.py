@@ -209,10 +209,11 @@ def run_images(ck: Checkpoint, cfg: DictConfig, limit: int,
         wrong = sorted(set(range(len(pool))) - set(right))
         pool = [pool[k] for k in right + wrong]  # surest correct first; the rest only if a class has none right
         if index is not None:
-            index.note(f"no image= given: the {limit} val images (of {len(probs)} scored) the model classifies "
-                       "correctly with the highest probability, one class at a time")
+            index.note(f"no image= given: {limit} val images (see.max_images), each of another class while classes "
+                       f"last: of each class the one (of {len(probs)} scored) the model classifies correctly with "
+                       "the highest probability")
     elif index is not None:
-        index.note("no image= given: the first val image of each class")
+        index.note(f"no image= given: the first val image of each class, {limit} at most (see.max_images)")
     samples, seen = [], set()
     for path, label in pool:  # one per class first, then fill up in order
         if label not in seen:
