@@ -16,6 +16,7 @@ state_dict: the backbone's (a segmenter's: its timm encoder's) weights as ``.saf
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -30,6 +31,8 @@ from visionsweep.utils import checks
 from visionsweep.utils.atomic import atomic_write, tmp_path
 from visionsweep.utils.cli import guarded, precheck
 from visionsweep.utils.atomic import check_output_file
+
+log = logging.getLogger("visionsweep.export")
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "state_dict": ".safetensors"}
 
@@ -106,9 +109,11 @@ def _write(cfg: DictConfig, fmt: str, loaded: checkpoints.LoadedCheckpoint, path
     if fmt == "onnx":
         to_onnx(wrapper, example, path, int(cfg.opset))
     else:
+        log.info("format=torchscript: PyTorch deprecates TorchScript (torch.jit); format=onnx is the lasting one")
         with torch.no_grad(), warnings.catch_warnings():
             # the segmenter's pad-to-stride test is fixed at trace time; the S x S input makes it right
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", r".*is deprecated", FutureWarning)  # said once above
             torch.jit.trace(wrapper, example).save(str(path))
     info = sidecar(model, fmt, cfg.input_dtype, bool(cfg.softmax), ckpt)
     if cfg.check:

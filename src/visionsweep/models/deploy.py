@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,5 +97,7 @@ def max_abs_diff(wrapper: nn.Module, path: Path, fmt: str, x: torch.Tensor) -> f
             sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
         else:
-            got = torch.jit.load(str(path))(x)
+            with warnings.catch_warnings():  # torch.jit.load "is deprecated": export says so once, as a log line
+                warnings.filterwarnings("ignore", r".*is deprecated", FutureWarning)
+                got = torch.jit.load(str(path))(x)
     return float((got - ref).abs().max())
