@@ -218,16 +218,18 @@ def test_a_train_set_smaller_than_one_batch_trains_and_one_image_is_refused(tmp_
         dm.train_dataloader()
 
 
-def test_negative_learning_rate_is_one_line_naming_the_key(tmp_path, shapes_root):
+def test_negative_learning_rate_is_one_line_naming_the_key(tmp_path, shapes_root, capsys):
     from visionsweep.errors import ConfigError
     from visionsweep.train import train
 
     run = tmp_path / "r"
     cfg = compose_cfg(run, [*FAST, f"data.root={shapes_root}", "optimizer.lr=-1"])
+    capsys.readouterr()
     with pytest.raises(ConfigError) as err:
         train(cfg)  # the CLI prints a ConfigError as "error: <message>", exit 2 (utils.cli.guarded)
     msg = str(err.value)
     assert msg.startswith("optimizer.lr=-1") and "give a number > 0" in msg and "\n" not in msg, msg
+    assert "CONFIG" not in capsys.readouterr().out  # the one line is not preceded by the ~200-line config tree
     assert not list(run.iterdir())  # refused before anything was written (the CLI then removes the dir)
 
 

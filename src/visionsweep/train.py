@@ -46,10 +46,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             with open_dict(cfg):
                 cfg.trainer.devices = devices
         resolved = run_config.complete(cfg)  # the config is final from here on (but the LR finder's lr)
+        run_config.check_config(cfg)  # optimizer.lr=-1: one line, before the tree and before anything is written
         if lead:
             print_config_tree(cfg)  # what runs: data.image_size=auto, timm's mean/std, ... filled in
         resume, inp = resolved.resume, resolved.inputs
-        run_config.check_config(cfg)  # optimizer.lr=-1: one line, before anything is written
         distributed.check_batch_size(cfg)  # DDP: the global data.batch_size must divide among the ranks
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d, %d threads", cfg.seed, threads)
