@@ -68,13 +68,17 @@ def with_garbage(hostile, tmp_path) -> Path:
 
 def test_md_escape_renders_as_the_plain_text_and_keeps_one_table_row():
     from visionsweep.report.render import markdown_table
+    from visionsweep.utils.text import md_escape
 
-    names = [IMG, PIPE, "- item", "1. first", "x\ny", "data.val_fraction", "_`#!{}~+&lt;\\",
+    names = [IMG, PIPE, "- item", "1. first", "1) first", "x\ny", "data.val_fraction", "_`#!{}~+&lt;\\",
              "[a](javascript:alert(1))", "![i](http://x/y.png)", "[r]: http://x", "(mean ± 95% CI)"]
     rendered = _render(markdown_table(["name", "n"], [[n, "1"] for n in names]))
     assert "<img" not in rendered and "<a " not in rendered and "<em>" not in rendered
     # header + one row per name, two cells each, and each cell reads exactly as the name
     assert _cells(rendered) == [["name", "n"]] + [[n.replace("\n", " "), "1"] for n in names]
+    for name in ("1) first", "1. first", "- item", "+ x"):  # as a list item (the report's "left out" lines)
+        item = _render(f"- {md_escape(name)}")
+        assert item.count("<li>") == 1 and html.unescape(re.sub(r"<[^>]+>", "", item)).strip() == name, item
     # the raw file (what `make report` prints) keeps what needs no escape: no "\(" around a column's CI
     assert markdown_table(["val/acc_best (mean ± 95% CI)"], []).startswith("| val/acc_best (mean ± 95% CI) |")
 

@@ -150,9 +150,9 @@ def _check_curves(path: Path, n_configs: int) -> None:
     assert min(drawn[:n_configs]) >= 200 and max(drawn[n_configs:]) < 20, drawn
 
 
-def _check_means(path: Path, means_ranked: list[float]) -> None:
-    """One diamond per configuration, best first (they sink from left to right), each with its whole CI:
-    two caps per configuration, none cut off by the axes."""
+def _check_means(path: Path, means_ranked: list[float], higher_is_better: bool = True) -> list:
+    """One diamond per configuration, best first (a score's sink from left to right, a loss's rise), each with
+    its whole CI: two caps per configuration, none cut off by the axes."""
     from visionsweep.report.render import CI_COLOUR, MEAN_COLOUR
 
     img = _rgb(path)
@@ -163,15 +163,16 @@ def _check_means(path: Path, means_ranked: list[float]) -> None:
         centres.append((rows.mean(), (a + b) / 2))
     assert len(centres) == len(means_ranked), centres
     ys = [y for y, _ in centres]
-    assert means_ranked == sorted(means_ranked, reverse=True)
-    assert ys == sorted(ys) and len(set(np.round(ys))) == len(ys), centres
+    assert means_ranked == sorted(means_ranked, reverse=higher_is_better)
+    assert ys == sorted(ys, reverse=not higher_is_better) and len(set(np.round(ys))) == len(ys), centres
     # a cap: a horizontal run of the CI colour about as wide as the diamond, at a column through a diamond
     ci = _near(img, _hex(CI_COLOUR), 30)
-    caps = 0
-    for _, x in centres:
-        rows = ci[:, int(x) - 12:int(x) + 13].sum(axis=1)
-        caps += len(_runs(rows >= 15, min_len=1))
-    assert caps == 2 * len(centres), caps
+    spans = []  # per diamond: (its row, the rows of its two caps)
+    for y, x in centres:
+        caps = _runs(ci[:, int(x) - 12:int(x) + 13].sum(axis=1) >= 15, min_len=1)
+        assert len(caps) == 2, (x, caps)
+        spans.append((y, [(a + b) / 2 for a, b in caps]))
+    return spans
 
 
 def _hex(colour: str) -> tuple[int, int, int]:
@@ -208,6 +209,14 @@ def test_means_plot_shows_each_ci_whole_where_it_reaches_past_the_seeds(tmp_path
         _write_job(sweep / str(n), arch, "none", seed, acc)
     build_report([sweep])
     _check_means(sweep / "means.png", [0.96, 0.725])
+    # a loss in [0, 1] has no ceiling: its CIs (0.275 ± 2.2, 0.60 ± 1.3) reach past 1, drawn whole (cut at 0)
+    for n, loss in enumerate((0.50, 0.70, 0.45, 0.10)):
+        run = json.loads((sweep / str(n) / "run.json").read_text())
+        run["metrics"]["val/loss"] = loss
+        (sweep / str(n) / "run.json").write_text(json.dumps(run))
+    build_report([sweep], metric="val/loss")
+    (mean, (top, bottom)), _ = _check_means(sweep / "means.png", [0.275, 0.60], higher_is_better=False)
+    assert (bottom - mean) / (mean - top) < 0.2  # 0.275 above 0, 2.2 below 2.5 (cut at 1 it would be 0.38)
 
 
 def test_report_cli_and_bad_path(sweep, tmp_path, capsys):

@@ -24,11 +24,22 @@ METRICS = ("train/loss", "val/loss", "val/acc", "val/acc_best", "test/acc")
 
 
 # ---------------------------------------------------------------------------- thread budget
-def test_auto_threads_share_the_node_among_the_jobs_running_at_once(monkeypatch):
-    from visionsweep.parallel import JOBS_PER_NODE_VAR, OUTSIDE_THREADS_VAR, launch_env, resolve_threads
 
-    for var in (JOBS_PER_NODE_VAR, "OMP_NUM_THREADS", OUTSIDE_THREADS_VAR):
-        monkeypatch.delenv(var, raising=False)
+def _unset(monkeypatch, *names: str) -> None:
+    """Remove ``names`` from the environment for this test, restored afterwards even if the code under test
+    sets them (monkeypatch.delenv of an absent variable records nothing)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY",
+              "VISIONSWEEP_OUTSIDE_THREADS", "VISIONSWEEP_JOBS_PER_NODE")
+
+def test_auto_threads_share_the_node_among_the_jobs_running_at_once(monkeypatch):
+    from visionsweep.parallel import JOBS_PER_NODE_VAR, launch_env, resolve_threads
+
+    _unset(monkeypatch, *THREAD_ENV)
     joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}
     assert resolve_threads("auto", joblib, cores=2) == 1
     assert resolve_threads("auto", {**joblib, "n_jobs": -1}, cores=8) == 1  # -1: one job per core
@@ -53,17 +64,17 @@ def test_auto_threads_share_the_node_among_the_jobs_running_at_once(monkeypatch)
 
 def test_the_outside_thread_budget_outlives_the_value_a_sweep_writes(monkeypatch):
     """A sweep writes OMP_NUM_THREADS for the jobs it starts (and the basic launcher's jobs share its process):
-    what the user's shell had set still bounds the next job, and our own value is never taken for it."""
-    from visionsweep.parallel import OUTSIDE_THREADS_VAR, launch_env, outside_threads, resolve_threads, set_thread_env
+    what the user's shell had set still bounds the next job, our own value is never taken for it, and a value
+    someone sets after ours (a test runner, for its child) is theirs."""
+    from visionsweep.parallel import launch_env, outside_threads, resolve_threads, set_thread_env
 
     joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", OUTSIDE_THREADS_VAR):
-        monkeypatch.delenv(var, raising=False)
+    _unset(monkeypatch, *THREAD_ENV)
     set_thread_env(launch_env(1, 2))  # nothing set outside: a job of 1 thread does not cap the next one
     assert os.environ["OMP_NUM_THREADS"] == "1" and outside_threads() is None
     assert resolve_threads("auto", None, cores=8) == 8 and resolve_threads("auto", joblib, cores=8) == 4
-    monkeypatch.delenv(OUTSIDE_THREADS_VAR)
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's shell
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set after ours: a budget
+    assert outside_threads() == 3
     set_thread_env(launch_env(4, 1))  # a job above the budget (threads=4): it does not raise the budget
     set_thread_env(launch_env(2, 1))
     assert os.environ["OMP_NUM_THREADS"] == "2" and outside_threads() == 3
@@ -84,9 +95,7 @@ def test_apply_threads_sets_torch_and_the_children_environment(monkeypatch):
 
     from visionsweep.parallel import apply_threads
 
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY",
-                "VISIONSWEEP_OUTSIDE_THREADS"):
-        monkeypatch.delenv(var, raising=False)
+    _unset(monkeypatch, *THREAD_ENV)
     before = torch.get_num_threads()
     try:
         assert apply_threads(1, concurrent=2) == 1

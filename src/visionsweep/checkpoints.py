@@ -156,7 +156,7 @@ def _why_unreadable(e: BaseException) -> str:
     if "Weights only load failed" in text:
         detail = lines[-1] if lines and "Weights only load failed" not in lines[-1] else "not a tensor file"
         if re.match(r"Unsupported operand \d+", detail):  # the unpickler's view of a text or foreign file
-            return "not a PyTorch file: neither a zip archive nor a pickle"
+            return "not a PyTorch file: not a zip archive, nor a pickle that weights-only loading can read"
         return f"not a weights-only PyTorch file: {detail.rstrip('.')}"
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 

@@ -21,7 +21,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # set by our sweepers for the jobs they launch: how many run at once on a node (the sweeper knows the
 # batch, e.g. submitit's local executor starts a whole batch at once); a job's own config cannot say
 JOBS_PER_NODE_VAR = "VISIONSWEEP_JOBS_PER_NODE"
-# OMP_NUM_THREADS as it was before we first set it ("" for unset), inherited by every process we start
+# "<OMP_NUM_THREADS before we set it>:<the value we set>", inherited by every process we start
 OUTSIDE_THREADS_VAR = "VISIONSWEEP_OUTSIDE_THREADS"
 
 
@@ -108,16 +108,21 @@ def resolve_threads(value: Any, launcher_cfg: Mapping[str, Any] | Any = None, co
 
 
 def outside_threads() -> int | None:
-    """The thread budget set outside visionsweep: ``OMP_NUM_THREADS`` as it was before :func:`set_thread_env`
-    first wrote it, in this process or the one that started it (None: not set)."""
-    value = os.environ.get(OUTSIDE_THREADS_VAR, os.environ.get("OMP_NUM_THREADS", "")).strip()
+    """The thread budget set outside visionsweep (None: none): ``OMP_NUM_THREADS``, unless it still holds the
+    value :func:`set_thread_env` wrote, in this process or the one that started it; then the one it replaced.
+    A value someone sets after ours (a test runner for its child process) is theirs, and counts."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    outside, _, ours = os.environ.get(OUTSIDE_THREADS_VAR, "").partition(":")
+    if ours and value == ours:
+        value = outside
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def set_thread_env(env: Mapping[str, str]) -> None:
-    """Write ``env`` (from :func:`launch_env`) into this process's environment, first keeping the outside
-    budget (:func:`outside_threads`) apart, so that our own value is never taken for it."""
-    os.environ.setdefault(OUTSIDE_THREADS_VAR, os.environ.get("OMP_NUM_THREADS", ""))
+    """Write ``env`` (from :func:`launch_env`) into this process's environment, noting next to it the outside
+    budget it replaces (:func:`outside_threads`), so that our own value is never taken for one."""
+    outside = outside_threads()
+    os.environ[OUTSIDE_THREADS_VAR] = f"{outside or ''}:{env['OMP_NUM_THREADS']}"
     os.environ.update(env)
 
 

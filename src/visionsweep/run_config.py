@@ -210,16 +210,16 @@ def plots_wanted(cfg: DictConfig) -> bool:
     Raises:
         ConfigError: ``plots`` is none of these (one line).
     """
-    from hydra.core.hydra_config import HydraConfig
+    from visionsweep.utils.cli import is_multirun
 
     choice = cfg.get("plots")
-    word = "auto" if choice is None else str(choice).strip().lower()
-    if word not in ("auto", "true", "false"):
+    if choice is None or str(choice).strip().lower() == "auto":
+        return not is_multirun()
+    try:
+        return checks.flag(choice, "plots")
+    except ConfigError:
         raise ConfigError(f"plots={choice}: give auto (a single run draws its plots, a sweep's jobs do not), "
-                          "true or false")
-    if word != "auto":
-        return word == "true"
-    return not (HydraConfig.initialized() and str(HydraConfig.get().mode).endswith("MULTIRUN"))
+                          "true or false") from None
 
 
 def check_config(cfg: DictConfig) -> None:

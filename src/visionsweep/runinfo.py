@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -259,6 +261,20 @@ def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
             if key.startswith(("val/", "train/")) and value != "":
                 curves[key][int(float(row["epoch"]))] = float(value)
     return {k: sorted(v.items()) for k, v in curves.items()}
+
+
+LOWER_IS_BETTER = re.compile(r"loss|error|err$|(^|/)(ece|nll|brier)(_|$)")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Losses and errors go down; everything else (acc, iou, f1) goes up."""
+    return not LOWER_IS_BETTER.search(metric)
+
+
+def best_point(series: list[tuple[int, float]], metric: str) -> tuple[int, float] | None:
+    """The ``(epoch, value)`` of ``series`` (a curve of ``metric``) where it was best; NaNs never are."""
+    finite = [(e, v) for e, v in series if math.isfinite(v)]
+    return (max if higher_is_better(metric) else min)(finite, key=lambda ev: ev[1]) if finite else None
 
 
 SUMMARY_KEYS = ("val/acc_best", "val/acc", "test/acc", "val/miou_best", "val/miou", "test/miou", "val/map_best", "test/map",

@@ -208,12 +208,6 @@ def run_images(ck: Checkpoint, cfg: DictConfig, limit: int,
         right.sort(key=lambda k: -float(probs[k, pool[k][1]]))
         wrong = sorted(set(range(len(pool))) - set(right))
         pool = [pool[k] for k in right + wrong]  # surest correct first; the rest only if a class has none right
-        if index is not None:
-            index.note(f"no image= given: {limit} val images (see.max_images), each of another class while classes "
-                       f"last: of each class the one (of {len(probs)} scored) the model classifies correctly with "
-                       "the highest probability")
-    elif index is not None:
-        index.note(f"no image= given: the first val image of each class, {limit} at most (see.max_images)")
     samples, seen = [], set()
     for path, label in pool:  # one per class first, then fill up in order
         if label not in seen:
@@ -221,6 +215,12 @@ def run_images(ck: Checkpoint, cfg: DictConfig, limit: int,
             seen.add(label)
     samples += [s for s in pool if s not in samples]
     samples = samples[:limit]
+    if index is not None and pick == "confident":
+        index.note(f"no image= given: {len(samples)} val images (see.max_images), each of another class while "
+                   f"classes last: of each class the one (of {len(pool)} scored) the model classifies correctly "
+                   "with the highest probability")
+    elif index is not None:
+        index.note(f"no image= given: the first val image of each class, {len(samples)} (see.max_images)")
     return [p for p, _ in samples], [y for _, y in samples]
 
 

@@ -1,4 +1,5 @@
-"""The PNGs a training run leaves in ``<run>/plots``: its learning curves and its test confusion matrix.
+"""The PNGs a training run leaves in ``<run>/plots``: its learning curves (loss, and accuracy, mIoU or mAP:
+the run's score) and its test confusion matrix (single-label classes, or a segmenter's pixel classes).
 
 ``plots=auto`` (the default; :func:`visionsweep.run_config.plots_wanted`) draws them for a single run. A sweep's jobs leave them to the report, which
 draws every job's curves on one chart; a matplotlib figure per job (~1 s) would cost a sweep of tiny jobs
@@ -28,7 +29,7 @@ def write_run_plots(run_dir: Path, classes: list[str] | None = None,
         confusion: The test split's confusion matrix (rows: actual), as run.json's ``test_report`` holds it.
 
     Returns:
-        The PNGs written (none when a plot failed: a warning says why).
+        The PNGs written (a plot that failed is left out, and a warning says why).
     """
     written = []
     try:
@@ -51,7 +52,7 @@ def write_run_plots(run_dir: Path, classes: list[str] | None = None,
 
 
 def curves_png(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
-    """Loss (train, val) and the run's score (train, val) per epoch, the best val epoch marked.
+    """Loss (train, val) and the run's score (train, val) per epoch, each panel's best val epoch marked.
 
     Args:
         curves: ``{metric: [(epoch, value), ...]}`` (:func:`visionsweep.runinfo.read_curves`).
@@ -64,23 +65,24 @@ def curves_png(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     from visionsweep.analysis.plots import save_plot
+    from visionsweep.runinfo import best_point, higher_is_better
 
     score = next((s for s in SCORES if f"val/{s}" in curves), None)
-    panels = [("loss", "lower is better")] + ([(score, "higher is better")] if score else [])
+    panels = ["loss"] + ([score] if score else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (name, direction) in zip(axes[0], panels):
+    for ax, name in zip(axes[0], panels):
         for split, style in (("train", "--"), ("val", "-")):
             series = curves.get(f"{split}/{name}")
             if series:
                 epochs, values = zip(*series)
                 ax.plot(epochs, values, style, marker="o", markersize=3, label=f"{split}/{name}")
-        val = curves.get(f"val/{name}")
-        if val:
-            best = (min if name == "loss" else max)(val, key=lambda p: p[1])
+        best = best_point(curves.get(f"val/{name}") or [], f"val/{name}")
+        if best:
             ax.axvline(best[0], color="grey", linestyle=":", linewidth=1)
-            ax.annotate(f"best val: {best[1]:.4g} (epoch {best[0]})", xy=(0.02, 0.02), xycoords="axes fraction",
-                        fontsize=8)
-        ax.set(xlabel="epoch", ylabel=name, title=f"{name} per epoch ({direction})")
+            ax.annotate(f"best val/{name}: {best[1]:.4g} (epoch {best[0]})", xy=(0.02, 0.02),
+                        xycoords="axes fraction", fontsize=8)
+        direction = "higher" if higher_is_better(f"val/{name}") else "lower"
+        ax.set(xlabel="epoch", ylabel=name, title=f"{name} per epoch ({direction} is better)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

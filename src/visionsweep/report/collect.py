@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from visionsweep.errors import ConfigError, DataError
 from visionsweep.ledger import read_json_object, read_yaml
-from visionsweep.runinfo import STATUSES, Status, read_curves
+from visionsweep.runinfo import STATUSES, Status, best_point, higher_is_better, read_curves  # noqa: F401
 from visionsweep.report.stats import mean_ci
 
 log = logging.getLogger(__name__)
 
 METRIC_PREFERENCE = ("val/acc_best", "val/miou_best", "val/map_best", "val/miou", "val/acc", "val/map", "test/acc")
 # losses, errors and the calibration scores (expected calibration error, negative log-likelihood, Brier)
-LOWER_IS_BETTER = re.compile(r"loss|error|err$|(^|/)(ece|nll|brier)(_|$)")
 REPLICATE_KEYS = ("seed", "data.fold")  # what a configuration is summarised over
 # run.json fields the report reads besides status and metrics, and the types they must have (or null)
 RUN_FIELDS: dict[str, tuple[type, ...]] = {
@@ -334,11 +332,6 @@ def choose_metric(jobs: list[Job], metric: str | None = None) -> str:
                       "or are their run.json files damaged: see the warnings above)")
 
 
-def higher_is_better(metric: str) -> bool:
-    """Losses and errors go down; everything else (acc, iou, f1) goes up."""
-    return not LOWER_IS_BETTER.search(metric)
-
-
 def curve_metric(metric: str) -> str:
     """The per-epoch series behind a final metric (``val/acc_best`` → ``val/acc``)."""
     return metric.removesuffix("_best").replace("test/", "val/")
@@ -346,8 +339,5 @@ def curve_metric(metric: str) -> str:
 
 def best_epoch(job: Job, metric: str) -> int | None:
     """Epoch (0-based) where the job's curve of ``metric`` was best."""
-    series = [(e, v) for e, v in job.curves.get(curve_metric(metric)) or [] if math.isfinite(v)]
-    if not series:
-        return None
-    pick = max if higher_is_better(metric) else min
-    return pick(series, key=lambda ev: ev[1])[0]
+    best = best_point(job.curves.get(curve_metric(metric)) or [], metric)
+    return best[0] if best else None

@@ -155,8 +155,8 @@ def plot_means(configs: list[Configuration], metric: str, path: Path) -> Path | 
     """Final metric per configuration, best first: the mean (diamond), its 95 % CI and each seed (dots).
 
     Points rather than bars: the axis zooms to where the values are (0.91..0.99, say), which would make bars
-    that start at 0.91 look many times apart. The axis holds every CI whole; a bounded metric's CI (a
-    t-interval from few seeds can pass 1) is drawn to its bound.
+    that start at 0.91 look many times apart. The axis holds every CI whole; a CI (a t-interval from few
+    seeds can pass 1, or 0) is drawn to its metric's bound: [0, 1] for a score, 0 for a loss.
     """
     sign = 1 if higher_is_better(metric) else -1
     ranked = sorted((c for c in configs if c.values(metric)), key=lambda c: -sign * c.stat(metric)[0])
@@ -168,10 +168,10 @@ def plot_means(configs: list[Configuration], metric: str, path: Path) -> Path | 
     half = np.array([0.0 if math.isnan(h) else h for _, h in (c.stat(metric) for c in ranked)])
     seeds = [list(c.values(metric).values()) for c in ranked]
     values = [v for vals in seeds for v in vals]
-    bounded = 0 <= min(values) and max(values) <= 1  # accuracies, IoU, F1: nothing below 0 or above 1
-    low, high = means - half, means + half
-    if bounded:
-        low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
+    # a score in [0, 1] (accuracy, IoU, F1) is never below 0 or above 1; a loss, NLL or ECE never below 0
+    floor = 0.0 if min(values) >= 0 else -np.inf
+    ceiling = 1.0 if higher_is_better(metric) and max(values) <= 1 else np.inf
+    low, high = np.clip(means - half, floor, ceiling), np.clip(means + half, floor, ceiling)
     ax.errorbar(x, means, yerr=[means - low, high - means], fmt="none", ecolor=CI_COLOUR, elinewidth=1.5,
                 capsize=6, capthick=1.5, zorder=2)
     ax.scatter(x, means, marker="D", s=70, color=MEAN_COLOUR, zorder=3)

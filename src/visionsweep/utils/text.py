@@ -19,8 +19,8 @@ _MD_INLINE = re.compile(r"([\\`*\[\]#|!{}~])")
 # (data.val_fraction, acc_best) stay readable in the raw file
 _MD_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
 # significant only where a block starts (the start of the string, as line breaks are collapsed):
-# a bullet (`- `, `+ `) or an ordered-list marker (`1. `)
-_MD_BLOCK_START = re.compile(r"^(\s*(?:\d{1,9})?)([-+.])(?=\s|$)")
+# a bullet (`- `, `+ `) or an ordered-list marker (`1. `, `1) `)
+_MD_BLOCK_START = re.compile(r"^(\s*(?:\d{1,9})?)([-+.)])(?=\s|$)")
 _LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
