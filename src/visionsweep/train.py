@@ -26,8 +26,7 @@ log = logging.getLogger("visionsweep.train")
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job as configured; returns its final metrics. Under DDP every rank runs this;
     only rank 0 (``lead``) writes the run dir's own files."""
-    # torch, Lightning, timm (~7 s on 2 cores): imported here, after main() checked the command line,
-    # so that a typo is reported in under a second
+    # torch, Lightning, timm (~7 s on 2 cores): imported after main() checked the command line (a typo: < 1 s)
     import pytorch_lightning as pl
     import torch
 
@@ -107,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         record.finish(state)
         if run_config.plots_wanted(cfg):  # plots/curves.png, plots/confusion.png (matplotlib only when drawn)
             from visionsweep.analysis.run_plots import write_run_plots
-            write_run_plots(out, dm.classes, (test_report or {}).get("confusion_matrix"))
+            write_run_plots(out, dm.classes, test_report.get("confusion_matrix"))
         drop_finished_last(trainer)  # finished (run.json says so): last.ckpt goes by its keep_last policy
         runinfo.print_summary(metrics, fit_s, out, state, floor)
         return metrics
