@@ -14,6 +14,7 @@ from test_report_cost import write_job
 
 from visionsweep.errors import ConfigError
 from visionsweep.report import build_report, collect
+from visionsweep.runinfo import higher_is_better
 from visionsweep.report.calibration import ece, imbalance_note, pooled_bins
 
 N_BINS = 15
@@ -53,7 +54,7 @@ def _warnings(caplog) -> list[str]:
     ("test/brier", False), ("val/loss", False), ("val/acc", True), ("test/f1_macro", True), ("val/precision", True),
     ("test/acc_balanced", True)])
 def test_calibration_metrics_are_lower_is_better(metric, higher):
-    assert collect.higher_is_better(metric) is higher
+    assert higher_is_better(metric) is higher
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,7 @@ state_dict: the backbone's (a segmenter's: its timm encoder's) weights as ``.saf
 from __future__ import annotations
 
 import json
-import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,8 +29,6 @@ from visionsweep.utils import checks
 from visionsweep.utils.atomic import atomic_write, tmp_path
 from visionsweep.utils.cli import guarded, precheck
 from visionsweep.utils.atomic import check_output_file
-
-log = logging.getLogger("visionsweep.export")
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "state_dict": ".safetensors"}
 
@@ -89,9 +85,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 def _write(cfg: DictConfig, fmt: str, loaded: checkpoints.LoadedCheckpoint, path: Path) -> dict[str, Any]:
     """Write the model as ``fmt`` to ``path`` (checked against the checkpoint); returns the sidecar."""
-    import torch  # (heavy: after main() checked the command line)
-
-    from visionsweep.models.deploy import Deployable, max_abs_diff, random_images, sidecar, to_onnx
+    # (torch is heavy: imported with these, after main() checked the command line)
+    from visionsweep.models.deploy import Deployable, max_abs_diff, random_images, sidecar, to_onnx, to_torchscript
 
     model, ckpt = loaded.model, loaded.path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,12 +104,7 @@ def _write(cfg: DictConfig, fmt: str, loaded: checkpoints.LoadedCheckpoint, path
     if fmt == "onnx":
         to_onnx(wrapper, example, path, int(cfg.opset))
     else:
-        log.info("format=torchscript: PyTorch deprecates TorchScript (torch.jit); format=onnx is the lasting one")
-        with torch.no_grad(), warnings.catch_warnings():
-            # the segmenter's pad-to-stride test is fixed at trace time; the S x S input makes it right
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", r".*is deprecated", FutureWarning)  # said once above
-            torch.jit.trace(wrapper, example).save(str(path))
+        to_torchscript(wrapper, example, path)
     info = sidecar(model, fmt, cfg.input_dtype, bool(cfg.softmax), ckpt)
     if cfg.check:
         diff = max_abs_diff(wrapper, path, fmt, random_images(3, size, cfg.input_dtype, seed=1))

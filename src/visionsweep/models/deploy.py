@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import torch.nn as nn
 
 from visionsweep.checkpoints import is_segmenter
 from visionsweep.models import PixelNormalize
+
+log = logging.getLogger("visionsweep.export")
 
 
 class Deployable(nn.Module):
@@ -76,6 +79,17 @@ def random_images(n: int, size: int, dtype: str, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     return x if dtype == "uint8" else x.float()
+
+
+def to_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """TorchScript by tracing ``example``; PyTorch deprecates TorchScript, which one log line says (not its
+    FutureWarnings from our own trace)."""
+    log.info("format=torchscript: PyTorch deprecates TorchScript (torch.jit); format=onnx is the lasting one")
+    with torch.no_grad(), warnings.catch_warnings():
+        # the segmenter's pad-to-stride test is fixed at trace time; the S x S input makes it right
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", r".*is deprecated", FutureWarning)
+        torch.jit.trace(wrapper, example).save(str(path))
 
 
 def to_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

@@ -19,7 +19,7 @@ from visionsweep.errors import ConfigError
 from visionsweep.report import calibration, collect, cost, render, study
 from visionsweep.utils.atomic import atomic_write, json_default
 from visionsweep.utils.text import md_escape
-from visionsweep.runinfo import Status
+from visionsweep.runinfo import Status, higher_is_better
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, met
     n_ok = len(jobs) - len(failed) - n_pruned
     pruned = f", {n_pruned} pruned" if n_pruned else ""
     intro = (f"{len(jobs)} jobs ({n_ok} ok, {len(failed)} failed{pruned}) in {len(configs)} configurations; "
-             f"ranked by **{{metric}}** ({'higher' if collect.higher_is_better(metric) else 'lower'} is "
+             f"ranked by **{{metric}}** ({'higher' if higher_is_better(metric) else 'lower'} is "
              f"better), mean ± 95% CI (Student t) over {render.unit(configs)}.")
     # Markdown: every user string (title, metric, labels, errors, study names) through md_escape
     md = [f"# {md_escape(title or 'visionsweep report')}", "", intro.format(metric=md_escape(metric)), "",

@@ -18,7 +18,7 @@ from typing import Any
 
 from visionsweep.errors import ConfigError, DataError
 from visionsweep.ledger import read_json_object, read_yaml
-from visionsweep.runinfo import STATUSES, Status, best_point, higher_is_better, read_curves  # noqa: F401
+from visionsweep.runinfo import STATUSES, Status, best_point, read_curves
 from visionsweep.report.stats import mean_ci
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from visionsweep.report.collect import Configuration, Job, curve_metric, higher_is_better  # noqa: E402
+from visionsweep.report.collect import Configuration, Job, curve_metric  # noqa: E402
 from visionsweep.analysis.plots import save_plot  # noqa: E402
 from visionsweep.utils.text import plain  # noqa: E402
-from visionsweep.runinfo import Status  # noqa: E402
+from visionsweep.runinfo import Status, higher_is_better  # noqa: E402
 
 # the summary columns, in order (means over a configuration's finished jobs; device_hours is their sum)
 MEAN_COLUMNS = ("params", "macs", "latency_ms", "throughput_img_s", "train_s", "train_img_s")

@@ -16,19 +16,13 @@ import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from visionsweep.report.collect import (  # noqa: E402
-    Configuration,
-    Job,
-    best_epoch,
-    curve_metric,
-    higher_is_better,
-)
+from visionsweep.report.collect import Configuration, Job, best_epoch, curve_metric  # noqa: E402
 from visionsweep.report.cost import human  # noqa: E402
 from visionsweep.report.stats import Paired, paired  # noqa: E402
 from visionsweep.analysis.plots import save_plot  # noqa: E402
 from visionsweep.utils.atomic import atomic_open  # noqa: E402
 from visionsweep.utils.text import csv_cell, md_escape, plain  # noqa: E402
-from visionsweep.runinfo import Status  # noqa: E402
+from visionsweep.runinfo import Status, higher_is_better  # noqa: E402
 
 MEAN_COLOUR, CI_COLOUR = "#4C72B0", "#555555"  # means.png: each configuration's mean, its CI
 
