@@ -1,10 +1,10 @@
 """The PNGs a training run leaves in ``<run>/plots``: its learning curves (loss, and accuracy, mIoU or mAP:
 the run's score) and its test confusion matrix (single-label classes, or a segmenter's pixel classes).
 
-``plots=auto`` (the default; :func:`visionsweep.run_config.plots_wanted`) draws them for a single run. A sweep's jobs leave them to the report, which
-draws every job's curves on one chart; a matplotlib figure per job (~1 s) would cost a sweep of tiny jobs
-a fifth of its time. ``plots=true`` draws them in sweep jobs too. A plot that fails is a warning: the run's
-results stand.
+``plots=auto`` (the default; :func:`visionsweep.run_config.plots_wanted`) draws them for a single run.
+A sweep's jobs leave them to the report, which draws every job's curves on one chart; a matplotlib figure
+per job (~1 s) would cost a sweep of tiny jobs a fifth of its time. ``plots=true`` draws them in sweep jobs
+too. A plot that fails is a warning: the run's results stand.
 """
 
 from __future__ import annotations
